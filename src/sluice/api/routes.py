@@ -1,0 +1,129 @@
+"""Routes: OpenAI's `/v1/*` endpoints and the health probes. Thin: parse, plan, run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from sluice.api.deps import EngineDep, LifecycleDep, RunnerDep, SettingsDep
+from sluice.api.plan import GenerationJob, plan_chat, plan_completion
+from sluice.api.run import JobRunner
+from sluice.api.schemas import ChatCompletionRequest, CompletionRequest
+from sluice.api.streaming import SSEResponse, cancel_on_disconnect
+from sluice.engine.protocol import Engine, ModelCard
+from sluice.errors import ModelLoading, ModelNotFound
+from sluice.lifecycle import LOADING_RETRY_AFTER_S, Lifecycle, Phase
+
+router = APIRouter()
+
+# Not a status a client ever reads (it has gone); it marks the request in access logs.
+CLIENT_CLOSED_REQUEST = 499
+
+
+async def _serve(
+    request: Request,
+    lifecycle: Lifecycle,
+    runner: JobRunner,
+    plan: Callable[[], GenerationJob],
+) -> Response:
+    lifecycle.admit()
+    try:
+        job = plan()
+    except BaseException:
+        lifecycle.release()
+        raise
+    if job.stream:
+        return SSEResponse(runner.sse_events(job), on_close=lifecycle.release)
+    try:
+        finished, body = await cancel_on_disconnect(request, runner.collect(job))
+    finally:
+        lifecycle.release()
+    if not finished:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return JSONResponse(body)
+
+
+@router.post("/v1/completions")
+async def create_completion(
+    body: CompletionRequest,
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    lifecycle: LifecycleDep,
+    runner: RunnerDep,
+) -> Response:
+    return await _serve(request, lifecycle, runner, lambda: plan_completion(body, engine, settings))
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(
+    body: ChatCompletionRequest,
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    lifecycle: LifecycleDep,
+    runner: RunnerDep,
+) -> Response:
+    return await _serve(request, lifecycle, runner, lambda: plan_chat(body, engine, settings))
+
+
+def _card(engine: Engine) -> ModelCard:
+    if not engine.ready:
+        raise ModelLoading(
+            "The model is still loading. Retry shortly.", retry_after_s=LOADING_RETRY_AFTER_S
+        )
+    return engine.model_card()
+
+
+def _model_object(card: ModelCard) -> dict[str, Any]:
+    return {
+        "id": card.id,
+        "object": "model",
+        "created": card.created,
+        "owned_by": card.owned_by,
+        "max_model_len": card.max_model_len,
+    }
+
+
+@router.get("/v1/models")
+async def list_models(engine: EngineDep) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_object(_card(engine))]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, engine: EngineDep) -> dict[str, Any]:
+    card = _card(engine)
+    if model_id != card.id:
+        raise ModelNotFound(f"The model '{model_id}' does not exist on this server.", param="model")
+    return _model_object(card)
+
+
+@router.get("/healthz")
+async def healthz(lifecycle: LifecycleDep) -> JSONResponse:
+    """Liveness: the process answers; 503 only once the engine has failed."""
+    if lifecycle.phase is Phase.DEAD:
+        return JSONResponse({"status": "dead", "reason": lifecycle.failure}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz(lifecycle: LifecycleDep, engine: EngineDep) -> JSONResponse:
+    """Readiness: 200 only when generation requests would be served."""
+    body: dict[str, Any] = {
+        "status": lifecycle.phase.value,
+        "in_flight": lifecycle.in_flight,
+        "model_load_seconds": lifecycle.load_seconds,
+    }
+    if engine.ready:
+        stats = engine.stats()
+        body["engine"] = {
+            "running": stats.running,
+            "waiting": stats.waiting,
+            "kv_cache_usage": stats.kv_cache_usage,
+        }
+    status = 200 if lifecycle.phase is Phase.READY else 503
+    headers = {} if status == 200 else {"Retry-After": str(int(LOADING_RETRY_AFTER_S))}
+    return JSONResponse(body, status_code=status, headers=headers)

@@ -1,0 +1,92 @@
+"""The app factory: `create_app(settings, engine=None)` builds a FastAPI app whose lifespan
+puts everything on `app.state` (settings, engine, lifecycle, job runner).
+
+The engine loads in a background task so `/healthz` answers and `/readyz` says 503 while the
+model loads; a watchdog turns an engine failure into a dead lifecycle (503 everywhere and a
+non-zero exit, so a supervisor restarts the process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from sluice import __version__
+from sluice.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from sluice.api.routes import router
+from sluice.api.run import JobRunner
+from sluice.config import Settings
+from sluice.engine.protocol import Engine
+from sluice.errors import install_error_handlers
+from sluice.lifecycle import Lifecycle, Phase
+
+logger = logging.getLogger(__name__)
+
+HEALTH_CHECK_INTERVAL_S = 1.0
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The engine `settings` ask for (imported lazily: vLLM is heavy)."""
+    from sluice.engine.vllm import VllmEngine
+
+    return VllmEngine(settings)
+
+
+async def _load(engine: Engine, lifecycle: Lifecycle) -> None:
+    started = time.monotonic()
+    try:
+        await engine.start()
+    except Exception as exc:
+        logger.error("the engine could not start: %s", exc, exc_info=True)
+        lifecycle.fail(f"engine start-up failed: {exc}")
+        return
+    seconds = time.monotonic() - started
+    lifecycle.loaded(seconds)
+    logger.info("model %s loaded in %.1fs (cold start)", engine.model_card().id, seconds)
+
+
+async def _watch_health(engine: Engine, lifecycle: Lifecycle) -> None:
+    while lifecycle.phase is not Phase.DEAD:
+        await asyncio.sleep(HEALTH_CHECK_INTERVAL_S)
+        if not engine.ready:
+            continue
+        try:
+            await engine.check_health()
+        except Exception as exc:
+            lifecycle.fail(f"engine health check failed: {exc}")
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """A sluice app for `settings`; pass `engine` to use one other than vLLM (tests)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        the_engine = engine if engine is not None else build_engine(settings)
+        lifecycle = Lifecycle()
+        app.state.settings = settings
+        app.state.engine = the_engine
+        app.state.lifecycle = lifecycle
+        app.state.runner = JobRunner(the_engine, lifecycle, settings.limits.request_timeout_s)
+        tasks = [
+            asyncio.create_task(_load(the_engine, lifecycle), name="sluice-load"),
+            asyncio.create_task(_watch_health(the_engine, lifecycle), name="sluice-health"),
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await the_engine.shutdown()
+
+    app = FastAPI(title="sluice", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    return app

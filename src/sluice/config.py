@@ -1,0 +1,118 @@
+"""Settings: one pydantic-settings model for the whole server.
+
+Precedence, highest first: command-line flags (passed as init arguments), environment
+variables `SLUICE_*` (nested with `__`, e.g. `SLUICE_ENGINE__DTYPE=float32`), a YAML file
+(`--config FILE` or `SLUICE_CONFIG_FILE`), then the defaults below. Nothing here is built at
+import time: callers construct `Settings(...)` when they need one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_cache_dir() -> Path:
+    """Where sluice keeps provisioned models: `$SLUICE_CACHE_DIR` or `~/.cache/sluice`."""
+    explicit = os.environ.get("SLUICE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "sluice"
+
+
+class EngineSettings(BaseModel):
+    """Options passed to vLLM. `None` means "vLLM's default for this platform"."""
+
+    kind: Literal["vllm"] = "vllm"
+    dtype: str = Field("auto", description="auto = float32 on CPU, the model's dtype on GPU")
+    max_model_len: int | None = Field(None, ge=16, description="context length; None = model's")
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="KV-cache size in GiB (CPU default 1); on GPU, None = use "
+        "gpu_memory_utilization",
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_num_seqs: int | None = Field(None, ge=1, description="max concurrent sequences")
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    enable_prefix_caching: bool | None = None
+    enforce_eager: bool | None = Field(None, description="None = True on CPU")
+    tensor_parallel_size: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class LimitSettings(BaseModel):
+    """Per-request caps enforced before any engine work."""
+
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens a request may ask")
+    max_n: int = Field(8, ge=1, description="largest n a request may ask")
+    max_prompts: int = Field(16, ge=1, description="largest list of prompts in one completion")
+    request_timeout_s: float = Field(600.0, gt=0, description="per-request time limit")
+
+
+class Settings(BaseSettings):
+    """Everything `sluice serve` needs; see module docstring for precedence."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    config_file: Path | None = Field(None, description="YAML file with any of these settings")
+    model: str | None = Field(None, description="HF folder or hub id; None = default model")
+    served_model_name: str | None = Field(None, description="id clients use; None = derived")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    drain_timeout_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for requests")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _non_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = _yaml_path(init_settings)
+        if yaml_file is not None:
+            if not yaml_file.is_file():
+                raise FileNotFoundError(f"config file {yaml_file} does not exist")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+
+def _yaml_path(init_settings: PydanticBaseSettingsSource) -> Path | None:
+    init_kwargs: dict[str, Any] = (
+        init_settings.init_kwargs if isinstance(init_settings, InitSettingsSource) else {}
+    )
+    raw = init_kwargs.get("config_file") or os.environ.get("SLUICE_CONFIG_FILE")
+    return Path(raw) if raw else None

@@ -1,0 +1,203 @@
+"""Typed errors and the one table that turns them into OpenAI-shaped HTTP responses.
+
+Code anywhere in sluice raises a `SluiceError` subclass; only this module knows statuses.
+
+    SluiceError
+    ├── InvalidRequest            400 invalid_request_error (with `param`)
+    │   └── ContextLengthExceeded 400 code=context_length_exceeded
+    ├── ModelNotFound             404 code=model_not_found
+    ├── PayloadTooLarge           413 code=request_too_large
+    ├── ServiceUnavailable        503 (+Retry-After)
+    │   ├── ModelLoading          503 code=model_loading
+    │   ├── Draining              503 code=draining
+    │   └── EngineDead            503 code=engine_dead
+    ├── RequestTimedOut           504 code=request_timeout
+    └── InternalError             500 server_error
+
+Every body is `{"error": {"message", "type", "param", "code"}}` with all four keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class SluiceError(Exception):
+    """Base of every error sluice reports to a client."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+
+class InvalidRequest(SluiceError):
+    """The client's request is malformed or asks for something out of range."""
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt plus requested completion does not fit the model's context."""
+
+
+class ModelNotFound(SluiceError):
+    """The request names a model this server does not serve."""
+
+
+class PayloadTooLarge(SluiceError):
+    """The request body is larger than the configured limit."""
+
+
+class ServiceUnavailable(SluiceError):
+    """The server cannot take this request now; the client may retry later."""
+
+
+class ModelLoading(ServiceUnavailable):
+    """The engine is still loading the model."""
+
+
+class Draining(ServiceUnavailable):
+    """The server is shutting down and takes no new work."""
+
+
+class EngineDead(ServiceUnavailable):
+    """The inference engine has failed; the process is about to exit."""
+
+
+class RequestTimedOut(SluiceError):
+    """The request ran past the configured per-request time limit."""
+
+
+class InternalError(SluiceError):
+    """Anything unexpected; the message never carries internals."""
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    status: int
+    type: str
+    code: str | None
+
+
+ERROR_TABLE: dict[type[SluiceError], ErrorSpec] = {
+    ContextLengthExceeded: ErrorSpec(400, "invalid_request_error", "context_length_exceeded"),
+    InvalidRequest: ErrorSpec(400, "invalid_request_error", None),
+    ModelNotFound: ErrorSpec(404, "invalid_request_error", "model_not_found"),
+    PayloadTooLarge: ErrorSpec(413, "invalid_request_error", "request_too_large"),
+    ModelLoading: ErrorSpec(503, "server_error", "model_loading"),
+    Draining: ErrorSpec(503, "server_error", "draining"),
+    EngineDead: ErrorSpec(503, "server_error", "engine_dead"),
+    ServiceUnavailable: ErrorSpec(503, "server_error", "overloaded"),
+    RequestTimedOut: ErrorSpec(504, "timeout_error", "request_timeout"),
+    InternalError: ErrorSpec(500, "server_error", None),
+}
+
+
+def spec_for(exc: SluiceError) -> ErrorSpec:
+    """The table row for `exc`, most specific class first."""
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return ERROR_TABLE[InternalError]
+
+
+def error_body(exc: SluiceError) -> dict[str, Any]:
+    """OpenAI's error object for `exc` (also used inside SSE streams)."""
+    spec = spec_for(exc)
+    return {
+        "error": {
+            "message": exc.message,
+            "type": spec.type,
+            "param": exc.param,
+            "code": exc.code if exc.code is not None else spec.code,
+        }
+    }
+
+
+def error_response(exc: SluiceError) -> JSONResponse:
+    """The HTTP response for `exc`, with `Retry-After` where the client should retry."""
+    spec = spec_for(exc)
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return JSONResponse(error_body(exc), status_code=spec.status, headers=headers)
+
+
+def as_sluice_error(exc: BaseException) -> SluiceError:
+    """Map any exception to one safe to show a client (internals are logged, not sent)."""
+    if isinstance(exc, SluiceError):
+        return exc
+    logger.error("unexpected error", exc_info=exc)
+    return InternalError("The server had an error while processing your request.")
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequest:
+    """Turn pydantic's first complaint into a one-sentence 400 naming the field."""
+    errors = exc.errors()
+    if not errors:
+        return InvalidRequest("The request body is invalid.")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return InvalidRequest(
+            "We could not parse the JSON body of your request. The OpenAI API expects a "
+            "JSON payload."
+        )
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # Union members add their type name to the location ("prompt.str"); drop those.
+    loc = [part for part in loc if not part.startswith(("list[", "function-"))]
+    loc = [part for part in loc if part not in {"str", "int", "float", "bool", "dict"}]
+    param = ".".join(loc) or None
+    if first.get("type") == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
+    if first.get("type") == "model_attributes_type":
+        return InvalidRequest("The request body must be a JSON object.", param=param)
+    message = str(first.get("msg", "invalid value"))
+    where = f"'{param}'" if param else "the request body"
+    return InvalidRequest(f"Invalid value for {where}: {message}.", param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error FastAPI or sluice raises through the table above."""
+
+    async def on_sluice_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, SluiceError)
+        return error_response(exc)
+
+    async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(validation_error(exc))
+
+    async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            body = error_body(InvalidRequest("Unknown URL. Check the path of your request."))
+        else:
+            body = error_body(InvalidRequest(str(exc.detail)))
+        body["error"]["code"] = body["error"]["code"] or f"http_{exc.status_code}"
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(as_sluice_error(exc))
+
+    app.add_exception_handler(SluiceError, on_sluice_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,93 @@
+"""The process owner: uvicorn with sluice's drain on SIGTERM and exit on engine failure.
+
+uvicorn's own SIGTERM handling closes the listening socket at once, so new clients would get
+"connection refused" instead of a 503 with `Retry-After`, and a load balancer could not tell
+draining from dead. Here the first SIGTERM (or SIGINT) only starts the lifecycle's drain:
+`/readyz` turns 503, new generation requests get 503, in-flight ones finish (up to
+`drain_timeout_s`); then uvicorn shuts down normally and the process exits 0. A second
+SIGINT forces an immediate exit. When the engine dies, the process exits 1 so that a
+supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from sluice.lifecycle import Lifecycle
+
+logger = logging.getLogger(__name__)
+
+# Time for in-flight error responses to reach clients before a dead engine ends the process.
+FAILURE_FLUSH_S = 1.0
+# After the drain, what uvicorn still allows connections before cutting them.
+CUT_OFF_S = 2.0
+
+
+class SluiceServer(uvicorn.Server):
+    """`uvicorn.Server` that drains before it stops and reports the lifecycle's exit code."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.drain_timeout_s = drain_timeout_s
+        self._drain_requested = False
+        self._ending: asyncio.Task[None] | None = None
+
+    @property
+    def lifecycle(self) -> Lifecycle | None:
+        return getattr(self.app.state, "lifecycle", None)
+
+    @property
+    def exit_code(self) -> int:
+        lifecycle = self.lifecycle
+        return lifecycle.exit_code if lifecycle is not None else 1
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_requested and sig == signal.SIGINT:
+            self.force_exit = True
+            self.should_exit = True
+            return
+        if self.lifecycle is None:  # before start-up finished: nothing to drain
+            self.should_exit = True
+            return
+        self._drain_requested = True  # acted on in on_tick, inside the event loop
+
+    async def on_tick(self, counter: int) -> bool:
+        lifecycle = self.lifecycle
+        if lifecycle is not None and self._ending is None:
+            if lifecycle.exit_requested.is_set():
+                self._ending = asyncio.create_task(self._end_after_failure())
+            elif self._drain_requested:
+                self._ending = asyncio.create_task(self._drain_then_exit(lifecycle))
+        return await super().on_tick(counter)
+
+    async def _drain_then_exit(self, lifecycle: Lifecycle) -> None:
+        await lifecycle.drain(self.drain_timeout_s)
+        self.should_exit = True
+
+    async def _end_after_failure(self) -> None:
+        await asyncio.sleep(FAILURE_FLUSH_S)
+        self.should_exit = True
+
+
+def run(app: FastAPI, host: str, port: int, drain_timeout_s: float, log_level: str) -> int:
+    """Serve `app` until drained or failed; returns the process exit code."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=int(CUT_OFF_S),
+        lifespan="on",
+    )
+    server = SluiceServer(config, app, drain_timeout_s)
+    server.run()
+    if not server.started:
+        return 1
+    return server.exit_code
