@@ -9,6 +9,7 @@ refuses). On CPU it sets the environment vLLM needs (DESIGN.md) unless the user 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -169,6 +170,9 @@ class VllmEngine:
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
+            # Let AsyncLLM.__del__ run now, not during interpreter teardown (where it fails).
+            del llm
+            gc.collect()
 
     async def check_health(self) -> None:
         if self._llm is None:

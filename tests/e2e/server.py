@@ -1,0 +1,103 @@
+"""A real `sluice serve` process for end-to-end tests (vLLM's `RemoteOpenAIServer` pattern).
+
+Starts `python -m sluice serve` on a free loopback port, waits for `/readyz`, and stops it
+with SIGTERM. Its output goes to a log file that failing tests print.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+START_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class SluiceProcess:
+    """One server process; `url` is its base URL, `api` its `/v1` base."""
+
+    def __init__(self, log_path: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api = f"{self.url}/v1"
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sluice", "serve", "--port", str(self.port), *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sluice exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"sluice was not ready in {START_TIMEOUT_S}s:\n{self.log()}")
+
+    def engine_stats(self) -> dict[str, float]:
+        body = httpx.get(f"{self.url}/readyz", timeout=5).json()
+        stats: dict[str, float] = body["engine"]
+        return {**stats, "in_flight": body["in_flight"]}
+
+    def wait_idle(self, timeout_s: float = 15.0) -> dict[str, float]:
+        """Poll until nothing runs or waits in the engine; returns the last stats."""
+        deadline = time.monotonic() + timeout_s
+        stats = self.engine_stats()
+        while time.monotonic() < deadline:
+            stats = self.engine_stats()
+            if stats["running"] == 0 and stats["waiting"] == 0 and stats["in_flight"] == 0:
+                return stats
+            time.sleep(0.2)
+        return stats
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait_exit(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        try:
+            return self.proc.wait(timeout_s)
+        finally:
+            self._log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.terminate()
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    def log(self) -> str:
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace")
+        return text[-6000:]

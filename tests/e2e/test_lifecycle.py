@@ -1,0 +1,147 @@
+"""Whole-process behaviour on a server of its own: the per-request time limit, the SIGTERM
+drain, and what happens when the engine dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.e2e.conftest import MODEL
+from tests.e2e.server import SluiceProcess
+
+COUNT = {"model": MODEL, "prompt": "Count from 1 to 1000: 1, 2, 3,", "temperature": 0}
+
+
+@pytest.fixture
+def limited_server(own_server_log: Path) -> Iterator[SluiceProcess]:
+    process = SluiceProcess(own_server_log, "--request-timeout", "6", "--drain-timeout", "60")
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+def _events(response: httpx.Response) -> list[str]:
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_time_limit_then_sigterm_drain(limited_server: SluiceProcess) -> None:
+    server = limited_server
+    client = openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0, timeout=60)
+
+    # Time limit, non-streaming: 1000 tokens take far longer than 6 s on this CPU.
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.completions.create(**COUNT, max_tokens=1000)
+    assert caught.value.status_code == 504
+    assert caught.value.code == "request_timeout"
+
+    # Time limit, streaming: the error arrives inside the stream, which still ends with [DONE].
+    with httpx.stream(
+        "POST",
+        f"{server.api}/completions",
+        json={**COUNT, "max_tokens": 1000, "stream": True},
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        events = _events(response)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "request_timeout"
+    assert json.loads(events[0])["choices"][0]["text"]
+    stats = server.wait_idle()
+    assert (stats["running"], stats["waiting"], stats["in_flight"]) == (0, 0, 0)
+
+    # Drain: SIGTERM while a stream is in flight.
+    received: list[str] = []
+    with httpx.stream(
+        "POST",
+        f"{server.api}/completions",
+        json={**COUNT, "max_tokens": 40, "stream": True},
+        timeout=60,
+    ) as response:
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                received.append(line[6:])
+                break
+        server.terminate()
+        time.sleep(0.5)
+        ready = httpx.get(f"{server.url}/readyz", timeout=5)
+        assert ready.status_code == 503
+        assert ready.json()["status"] == "draining"
+        with pytest.raises(openai.InternalServerError) as refused:
+            client.completions.create(**COUNT, max_tokens=5)
+        assert refused.value.status_code == 503
+        assert refused.value.code == "draining"
+        assert refused.value.response.headers["retry-after"]
+        received += [line[6:] for line in lines if line.startswith("data: ")]
+    assert received[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in received[:-1]]
+    assert "error" not in chunks[-1]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert server.wait_exit() == 0
+
+
+@pytest.fixture
+def doomed_server(own_server_log: Path) -> Iterator[SluiceProcess]:
+    process = SluiceProcess(own_server_log)
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+def _engine_core_pid(server_pid: int) -> int:
+    for child in psutil.Process(server_pid).children(recursive=True):
+        if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
+            return child.pid
+    raise AssertionError("no EngineCore child process found")
+
+
+def test_engine_death_fails_requests_and_exits_non_zero(doomed_server: SluiceProcess) -> None:
+    server = doomed_server
+    core = _engine_core_pid(server.pid)
+    health: list[int] = []
+
+    def watch_health() -> None:
+        # Record /healthz until the process stops answering.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                health.append(httpx.get(f"{server.url}/healthz", timeout=2).status_code)
+            except httpx.HTTPError:
+                return
+            time.sleep(0.05)
+
+    with httpx.stream(
+        "POST",
+        f"{server.api}/completions",
+        json={**COUNT, "max_tokens": 500, "stream": True},
+        timeout=60,
+    ) as response:
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                break
+        assert httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200
+        watcher = threading.Thread(target=watch_health)
+        watcher.start()
+        os.kill(core, signal.SIGKILL)
+        events = [line[6:] for line in lines if line.startswith("data: ")]
+    watcher.join()
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "engine_dead"
+    assert 503 in health
+    assert server.wait_exit() != 0
