@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -36,6 +36,8 @@ def default_cache_dir() -> Path:
 class EngineSettings(BaseModel):
     """Options passed to vLLM. `None` means "vLLM's default for this platform"."""
 
+    model_config = ConfigDict(extra="forbid")
+
     kind: Literal["vllm"] = "vllm"
     dtype: str = Field("auto", description="auto = float32 on CPU, the model's dtype on GPU")
     max_model_len: int | None = Field(None, ge=16, description="context length; None = model's")
@@ -56,6 +58,8 @@ class EngineSettings(BaseModel):
 
 class LimitSettings(BaseModel):
     """Per-request caps enforced before any engine work."""
+
+    model_config = ConfigDict(extra="forbid")
 
     max_body_bytes: int = Field(1_048_576, ge=1024)
     max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens a request may ask")

@@ -166,10 +166,18 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     loc = [part for part in loc if part not in {"str", "int", "float", "bool", "dict"}]
     param = ".".join(loc) or None
     if first.get("type") == "missing":
+        if param is None:
+            return InvalidRequest(
+                "The request body is missing; send a JSON object with "
+                "'Content-Type: application/json'."
+            )
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
     if first.get("type") == "model_attributes_type":
-        return InvalidRequest("The request body must be a JSON object.", param=param)
-    message = str(first.get("msg", "invalid value"))
+        return InvalidRequest(
+            "The request body must be a JSON object sent with 'Content-Type: application/json'.",
+            param=param,
+        )
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     where = f"'{param}'" if param else "the request body"
     return InvalidRequest(f"Invalid value for {where}: {message}.", param=param)
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sluice import __version__
 from sluice.api.plan import GenerationJob
 from sluice.engine.protocol import Delta, TokenLogprob
+
+# Identifies the serving stack that produced an answer, as OpenAI's field does.
+SYSTEM_FINGERPRINT = f"sluice-{__version__}"
 
 
 @dataclass
@@ -122,7 +126,7 @@ class CompletionFormat:
             text = self._echo(delta.index) + text
         logprobs = None
         if self.job.logprobs:
-            done = sum(len(t) for t in state.text) - len(delta.text)
+            done = len(self._echo(delta.index)) + sum(len(t) for t in state.text) - len(delta.text)
             logprobs = _completion_logprobs(list(delta.logprobs), done)
         choice = {
             "index": delta.index,
@@ -179,7 +183,7 @@ class ChatFormat:
             "finish_reason": delta.finish_reason,
         }
         body = _envelope(self.job, "chat.completion.chunk", [choice])
-        body["system_fingerprint"] = None
+        body["system_fingerprint"] = SYSTEM_FINGERPRINT
         if self.job.include_usage:
             body["usage"] = None
         return body
@@ -199,13 +203,13 @@ class ChatFormat:
             for index, state in enumerate(choices.states)
         ]
         body = _envelope(self.job, "chat.completion", out)
-        body["system_fingerprint"] = None
+        body["system_fingerprint"] = SYSTEM_FINGERPRINT
         body["usage"] = choices.usage()
         return body
 
     def usage_chunk(self, choices: Choices) -> dict[str, Any]:
         body = _envelope(self.job, "chat.completion.chunk", [])
-        body["system_fingerprint"] = None
+        body["system_fingerprint"] = SYSTEM_FINGERPRINT
         body["usage"] = choices.usage()
         return body
 

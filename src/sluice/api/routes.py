@@ -15,7 +15,7 @@ from sluice.api.schemas import ChatCompletionRequest, CompletionRequest
 from sluice.api.streaming import SSEResponse, cancel_on_disconnect
 from sluice.engine.protocol import Engine, ModelCard
 from sluice.errors import ModelLoading, ModelNotFound
-from sluice.lifecycle import LOADING_RETRY_AFTER_S, Lifecycle, Phase
+from sluice.lifecycle import DRAINING_RETRY_AFTER_S, LOADING_RETRY_AFTER_S, Lifecycle, Phase
 
 router = APIRouter()
 
@@ -125,5 +125,8 @@ async def readyz(lifecycle: LifecycleDep, engine: EngineDep) -> JSONResponse:
             "kv_cache_usage": stats.kv_cache_usage,
         }
     status = 200 if lifecycle.phase is Phase.READY else 503
-    headers = {} if status == 200 else {"Retry-After": str(int(LOADING_RETRY_AFTER_S))}
+    retry_after = (
+        DRAINING_RETRY_AFTER_S if lifecycle.phase is Phase.DRAINING else LOADING_RETRY_AFTER_S
+    )
+    headers = {} if status == 200 else {"Retry-After": str(int(retry_after))}
     return JSONResponse(body, status_code=status, headers=headers)

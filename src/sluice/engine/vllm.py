@@ -9,6 +9,7 @@ refuses). On CPU it sets the environment vLLM needs (DESIGN.md) unless the user 
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -96,6 +97,11 @@ class VllmEngine:
         return self._llm is not None
 
     async def start(self) -> None:
+        # Importing vLLM and building AsyncLLM block for 30-50 s (processes spawn, the model
+        # loads); a worker thread keeps the event loop free to answer /healthz and /readyz.
+        await asyncio.to_thread(self._start_blocking)
+
+    def _start_blocking(self) -> None:
         _apply_process_env()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.exceptions import VLLMValidationError

@@ -1,0 +1,1 @@
+"""Load generation and reporting for benchmarks (the seed of `sluice bench`)."""

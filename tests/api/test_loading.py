@@ -1,0 +1,107 @@
+"""While the model loads: alive, not ready, generation refused with 503 model_loading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi.testclient import TestClient
+
+from sluice.config import Settings
+from sluice.lifecycle import Phase
+from tests.api.conftest import (
+    app_client,
+    assert_error,
+    chat_body,
+    completion_body,
+    lifecycle_of,
+    wait_ready,
+)
+from tests.fake_engine import FakeEngine
+
+
+def test_before_ready(settings: Settings) -> None:
+    engine = FakeEngine(start_delay_s=30)  # never finishes loading during this test
+    with app_client(engine, settings, wait=False) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.headers["retry-after"] == "10"
+        assert ready.json() == {"status": "loading", "in_flight": 0, "model_load_seconds": None}
+
+        for path, body in [
+            ("/v1/completions", completion_body()),
+            ("/v1/chat/completions", chat_body(stream=True)),
+        ]:
+            response = client.post(path, json=body)
+            assert_error(response, 503, type_="server_error", code="model_loading")
+            assert response.headers["retry-after"] == "10"
+        models = client.get("/v1/models")
+        assert_error(models, 503, type_="server_error", code="model_loading")
+        assert models.headers["retry-after"] == "10"
+
+        assert engine.requests == []
+        assert lifecycle_of(client).in_flight == 0
+        assert lifecycle_of(client).phase is Phase.LOADING
+
+
+def test_becomes_ready(settings: Settings) -> None:
+    engine = FakeEngine(start_delay_s=0.1)
+    with app_client(engine, settings, wait=False) as client:
+        assert client.get("/readyz").status_code == 503
+        wait_ready(client)
+        body = client.get("/readyz").json()
+        assert body["status"] == "ready"
+        assert body["model_load_seconds"] >= 0.1
+        assert client.post("/v1/completions", json=completion_body()).status_code == 200
+
+
+@dataclass
+class BrokenEngine(FakeEngine):
+    async def start(self) -> None:
+        raise RuntimeError("no GPU found")
+
+
+def test_engine_that_cannot_start(settings: Settings) -> None:
+    engine = BrokenEngine()
+    with app_client(engine, settings, wait=False) as client:
+        lifecycle = lifecycle_of(client)
+        for _ in range(100):
+            if lifecycle.phase is Phase.DEAD:
+                break
+            client.get("/healthz")
+        assert lifecycle.exit_code == 1
+        health = client.get("/healthz")
+        assert health.status_code == 503
+        assert health.json() == {"status": "dead", "reason": "engine start-up failed: no GPU found"}
+        assert client.get("/readyz").status_code == 503
+        assert_error(
+            client.post("/v1/completions", json=completion_body()),
+            503,
+            type_="server_error",
+            code="engine_dead",
+        )
+        assert engine.requests == []
+
+
+def test_healthy_app_probes(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert "retry-after" not in ready.headers
+    body = ready.json()
+    assert body["status"] == "ready"
+    assert body["in_flight"] == 0
+    assert isinstance(body["model_load_seconds"], float)
+    assert body["engine"] == {"running": 0, "waiting": 0, "kv_cache_usage": 0.0}
+
+
+def test_models(client: TestClient) -> None:
+    model = {
+        "id": "fake-model",
+        "object": "model",
+        "created": 0,
+        "owned_by": "sluice",
+        "max_model_len": 256,
+    }
+    assert client.get("/v1/models").json() == {"object": "list", "data": [model]}
+    assert client.get("/v1/models/fake-model").json() == model

@@ -1,0 +1,238 @@
+"""The one error table: statuses, OpenAI types and codes, bodies, Retry-After, 400 params."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from fastapi.exceptions import RequestValidationError
+from pydantic import TypeAdapter, ValidationError
+
+from sluice import errors
+from sluice.api.schemas import ChatCompletionRequest, CompletionRequest
+from sluice.errors import (
+    ERROR_TABLE,
+    ContextLengthExceeded,
+    Draining,
+    EngineDead,
+    InternalError,
+    InvalidRequest,
+    ModelLoading,
+    ModelNotFound,
+    PayloadTooLarge,
+    RequestTimedOut,
+    ServiceUnavailable,
+    SluiceError,
+    as_sluice_error,
+    error_body,
+    error_response,
+    spec_for,
+    validation_error,
+)
+
+EXPECTED = [
+    (InvalidRequest, 400, "invalid_request_error", None),
+    (ContextLengthExceeded, 400, "invalid_request_error", "context_length_exceeded"),
+    (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
+    (PayloadTooLarge, 413, "invalid_request_error", "request_too_large"),
+    (ServiceUnavailable, 503, "server_error", "overloaded"),
+    (ModelLoading, 503, "server_error", "model_loading"),
+    (Draining, 503, "server_error", "draining"),
+    (EngineDead, 503, "server_error", "engine_dead"),
+    (RequestTimedOut, 504, "timeout_error", "request_timeout"),
+    (InternalError, 500, "server_error", None),
+]
+
+
+@pytest.mark.parametrize(("cls", "status", "type_", "code"), EXPECTED)
+def test_table_row(cls: type[SluiceError], status: int, type_: str, code: str | None) -> None:
+    spec = spec_for(cls("boom"))
+    assert (spec.status, spec.type, spec.code) == (status, type_, code)
+
+
+def test_table_covers_every_error_class() -> None:
+    assert set(ERROR_TABLE) == {cls for cls, *_ in EXPECTED}
+
+
+def test_subclass_without_row_uses_its_parents_row() -> None:
+    class QueueFull(ServiceUnavailable):
+        pass
+
+    assert spec_for(QueueFull("busy")).status == 503
+    assert spec_for(QueueFull("busy")).code == "overloaded"
+
+
+def test_bare_base_class_is_a_500() -> None:
+    assert spec_for(SluiceError("?")).status == 500
+
+
+@pytest.mark.parametrize(("cls", "status", "type_", "code"), EXPECTED)
+def test_error_body_has_all_four_keys(
+    cls: type[SluiceError], status: int, type_: str, code: str | None
+) -> None:
+    body = error_body(cls("Something went wrong.", param="x"))
+    assert body == {
+        "error": {"message": "Something went wrong.", "type": type_, "param": "x", "code": code}
+    }
+
+
+def test_error_body_keeps_null_keys() -> None:
+    assert error_body(InvalidRequest("Bad.")) == {
+        "error": {"message": "Bad.", "type": "invalid_request_error", "param": None, "code": None}
+    }
+
+
+def test_explicit_code_wins_over_table_code() -> None:
+    assert error_body(ServiceUnavailable("Busy.", code="queue_full"))["error"]["code"] == (
+        "queue_full"
+    )
+
+
+def test_error_response_status_and_json() -> None:
+    response = error_response(ModelNotFound("No such model.", param="model"))
+    assert response.status_code == 404
+    assert json.loads(bytes(response.body)) == {
+        "error": {
+            "message": "No such model.",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+    assert "retry-after" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("seconds", "header"),
+    [(0.0, "1"), (0.2, "1"), (1.0, "1"), (1.01, "2"), (2.5, "3"), (10.0, "10"), (59.9, "60")],
+)
+def test_retry_after_rounds_up_to_at_least_one(seconds: float, header: str) -> None:
+    response = error_response(ServiceUnavailable("Busy.", retry_after_s=seconds))
+    assert response.headers["retry-after"] == header
+
+
+def test_as_sluice_error_hides_internals(caplog: pytest.LogCaptureFixture) -> None:
+    mapped = as_sluice_error(RuntimeError("secret path /etc/passwd"))
+    assert isinstance(mapped, InternalError)
+    assert "secret" not in mapped.message
+    assert "secret path" in caplog.text  # logged for the operator
+
+
+def test_as_sluice_error_passes_sluice_errors_through() -> None:
+    original = Draining("Bye.")
+    assert as_sluice_error(original) is original
+
+
+# --- validation_error: pydantic's first complaint -> one 400 naming the field -------------
+
+
+def fastapi_error(model: type[Any], body: Any) -> RequestValidationError:
+    """The RequestValidationError FastAPI raises for `body` (locations prefixed by 'body')."""
+    try:
+        TypeAdapter(model).validate_python(body)
+    except ValidationError as exc:
+        return RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        )
+    raise AssertionError(f"{body!r} unexpectedly validated")
+
+
+COMPLETION = {"model": "m", "prompt": "hi"}
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "param"),
+    [
+        (CompletionRequest, {**COMPLETION, "max_tokens": "5"}, "max_tokens"),
+        (CompletionRequest, {**COMPLETION, "max_tokens": 0}, "max_tokens"),
+        (CompletionRequest, {**COMPLETION, "temperature": 3}, "temperature"),
+        (CompletionRequest, {**COMPLETION, "top_p": 0}, "top_p"),
+        (CompletionRequest, {**COMPLETION, "prompt": 5}, "prompt"),  # union member dropped
+        (CompletionRequest, {**COMPLETION, "prompt": []}, "prompt"),
+        (CompletionRequest, {**COMPLETION, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        (
+            CompletionRequest,
+            {**COMPLETION, "stream_options": {"include_usage": 1}},
+            "stream_options.include_usage",
+        ),
+        (
+            ChatCompletionRequest,
+            {**CHAT, "messages": [{"role": "tool", "content": "x"}]},
+            "messages.0.role",
+        ),
+        (
+            ChatCompletionRequest,
+            {**CHAT, "messages": [{"role": "user", "content": 5}]},
+            "messages.0.content",
+        ),
+        (ChatCompletionRequest, {**CHAT, "max_completion_tokens": -1}, "max_completion_tokens"),
+    ],
+)
+def test_validation_error_names_the_field(model: type[Any], body: Any, param: str) -> None:
+    exc = validation_error(fastapi_error(model, body))
+    assert isinstance(exc, InvalidRequest)
+    assert exc.param == param
+    assert exc.message.startswith(f"Invalid value for '{param}': ")
+    assert exc.message.endswith(".")
+
+
+def test_missing_field() -> None:
+    exc = validation_error(fastapi_error(CompletionRequest, {"prompt": "hi"}))
+    assert exc.param == "model"
+    assert exc.message == "Missing required parameter: 'model'."
+
+
+def test_body_not_an_object() -> None:
+    # what FastAPI reports for a JSON array or string where the body model is expected
+    raw = RequestValidationError(
+        [
+            {
+                "type": "model_attributes_type",
+                "loc": ("body",),
+                "msg": "Input should be a valid dictionary or object to extract fields from",
+                "input": [1, 2],
+            }
+        ]
+    )
+    exc = validation_error(raw)
+    assert exc.param is None
+    assert exc.message == (
+        "The request body must be a JSON object sent with 'Content-Type: application/json'."
+    )
+
+
+def test_unsupported_field_names_its_param_without_pydantic_prefix() -> None:
+    exc = validation_error(fastapi_error(ChatCompletionRequest, {**CHAT, "tools": [{}]}))
+    assert exc.param == "tools"
+    assert exc.message.startswith("Invalid value for 'tools': tool")
+    assert "tool and function calling are not supported" in exc.message
+
+
+def test_invalid_json() -> None:
+    raw = RequestValidationError(
+        [{"type": "json_invalid", "loc": ("body", 7), "msg": "JSON decode error", "input": {}}]
+    )
+    exc = validation_error(raw)
+    assert exc.param is None
+    assert exc.message.startswith("We could not parse the JSON body of your request.")
+
+
+def test_no_errors_at_all() -> None:
+    exc = validation_error(RequestValidationError([]))
+    assert (exc.message, exc.param) == ("The request body is invalid.", None)
+
+
+def test_missing_body_message_does_not_say_none() -> None:
+    raw = RequestValidationError(
+        [{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}]
+    )
+    exc = validation_error(raw)
+    assert exc.param is None
+    assert "None" not in exc.message
+
+
+def test_module_exports_the_classes_it_documents() -> None:
+    for cls, *_ in EXPECTED:
+        assert cls.__name__ in (errors.__doc__ or "")
