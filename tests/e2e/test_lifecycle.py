@@ -97,10 +97,28 @@ def test_time_limit_then_sigterm_drain(limited_server: SluiceProcess) -> None:
 def doomed_server(own_server_log: Path) -> Iterator[SluiceProcess]:
     process = SluiceProcess(own_server_log)
     try:
-        process.wait_ready()
         yield process
     finally:
         process.stop()
+
+
+def _answers_while_loading(server: SluiceProcess) -> None:
+    """Before the model is loaded: alive, not ready, generation refused with Retry-After."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            health = httpx.get(f"{server.url}/healthz", timeout=2)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    assert health.status_code == 200
+    ready = httpx.get(f"{server.url}/readyz", timeout=2)
+    assert ready.status_code == 503
+    assert ready.json()["status"] == "loading"
+    refused = httpx.post(f"{server.api}/completions", json={**COUNT, "max_tokens": 2}, timeout=5)
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "model_loading"
+    assert refused.headers["retry-after"]
 
 
 def _engine_core_pid(server_pid: int) -> int:
@@ -110,8 +128,12 @@ def _engine_core_pid(server_pid: int) -> int:
     raise AssertionError("no EngineCore child process found")
 
 
-def test_engine_death_fails_requests_and_exits_non_zero(doomed_server: SluiceProcess) -> None:
+def test_loading_then_engine_death_fails_requests_and_exits_non_zero(
+    doomed_server: SluiceProcess,
+) -> None:
     server = doomed_server
+    _answers_while_loading(server)
+    server.wait_ready()
     core = _engine_core_pid(server.pid)
     health: list[int] = []
 
