@@ -30,8 +30,11 @@ fi
 spec=".[${target}${extras:+,$extras}]"
 if [ "$target" = cpu ]; then
   # vLLM's CPU wheel pins the CPU build of torch 2.13.0. Take a local wheel when pip's
-  # configuration offers one (find-links), else PyTorch's own CPU wheel index.
-  if ! "${pip[@]}" install -q --no-index torch==2.13.0 2>/dev/null; then
+  # configuration offers one (find-links), else PyTorch's own CPU wheel index; never PyPI's
+  # torch, which is the CUDA build with gigabytes of CUDA libraries.
+  if "${pip[@]}" install -q --dry-run --no-deps --no-index torch==2.13.0 >/dev/null 2>&1; then
+    "${pip[@]}" install -q torch==2.13.0
+  else
     "${pip[@]}" install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
   fi
 fi

@@ -3,6 +3,7 @@ drain, and what happens when the engine dies."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,8 @@ import openai
 import psutil
 import pytest
 
+from sluice.config import Settings
+from sluice.engine.models import default_model_dir
 from tests.e2e.conftest import MODEL
 from tests.e2e.server import SluiceProcess
 
@@ -24,7 +27,11 @@ COUNT = {"model": MODEL, "prompt": "Count from 1 to 1000: 1, 2, 3,", "temperatur
 
 @pytest.fixture
 def limited_server(own_server_log: Path) -> Iterator[SluiceProcess]:
-    process = SluiceProcess(own_server_log, "--request-timeout", "6", "--drain-timeout", "60")
+    # An explicit local Hugging Face folder as --model (the other servers use the default).
+    folder = str(default_model_dir(Settings().cache_dir))
+    process = SluiceProcess(
+        own_server_log, "--model", folder, "--request-timeout", "6", "--drain-timeout", "60"
+    )
     try:
         process.wait_ready()
         yield process
@@ -32,13 +39,28 @@ def limited_server(own_server_log: Path) -> Iterator[SluiceProcess]:
         process.stop()
 
 
-def _events(response: httpx.Response) -> list[str]:
-    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+def _events(response: httpx.Response) -> Iterator[str]:
+    return (line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: "))
+
+
+@contextlib.contextmanager
+def _stream_started(server: SluiceProcess, max_tokens: int) -> Iterator[tuple[str, Iterator[str]]]:
+    """A streaming completion whose first event has arrived: (first event, the rest)."""
+    with httpx.stream(
+        "POST",
+        f"{server.api}/completions",
+        json={**COUNT, "max_tokens": max_tokens, "stream": True},
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        events = _events(response)
+        yield next(events), events
 
 
 def test_time_limit_then_sigterm_drain(limited_server: SluiceProcess) -> None:
     server = limited_server
     client = openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == [MODEL]  # the folder's name
 
     # Time limit, non-streaming: 1000 tokens take far longer than 6 s on this CPU.
     with pytest.raises(openai.APIStatusError) as caught:
@@ -54,7 +76,7 @@ def test_time_limit_then_sigterm_drain(limited_server: SluiceProcess) -> None:
         timeout=60,
     ) as response:
         assert response.status_code == 200
-        events = _events(response)
+        events = list(_events(response))
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["code"] == "request_timeout"
@@ -63,18 +85,7 @@ def test_time_limit_then_sigterm_drain(limited_server: SluiceProcess) -> None:
     assert (stats["running"], stats["waiting"], stats["in_flight"]) == (0, 0, 0)
 
     # Drain: SIGTERM while a stream is in flight.
-    received: list[str] = []
-    with httpx.stream(
-        "POST",
-        f"{server.api}/completions",
-        json={**COUNT, "max_tokens": 40, "stream": True},
-        timeout=60,
-    ) as response:
-        lines = response.iter_lines()
-        for line in lines:
-            if line.startswith("data: "):
-                received.append(line[6:])
-                break
+    with _stream_started(server, max_tokens=40) as (first, rest):
         server.terminate()
         time.sleep(0.5)
         ready = httpx.get(f"{server.url}/readyz", timeout=5)
@@ -85,7 +96,7 @@ def test_time_limit_then_sigterm_drain(limited_server: SluiceProcess) -> None:
         assert refused.value.status_code == 503
         assert refused.value.code == "draining"
         assert refused.value.response.headers["retry-after"]
-        received += [line[6:] for line in lines if line.startswith("data: ")]
+        received = [first, *rest]
     assert received[-1] == "[DONE]"
     chunks = [json.loads(event) for event in received[:-1]]
     assert "error" not in chunks[-1]
@@ -147,21 +158,12 @@ def test_loading_then_engine_death_fails_requests_and_exits_non_zero(
                 return
             time.sleep(0.05)
 
-    with httpx.stream(
-        "POST",
-        f"{server.api}/completions",
-        json={**COUNT, "max_tokens": 500, "stream": True},
-        timeout=60,
-    ) as response:
-        lines = response.iter_lines()
-        for line in lines:
-            if line.startswith("data: "):
-                break
+    with _stream_started(server, max_tokens=500) as (_first, rest):
         assert httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200
         watcher = threading.Thread(target=watch_health)
         watcher.start()
         os.kill(core, signal.SIGKILL)
-        events = [line[6:] for line in lines if line.startswith("data: ")]
+        events = list(rest)
     watcher.join()
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "engine_dead"

@@ -66,7 +66,7 @@ def test_completion_single_prompt(engine: FakeEngine, settings: Settings) -> Non
     assert job.model == MODEL_ID
     assert job.n == 1
     assert job.prompt_tokens == 3
-    assert job.max_tokens == 5
+    assert job.requests[0].sampling.max_tokens == 5
     assert (job.stream, job.include_usage, job.echo_texts, job.logprobs) == (
         False,
         False,
@@ -119,7 +119,7 @@ def test_prompt_list_budgets_are_per_prompt(settings: Settings) -> None:
     small = FakeEngine(max_model_len=20, ready=True)
     job = completion(small, settings, prompt=["w", " ".join(["w"] * 15)])
     assert [r.sampling.max_tokens for r in job.requests] == [16, 5]
-    assert job.max_tokens == 16
+    assert job.requests[0].sampling.max_tokens == 16
 
 
 def test_greedy_n_fans_out_into_single_requests(engine: FakeEngine, settings: Settings) -> None:
@@ -186,7 +186,7 @@ def test_sampling_fields_pass_through(engine: FakeEngine, settings: Settings) ->
     assert job.logprobs is True
     assert job.echo_texts == ("aa b ccc",)
     assert (job.stream, job.include_usage) == (True, True)
-    assert (job.temperature, job.top_p) == (0.5, 0.9)
+    assert (job.requests[0].sampling.temperature, job.requests[0].sampling.top_p) == (0.5, 0.9)
 
 
 def test_stop_string_becomes_a_tuple(engine: FakeEngine, settings: Settings) -> None:
@@ -275,7 +275,7 @@ def test_developer_role_becomes_system(engine: RecordingEngine, settings: Settin
 def test_max_completion_tokens_wins_over_max_tokens(engine: FakeEngine, settings: Settings) -> None:
     job = chat(engine, settings, max_tokens=10, max_completion_tokens=3)
     assert job.requests[0].sampling.max_tokens == 3
-    assert job.max_tokens == 3
+    assert job.requests[0].sampling.max_tokens == 3
 
 
 def test_max_completion_tokens_over_cap_names_itself(

@@ -44,9 +44,6 @@ class GenerationJob:
     include_usage: bool
     echo_texts: tuple[str, ...] | None  # per prompt; completions with echo=true only
     logprobs: bool
-    max_tokens: int
-    temperature: float
-    top_p: float
 
     @property
     def choice_count(self) -> int:
@@ -131,9 +128,6 @@ def plan_completion(body: CompletionRequest, engine: Engine, settings: Settings)
         include_usage=body.include_usage,
         echo_texts=tuple(prompts) if body.echo else None,
         logprobs=body.logprobs is not None,
-        max_tokens=max(budgets),
-        temperature=requests[0].sampling.temperature,
-        top_p=requests[0].sampling.top_p,
     )
 
 
@@ -171,7 +165,6 @@ def plan_chat(body: ChatCompletionRequest, engine: Engine, settings: Settings) -
     top = (body.top_logprobs or 0) if body.logprobs else None
     response_id = _new_id("chatcmpl")
     requests = _fan_out(response_id, ids, _sampling(body, budget, top, _structured(body)))
-    request = requests[0]
     return GenerationJob(
         kind="chat",
         response_id=response_id,
@@ -184,7 +177,4 @@ def plan_chat(body: ChatCompletionRequest, engine: Engine, settings: Settings) -
         include_usage=body.include_usage,
         echo_texts=None,
         logprobs=body.logprobs,
-        max_tokens=budget,
-        temperature=request.sampling.temperature,
-        top_p=request.sampling.top_p,
     )
