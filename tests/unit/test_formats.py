@@ -41,9 +41,6 @@ def make_job(
         include_usage=include_usage,
         echo_texts=echo,
         logprobs=logprobs,
-        max_tokens=4,
-        temperature=1.0,
-        top_p=1.0,
     )
 
 
