@@ -17,13 +17,18 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from sluice import __version__
-from sluice.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from sluice.api.middleware import (
+    BodyLimitMiddleware,
+    ObservabilityMiddleware,
+    RequestIdMiddleware,
+)
 from sluice.api.routes import router
 from sluice.api.run import JobRunner
 from sluice.config import Settings
 from sluice.engine.protocol import Engine
 from sluice.errors import install_error_handlers
 from sluice.lifecycle import Lifecycle, Phase
+from sluice.telemetry.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ def build_engine(settings: Settings) -> Engine:
     return VllmEngine(settings)
 
 
-async def _load(engine: Engine, lifecycle: Lifecycle) -> None:
+async def _load(engine: Engine, lifecycle: Lifecycle, metrics: Metrics) -> None:
     started = time.monotonic()
     try:
         await engine.start()
@@ -47,6 +52,7 @@ async def _load(engine: Engine, lifecycle: Lifecycle) -> None:
         return
     seconds = time.monotonic() - started
     lifecycle.loaded(seconds)
+    metrics.model_load.labels(engine.model_card().id).set(seconds)
     logger.info("model %s loaded in %.1fs (cold start)", engine.model_card().id, seconds)
 
 
@@ -72,8 +78,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.state.engine = the_engine
         app.state.lifecycle = lifecycle
         app.state.runner = JobRunner(the_engine, lifecycle, settings.limits.request_timeout_s)
+        metrics.in_flight.set_function(lambda: lifecycle.in_flight)
+        metrics.watch_engine(
+            lambda: the_engine.stats() if the_engine.ready else None,
+            lambda: the_engine.model_card().id,
+        )
         tasks = [
-            asyncio.create_task(_load(the_engine, lifecycle), name="sluice-load"),
+            asyncio.create_task(_load(the_engine, lifecycle, metrics), name="sluice-load"),
             asyncio.create_task(_watch_health(the_engine, lifecycle), name="sluice-health"),
         ]
         try:
@@ -84,9 +95,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             await asyncio.gather(*tasks, return_exceptions=True)
             await the_engine.shutdown()
 
+    metrics = Metrics()
     app = FastAPI(title="sluice", version=__version__, lifespan=lifespan)
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(router)
+    # Added innermost first: request id → record (metrics, log line) → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

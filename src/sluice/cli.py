@@ -9,7 +9,6 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from sluice.engine.models import (
     pull_default_model,
 )
 
-# flag name -> settings path; `None` in the value means "same as the flag with _ for -"
+# flag -> (dotted settings path, argparse options)
 SERVE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--config": ("config_file", {"type": Path, "help": "YAML settings file"}),
     "--model": ("model", {"help": "Hugging Face folder or hub id (default: SmolLM2-135M)"}),
@@ -34,6 +33,7 @@ SERVE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--port": ("port", {"type": int, "help": "port (default 8000)"}),
     "--cache-dir": ("cache_dir", {"type": Path, "help": "where models are cached"}),
     "--log-level": ("log_level", {"choices": ["debug", "info", "warning", "error"]}),
+    "--log-format": ("telemetry.log_format", {"choices": ["json", "text"]}),
     "--drain-timeout": ("drain_timeout_s", {"type": float, "help": "seconds SIGTERM waits"}),
     "--dtype": ("engine.dtype", {"help": "auto, float32, bfloat16, float16"}),
     "--max-model-len": ("engine.max_model_len", {"type": int, "help": "context length"}),
@@ -120,11 +120,9 @@ def _resolve_model(settings: Settings) -> Settings:
 def serve(settings: Settings) -> int:
     from sluice.app import create_app
     from sluice.server import run
+    from sluice.telemetry.logging import configure_logging
 
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.telemetry.log_format)
     try:
         settings = _resolve_model(settings)
     except ModelProvisionError as exc:

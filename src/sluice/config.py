@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -68,6 +68,17 @@ class LimitSettings(BaseModel):
     request_timeout_s: float = Field(600.0, gt=0, description="per-request time limit")
 
 
+class TelemetrySettings(BaseModel):
+    """Logs and metrics."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    log_format: Literal["json", "text"] = Field("json", description="log line format")
+    metrics_token: SecretStr | None = Field(
+        None, description="if set, /metrics requires 'Authorization: Bearer <token>'"
+    )
+
+
 class Settings(BaseSettings):
     """Everything `sluice serve` needs; see module docstring for precedence."""
 
@@ -88,6 +99,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     engine: EngineSettings = Field(default_factory=EngineSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
     @field_validator("served_model_name")
     @classmethod

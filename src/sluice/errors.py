@@ -5,6 +5,7 @@ Code anywhere in sluice raises a `SluiceError` subclass; only this module knows 
     SluiceError
     ├── InvalidRequest            400 invalid_request_error (with `param`)
     │   └── ContextLengthExceeded 400 code=context_length_exceeded
+    ├── Unauthenticated           401 code=invalid_api_key
     ├── ModelNotFound             404 code=model_not_found
     ├── PayloadTooLarge           413 code=request_too_large
     ├── ServiceUnavailable        503 (+Retry-After)
@@ -28,6 +29,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sluice.telemetry.record import record_of
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,10 @@ class InvalidRequest(SluiceError):
 
 class ContextLengthExceeded(InvalidRequest):
     """Prompt plus requested completion does not fit the model's context."""
+
+
+class Unauthenticated(SluiceError):
+    """The request carries no valid credential for what it asks."""
 
 
 class ModelNotFound(SluiceError):
@@ -100,6 +107,7 @@ class ErrorSpec:
 ERROR_TABLE: dict[type[SluiceError], ErrorSpec] = {
     ContextLengthExceeded: ErrorSpec(400, "invalid_request_error", "context_length_exceeded"),
     InvalidRequest: ErrorSpec(400, "invalid_request_error", None),
+    Unauthenticated: ErrorSpec(401, "invalid_request_error", "invalid_api_key"),
     ModelNotFound: ErrorSpec(404, "invalid_request_error", "model_not_found"),
     PayloadTooLarge: ErrorSpec(413, "invalid_request_error", "request_too_large"),
     ModelLoading: ErrorSpec(503, "server_error", "model_loading"),
@@ -117,6 +125,12 @@ def spec_for(exc: SluiceError) -> ErrorSpec:
         if cls in ERROR_TABLE:
             return ERROR_TABLE[cls]
     return ERROR_TABLE[InternalError]
+
+
+def error_code(exc: SluiceError) -> str:
+    """A short, bounded reason for metrics and logs: the error's code, else its type."""
+    spec = spec_for(exc)
+    return exc.code or spec.code or spec.type
 
 
 def error_body(exc: SluiceError) -> dict[str, Any]:
@@ -185,13 +199,19 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error FastAPI or sluice raises through the table above."""
 
-    async def on_sluice_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, SluiceError)
+    def respond(request: Request, exc: SluiceError) -> JSONResponse:
+        record = record_of(request.scope)
+        if record is not None:
+            record.fail(spec_for(exc).status, error_code(exc))
         return error_response(exc)
 
-    async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_sluice_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, SluiceError)
+        return respond(request, exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(validation_error(exc))
+        return respond(request, validation_error(exc))
 
     async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -202,8 +222,8 @@ def install_error_handlers(app: FastAPI) -> None:
         body["error"]["code"] = body["error"]["code"] or f"http_{exc.status_code}"
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
-    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(as_sluice_error(exc))
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return respond(request, as_sluice_error(exc))
 
     app.add_exception_handler(SluiceError, on_sluice_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

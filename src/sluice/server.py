@@ -85,6 +85,7 @@ def run(app: FastAPI, host: str, port: int, drain_timeout_s: float, log_level: s
         log_level=log_level,
         timeout_graceful_shutdown=int(CUT_OFF_S),
         lifespan="on",
+        log_config=None,  # sluice's logging (telemetry/logging.py) is already configured
     )
     server = SluiceServer(config, app, drain_timeout_s)
     server.run()

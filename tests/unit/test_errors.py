@@ -24,6 +24,7 @@ from sluice.errors import (
     RequestTimedOut,
     ServiceUnavailable,
     SluiceError,
+    Unauthenticated,
     as_sluice_error,
     error_body,
     error_response,
@@ -34,6 +35,7 @@ from sluice.errors import (
 EXPECTED = [
     (InvalidRequest, 400, "invalid_request_error", None),
     (ContextLengthExceeded, 400, "invalid_request_error", "context_length_exceeded"),
+    (Unauthenticated, 401, "invalid_request_error", "invalid_api_key"),
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (PayloadTooLarge, 413, "invalid_request_error", "request_too_large"),
     (ServiceUnavailable, 503, "server_error", "overloaded"),

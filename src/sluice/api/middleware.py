@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids and the request-body size limit.
+"""ASGI middleware: request ids, the per-request record (metrics and log line), and the
+request-body size limit.
 
 Pure ASGI (no BaseHTTPMiddleware) so streaming responses and disconnect messages pass through
 untouched.
@@ -6,11 +7,17 @@ untouched.
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sluice.errors import PayloadTooLarge, error_response
+from sluice.telemetry.logging import log_request
+from sluice.telemetry.metrics import Metrics
+from sluice.telemetry.record import SCOPE_KEY, RequestRecord, record_of
+
+KNOWN_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
 
 REQUEST_ID_HEADER = b"x-request-id"
 
@@ -61,7 +68,7 @@ class BodyLimitMiddleware:
         )
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(too_large)(scope, receive, send)
+            await self._refuse(too_large, scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -72,7 +79,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await error_response(too_large)(scope, receive, send)
+                await self._refuse(too_large, scope, receive, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -87,3 +94,58 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(error: PayloadTooLarge, scope: Scope, receive: Receive, send: Send) -> None:
+        record = record_of(scope)
+        if record is not None:
+            record.fail(413, "request_too_large")
+        await error_response(error)(scope, receive, send)
+
+
+class ObservabilityMiddleware:
+    """Give each request a `RequestRecord`; when its response is done, record the metrics and
+    write its one log line. Probes and `/metrics` are not counted."""
+
+    UNTRACKED = frozenset({"/healthz", "/readyz", "/metrics"})
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    @staticmethod
+    def endpoint(path: str) -> str:
+        """A bounded label for `path`."""
+        if path in KNOWN_ENDPOINTS:
+            return path
+        if path.startswith("/v1/models/"):
+            return "/v1/models/{id}"
+        return "other"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.UNTRACKED:
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        record = RequestRecord(
+            request_id=state.get("request_id", ""),
+            endpoint=self.endpoint(scope["path"]),
+            started=time.perf_counter(),
+        )
+        state[SCOPE_KEY] = record
+        http_status = 500
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal http_status
+            if message["type"] == "http.response.start":
+                http_status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            if record.status is None:
+                record.status = http_status
+            finished = time.perf_counter()
+            self.metrics.observe(record, finished)
+            log_request(record, finished)

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from sluice.api.deps import EngineDep, LifecycleDep, RunnerDep, SettingsDep
 from sluice.api.plan import GenerationJob, plan_chat, plan_completion
-from sluice.api.run import JobRunner
+from sluice.api.run import CLIENT_CLOSED_REQUEST, JobRunner
 from sluice.api.schemas import ChatCompletionRequest, CompletionRequest
 from sluice.api.streaming import SSEResponse, cancel_on_disconnect
 from sluice.engine.protocol import Engine, ModelCard
-from sluice.errors import ModelLoading, ModelNotFound
+from sluice.errors import ModelLoading, ModelNotFound, Unauthenticated
 from sluice.lifecycle import DRAINING_RETRY_AFTER_S, LOADING_RETRY_AFTER_S, Lifecycle, Phase
+from sluice.telemetry.record import record_of
 
 router = APIRouter()
-
-# Not a status a client ever reads (it has gone); it marks the request in access logs.
-CLIENT_CLOSED_REQUEST = 499
 
 
 async def _serve(
@@ -35,13 +35,19 @@ async def _serve(
     except BaseException:
         lifecycle.release()
         raise
+    record = record_of(request.scope)
+    if record is not None:
+        record.model = job.model
+        record.prompt_tokens = job.prompt_tokens
     if job.stream:
-        return SSEResponse(runner.sse_events(job), on_close=lifecycle.release)
+        return SSEResponse(runner.sse_events(job, record), on_close=lifecycle.release)
     try:
-        finished, body = await cancel_on_disconnect(request, runner.collect(job))
+        finished, body = await cancel_on_disconnect(request, runner.collect(job, record))
     finally:
         lifecycle.release()
     if not finished:
+        if record is not None:
+            record.fail(CLIENT_CLOSED_REQUEST, "client_closed_request")
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return JSONResponse(body)
 
@@ -99,6 +105,19 @@ async def retrieve_model(model_id: str, engine: EngineDep) -> dict[str, Any]:
     if model_id != card.id:
         raise ModelNotFound(f"The model '{model_id}' does not exist on this server.", param="model")
     return _model_object(card)
+
+
+@router.get("/metrics")
+async def metrics(request: Request, settings: SettingsDep) -> Response:
+    """Prometheus text format: sluice's families, then vLLM's own `vllm:*` metrics."""
+    token = settings.telemetry.metrics_token
+    if token is not None:
+        sent = request.headers.get("authorization", "")
+        expected = f"Bearer {token.get_secret_value()}"
+        if not hmac.compare_digest(sent.encode(), expected.encode()):
+            raise Unauthenticated("/metrics needs 'Authorization: Bearer <metrics token>'.")
+    exposition: bytes = request.app.state.metrics.exposition()
+    return Response(exposition, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz")

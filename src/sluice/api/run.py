@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -21,12 +22,22 @@ from starlette.types import Receive
 from sluice.api.formats import Choices, format_for
 from sluice.api.plan import GenerationJob
 from sluice.engine.protocol import Delta, Engine, EngineFailure, GenerationRequest
-from sluice.errors import EngineDead, RequestTimedOut, as_sluice_error, error_body
+from sluice.errors import (
+    EngineDead,
+    RequestTimedOut,
+    as_sluice_error,
+    error_body,
+    error_code,
+    spec_for,
+)
 from sluice.lifecycle import Lifecycle
+from sluice.telemetry.record import RequestRecord
 
 logger = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
+# Not a status a client ever reads (it has gone); it marks the request in logs and metrics.
+CLIENT_CLOSED_REQUEST = 499
 
 
 class JobRunner:
@@ -37,8 +48,13 @@ class JobRunner:
         self.lifecycle = lifecycle
         self.timeout_s = timeout_s
 
-    async def deltas(self, job: GenerationJob) -> AsyncGenerator[Delta, None]:
-        """Every delta of every choice of `job`, re-indexed to the client's choice index."""
+    async def deltas(
+        self, job: GenerationJob, record: RequestRecord | None = None
+    ) -> AsyncGenerator[Delta, None]:
+        """Every delta of every choice of `job`, re-indexed to the client's choice index.
+
+        `record` (if given) learns token arrival times and the engine's queue time.
+        """
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         unfinished = {r.request_id for r in job.requests}
         bases = [0]
@@ -68,6 +84,10 @@ class JobRunner:
                         "restarting. Retry shortly.",
                         retry_after_s=10,
                     ) from exc
+                if record is not None:
+                    record.on_tokens(time.perf_counter(), delta.token_count)
+                    if delta.queue_s is not None and record.queue_s is None:
+                        record.queue_s = delta.queue_s
                 yield delta
         finally:
             with anyio.CancelScope(shield=True):
@@ -78,27 +98,40 @@ class JobRunner:
                     except Exception:  # an abort that fails must not hide the real error
                         logger.warning("abort of %s failed", request_id, exc_info=True)
 
-    async def collect(self, job: GenerationJob) -> dict[str, Any]:
+    async def collect(
+        self, job: GenerationJob, record: RequestRecord | None = None
+    ) -> dict[str, Any]:
         """The whole non-streaming response body."""
         fmt = format_for(job)
         choices = Choices(job)
-        async for delta in self.deltas(job):
+        async for delta in self.deltas(job, record):
             choices.add(delta)
         return fmt.final(choices)
 
-    async def sse_events(self, job: GenerationJob) -> AsyncGenerator[bytes, None]:
+    async def sse_events(
+        self, job: GenerationJob, record: RequestRecord | None = None
+    ) -> AsyncGenerator[bytes, None]:
         """SSE frames of a streamed response, ending with `data: [DONE]` whatever happens."""
         fmt = format_for(job)
         choices = Choices(job)
+        completed = False
         try:
-            async for delta in self.deltas(job):
-                state = choices.add(delta)
-                yield _frame(fmt.chunk(delta, state))
-            if job.include_usage:
-                yield _frame(fmt.usage_chunk(choices))
-        except Exception as exc:
-            yield _frame(error_body(as_sluice_error(exc)))
-        yield DONE
+            try:
+                async for delta in self.deltas(job, record):
+                    state = choices.add(delta)
+                    yield _frame(fmt.chunk(delta, state))
+                if job.include_usage:
+                    yield _frame(fmt.usage_chunk(choices))
+            except Exception as exc:
+                error = as_sluice_error(exc)
+                if record is not None:
+                    record.fail(spec_for(error).status, error_code(error))
+                yield _frame(error_body(error))
+            completed = True
+            yield DONE
+        finally:
+            if not completed and record is not None and record.status is None:
+                record.fail(CLIENT_CLOSED_REQUEST, "client_closed_request")
 
 
 def _frame(obj: dict[str, Any]) -> bytes:

@@ -75,6 +75,7 @@ class Delta:
     token_count: int
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] = field(default=())
+    queue_s: float | None = None  # time the request waited in the engine's queue, once known
 
 
 @dataclass(frozen=True)

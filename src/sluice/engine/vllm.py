@@ -240,7 +240,13 @@ class VllmEngine:
                 request.request_id,
                 priority=request.priority,
             )
+            queue_s: float | None = None
             async for output in stream:
+                if queue_s is None:
+                    queue_s = _queue_seconds(output)
+                    first_queue_s = queue_s
+                else:
+                    first_queue_s = None
                 for choice in output.outputs:
                     yield Delta(
                         index=choice.index,
@@ -252,6 +258,7 @@ class VllmEngine:
                             if want_logprobs is not None and choice.logprobs
                             else ()
                         ),
+                        queue_s=first_queue_s,
                     )
         except dead as exc:
             raise EngineFailure(f"vLLM engine died: {exc}") from exc
@@ -270,6 +277,14 @@ class VllmEngine:
             return EngineStats(running=0, waiting=0, kv_cache_usage=0.0)
         running, waiting, usage = self._stats_logger.latest
         return EngineStats(running=running, waiting=waiting, kv_cache_usage=usage)
+
+
+def _queue_seconds(output: Any) -> float | None:
+    """Engine-core queue time of a request, once it has been scheduled."""
+    stats = getattr(output, "metrics", None)
+    if stats is None or not stats.scheduled_ts or not stats.queued_ts:
+        return None
+    return max(0.0, float(stats.scheduled_ts - stats.queued_ts))
 
 
 def _finish_reason(reason: str | None) -> Any:

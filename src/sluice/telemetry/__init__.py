@@ -1,0 +1,1 @@
+"""Telemetry: Prometheus metrics, the per-request record and its JSON log line."""

@@ -1,0 +1,205 @@
+"""Prometheus metrics: the `sluice_*` families in a registry owned by one app.
+
+Each app gets its own `CollectorRegistry`, so tests and several apps in one process never
+share counters. Engine gauges are read at scrape time from `Engine.stats()`. vLLM registers
+its own `vllm:*` metrics in prometheus_client's global registry; `/metrics` serves both.
+
+Buckets: time to first token and inter-token latency need resolution well under 100 ms;
+end-to-end latency needs to reach minutes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sluice.engine.protocol import EngineStats
+from sluice.telemetry.record import RequestRecord
+
+TTFT_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1,
+    1.5,
+    2,
+    3,
+    5,
+    7.5,
+    10,
+    20,
+    30,
+    60,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1,
+    2.5,
+)
+LATENCY_BUCKETS = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1,
+    1.5,
+    2,
+    3,
+    5,
+    7.5,
+    10,
+    15,
+    20,
+    30,
+    45,
+    60,
+    90,
+    120,
+    180,
+    300,
+    600,
+)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+class _EngineCollector(Collector):
+    """Engine gauges, read when Prometheus scrapes."""
+
+    def __init__(self, stats: Callable[[], EngineStats | None], model: Callable[[], str]):
+        self._stats = stats
+        self._model = model
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._stats()
+        if stats is None:
+            return
+        model = self._model()
+        for name, doc, value in (
+            ("sluice_engine_running", "Sequences the engine is running.", stats.running),
+            ("sluice_engine_waiting", "Requests waiting in the engine's queue.", stats.waiting),
+            ("sluice_engine_kv_cache_usage", "KV-cache usage (0-1).", stats.kv_cache_usage),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=["model"])
+            family.add_metric([model], value)
+            yield family
+
+
+class Metrics:
+    """The app's metric families and how a finished request is recorded in them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "sluice_requests",
+            "HTTP requests by outcome.",
+            ["model", "endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "sluice_request_latency_seconds",
+            "End-to-end request latency.",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "sluice_time_to_first_token_seconds",
+            "Time from request arrival to the first generated token.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "sluice_inter_token_latency_seconds",
+            "Time between generated tokens.",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "sluice_queue_time_seconds",
+            "Time a request waited in the engine's queue.",
+            ["model"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "sluice_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "sluice_generation_tokens", "Tokens generated.", ["model"], registry=r
+        )
+        self.in_flight = Gauge(
+            "sluice_in_flight_requests", "Generation requests being served.", registry=r
+        )
+        self.rejections = Counter(
+            "sluice_rejections", "Requests refused, by reason.", ["reason"], registry=r
+        )
+        self.model_load = Gauge(
+            "sluice_model_load_seconds",
+            "Cold start: seconds the engine took to load the model.",
+            ["model"],
+            registry=r,
+        )
+
+    def watch_engine(
+        self, stats: Callable[[], EngineStats | None], model: Callable[[], str]
+    ) -> None:
+        self.registry.register(_EngineCollector(stats, model))
+
+    def observe(self, record: RequestRecord, finished_at: float) -> None:
+        """Count a finished request in every family it belongs to."""
+        model = record.model or "none"
+        status = str(record.status or 500)
+        self.requests.labels(model, record.endpoint, status).inc()
+        self.latency.labels(model, record.endpoint).observe(finished_at - record.started)
+        if record.status is not None and record.status >= 400 and record.error_code:
+            self.rejections.labels(record.error_code).inc()
+        if record.model is None:
+            return
+        if record.prompt_tokens:
+            self.prompt_tokens.labels(model).inc(record.prompt_tokens)
+        if record.completion_tokens:
+            self.generation_tokens.labels(model).inc(record.completion_tokens)
+        if record.ttft_s is not None:
+            self.ttft.labels(model).observe(record.ttft_s)
+        if record.queue_s is not None:
+            self.queue.labels(model).observe(record.queue_s)
+        itl = self.itl.labels(model)
+        for gap in record.token_gaps:
+            itl.observe(gap)
+
+    def exposition(self) -> bytes:
+        """Text format of sluice's families followed by vLLM's (global registry)."""
+        return generate_latest(self.registry) + generate_latest(REGISTRY)

@@ -1,0 +1,60 @@
+"""One JSON log line per request, with what an operator needs and never the prompt."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from fastapi.testclient import TestClient
+
+from sluice.telemetry.logging import REQUEST_LOGGER, JsonFormatter
+from tests.api.conftest import completion_body
+from tests.fake_engine import MODEL_ID
+
+
+def request_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == REQUEST_LOGGER]
+
+
+def test_one_line_per_request_with_its_facts(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    response = client.post(
+        "/v1/completions",
+        json=completion_body(prompt="secret prompt words", max_tokens=2),
+        headers={"x-request-id": "req-42"},
+    )
+    assert response.status_code == 200
+    (line,) = request_lines(caplog)
+    fields = json.loads(JsonFormatter().format(line))
+    assert fields["logger"] == REQUEST_LOGGER
+    assert fields["request_id"] == "req-42"
+    assert fields["model"] == MODEL_ID
+    assert fields["status"] == 200
+    assert fields["reason"] is None
+    assert fields["prompt_tokens"] == 3
+    assert fields["completion_tokens"] == 2
+    assert fields["ttft_ms"] >= 0
+    assert fields["latency_ms"] >= fields["ttft_ms"]
+    assert "secret" not in json.dumps(fields)
+
+
+def test_refusal_line_carries_the_reason(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    client.post("/v1/completions", json=completion_body(model="nope"))
+    (line,) = request_lines(caplog)
+    fields = json.loads(JsonFormatter().format(line))
+    assert (fields["status"], fields["reason"]) == (404, "model_not_found")
+    assert fields["ttft_ms"] is None
+
+
+def test_probes_write_no_request_line(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    client.get("/healthz")
+    client.get("/readyz")
+    client.get("/metrics")
+    assert request_lines(caplog) == []

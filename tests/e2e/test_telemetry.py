@@ -1,0 +1,53 @@
+"""Metrics and request logs of a real server: sluice's families and vLLM's in one scrape."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.conftest import MODEL
+from tests.e2e.server import SluiceProcess
+
+
+def _samples(server: SluiceProcess) -> dict[str, list[tuple[dict[str, str], float]]]:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def test_metrics_cover_sluice_and_vllm_after_traffic(
+    client: openai.OpenAI, server: SluiceProcess
+) -> None:
+    client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        extra_headers={"x-request-id": "telemetry-e2e"},
+    )
+    samples = _samples(server)
+    ok = [
+        value
+        for labels, value in samples["sluice_requests_total"]
+        if labels == {"model": MODEL, "endpoint": "/v1/chat/completions", "status": "200"}
+    ]
+    assert ok and ok[0] >= 1
+    assert sum(value for _, value in samples["sluice_generation_tokens_total"]) >= 1
+    assert any(value >= 1 for _, value in samples["sluice_time_to_first_token_seconds_count"])
+    assert any(value >= 1 for _, value in samples["sluice_queue_time_seconds_count"])
+    assert samples["sluice_model_load_seconds"][0][1] > 1
+    # vLLM's own metrics arrive in the same scrape.
+    assert "vllm:num_requests_running" in samples
+    assert any(value > 0 for _, value in samples["vllm:generation_tokens_total"])
+
+    lines = [line for line in server.log().splitlines() if "telemetry-e2e" in line]
+    assert len(lines) == 1
+    fields = json.loads(lines[0])
+    assert fields["logger"] == "sluice.request"
+    assert (fields["model"], fields["status"]) == (MODEL, 200)
+    assert fields["completion_tokens"] >= 1
