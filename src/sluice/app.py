@@ -13,8 +13,13 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI
+from opentelemetry import trace
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.trace import Status, StatusCode
 
 from sluice import __version__
 from sluice.api.middleware import (
@@ -24,11 +29,12 @@ from sluice.api.middleware import (
 )
 from sluice.api.routes import router
 from sluice.api.run import JobRunner
-from sluice.config import Settings
+from sluice.config import DEFAULT_MODEL_NAME, Settings
 from sluice.engine.protocol import Engine
 from sluice.errors import install_error_handlers
 from sluice.lifecycle import Lifecycle, Phase
 from sluice.telemetry.metrics import Metrics
+from sluice.telemetry.tracing import ErrorBiasedSampler, ErrorRateWindow, build_tracer_provider
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +48,22 @@ def build_engine(settings: Settings) -> Engine:
     return VllmEngine(settings)
 
 
-async def _load(engine: Engine, lifecycle: Lifecycle, metrics: Metrics) -> None:
+async def _load(
+    engine: Engine, lifecycle: Lifecycle, metrics: Metrics, tracer: trace.Tracer
+) -> None:
     started = time.monotonic()
-    try:
-        await engine.start()
-    except Exception as exc:
-        logger.error("the engine could not start: %s", exc, exc_info=True)
-        lifecycle.fail(f"engine start-up failed: {exc}")
-        return
+    with tracer.start_as_current_span("load_model") as span:
+        span.add_event("start_load_model")
+        try:
+            await engine.start()
+        except Exception as exc:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, "engine start-up failed"))
+            logger.error("the engine could not start: %s", exc, exc_info=True)
+            lifecycle.fail(f"engine start-up failed: {exc}")
+            return
+        span.add_event("end_load_model")
+        span.set_attribute("gen_ai.request.model", engine.model_card().id)
     seconds = time.monotonic() - started
     lifecycle.loaded(seconds)
     metrics.model_load.labels(engine.model_card().id).set(seconds)
@@ -67,8 +81,34 @@ async def _watch_health(engine: Engine, lifecycle: Lifecycle) -> None:
             lifecycle.fail(f"engine health check failed: {exc}")
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """A sluice app for `settings`; pass `engine` to use one other than vLLM (tests)."""
+def served_model_name(settings: Settings) -> str:
+    """The model id clients will use, known before the engine loads."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    return Path(settings.model).name if settings.model else DEFAULT_MODEL_NAME
+
+
+def create_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    span_exporter: SpanExporter | None = None,
+) -> FastAPI:
+    """A sluice app for `settings`; pass `engine` to use one other than vLLM (tests), and
+    `span_exporter` to receive spans without OTLP (tests)."""
+    telemetry = settings.telemetry
+    errors = ErrorRateWindow(telemetry.error_window_s)
+    tracer_provider = build_tracer_provider(
+        model=served_model_name(settings),
+        sampler=ErrorBiasedSampler(
+            telemetry.trace_sample_ratio,
+            errors,
+            telemetry.error_rate_threshold,
+            telemetry.error_min_requests,
+        ),
+        exporter=span_exporter,
+    )
+    tracer = tracer_provider.get_tracer("sluice", __version__)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,14 +117,16 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.engine = the_engine
         app.state.lifecycle = lifecycle
-        app.state.runner = JobRunner(the_engine, lifecycle, settings.limits.request_timeout_s)
+        app.state.runner = JobRunner(
+            the_engine, lifecycle, settings.limits.request_timeout_s, tracer=tracer
+        )
         metrics.in_flight.set_function(lambda: lifecycle.in_flight)
         metrics.watch_engine(
             lambda: the_engine.stats() if the_engine.ready else None,
             lambda: the_engine.model_card().id,
         )
         tasks = [
-            asyncio.create_task(_load(the_engine, lifecycle, metrics), name="sluice-load"),
+            asyncio.create_task(_load(the_engine, lifecycle, metrics, tracer), name="sluice-load"),
             asyncio.create_task(_watch_health(the_engine, lifecycle), name="sluice-health"),
         ]
         try:
@@ -94,6 +136,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await the_engine.shutdown()
+            tracer_provider.shutdown()
 
     metrics = Metrics()
     app = FastAPI(title="sluice", version=__version__, lifespan=lifespan)
@@ -102,6 +145,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(router)
     # Added innermost first: request id → record (metrics, log line) → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
-    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics, errors=errors)
     app.add_middleware(RequestIdMiddleware)
+    # The server span wraps everything above; incoming `traceparent` headers are honoured.
+    FastAPIInstrumentor.instrument_app(
+        app, tracer_provider=tracer_provider, excluded_urls="healthz,readyz,metrics"
+    )
     return app

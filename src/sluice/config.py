@@ -77,6 +77,12 @@ class TelemetrySettings(BaseModel):
     metrics_token: SecretStr | None = Field(
         None, description="if set, /metrics requires 'Authorization: Bearer <token>'"
     )
+    trace_sample_ratio: float = Field(1.0, ge=0, le=1, description="share of new traces kept")
+    error_rate_threshold: float = Field(
+        0.05, ge=0, le=1, description="above this recent 5xx share, keep every trace"
+    )
+    error_window_s: float = Field(60.0, gt=0, description="window of the recent error rate")
+    error_min_requests: int = Field(20, ge=1, description="requests needed to judge the rate")
 
 
 class Settings(BaseSettings):

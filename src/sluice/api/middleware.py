@@ -10,12 +10,15 @@ from __future__ import annotations
 import time
 import uuid
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sluice.errors import PayloadTooLarge, error_response
 from sluice.telemetry.logging import log_request
 from sluice.telemetry.metrics import Metrics
 from sluice.telemetry.record import SCOPE_KEY, RequestRecord, record_of
+from sluice.telemetry.tracing import ErrorRateWindow
 
 KNOWN_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
 
@@ -109,9 +112,10 @@ class ObservabilityMiddleware:
 
     UNTRACKED = frozenset({"/healthz", "/readyz", "/metrics"})
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, errors: ErrorRateWindow) -> None:
         self.app = app
         self.metrics = metrics
+        self.errors = errors
 
     @staticmethod
     def endpoint(path: str) -> str:
@@ -132,6 +136,10 @@ class ObservabilityMiddleware:
             endpoint=self.endpoint(scope["path"]),
             started=time.perf_counter(),
         )
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            record.trace_id = format(span_context.trace_id, "032x")
+        record.trace_context = otel_context.get_current()
         state[SCOPE_KEY] = record
         http_status = 500
 
@@ -147,5 +155,6 @@ class ObservabilityMiddleware:
             if record.status is None:
                 record.status = http_status
             finished = time.perf_counter()
+            self.errors.observe(record.status >= 500)
             self.metrics.observe(record, finished)
             log_request(record, finished)

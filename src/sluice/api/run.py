@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import anyio
+from opentelemetry import trace
 from starlette.types import Receive
 
 from sluice.api.formats import Choices, format_for
@@ -32,6 +33,7 @@ from sluice.errors import (
 )
 from sluice.lifecycle import Lifecycle
 from sluice.telemetry.record import RequestRecord
+from sluice.telemetry.tracing import GenerationSpan
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +45,17 @@ CLIENT_CLOSED_REQUEST = 499
 class JobRunner:
     """Runs jobs on one engine with one time limit, reporting engine death to the lifecycle."""
 
-    def __init__(self, engine: Engine, lifecycle: Lifecycle, timeout_s: float) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        lifecycle: Lifecycle,
+        timeout_s: float,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
         self.engine = engine
         self.lifecycle = lifecycle
         self.timeout_s = timeout_s
+        self.tracer = tracer or trace.NoOpTracer()
 
     async def deltas(
         self, job: GenerationJob, record: RequestRecord | None = None
@@ -65,6 +74,10 @@ class JobRunner:
             for base, r in zip(bases, job.requests, strict=False)
         ]
         source = streams[0] if len(streams) == 1 else _merged(streams)
+        span = _generation_span(self.tracer, job, record)
+        output_tokens = 0
+        finish_reasons: dict[int, str] = {}
+        error: BaseException | None = None
         try:
             while True:
                 try:
@@ -84,12 +97,26 @@ class JobRunner:
                         "restarting. Retry shortly.",
                         retry_after_s=10,
                     ) from exc
+                span.on_delta()
+                output_tokens += delta.token_count
+                if delta.finish_reason is not None:
+                    finish_reasons[delta.index] = delta.finish_reason
                 if record is not None:
                     record.on_tokens(time.perf_counter(), delta.token_count)
                     if delta.queue_s is not None and record.queue_s is None:
                         record.queue_s = delta.queue_s
                 yield delta
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
+            span.finish(
+                response_id=job.response_id,
+                input_tokens=job.prompt_tokens,
+                output_tokens=output_tokens,
+                finish_reasons=[finish_reasons[i] for i in sorted(finish_reasons)],
+                error=error,
+            )
             with anyio.CancelScope(shield=True):
                 await source.aclose()
                 for request_id in unfinished:
@@ -132,6 +159,27 @@ class JobRunner:
         finally:
             if not completed and record is not None and record.status is None:
                 record.fail(CLIENT_CLOSED_REQUEST, "client_closed_request")
+
+
+def _generation_span(
+    tracer: trace.Tracer, job: GenerationJob, record: RequestRecord | None
+) -> GenerationSpan:
+    sampling = job.requests[0].sampling
+    operation = "chat" if job.kind == "chat" else "text_completion"
+    return GenerationSpan(
+        tracer,
+        record.trace_context if record is not None else None,
+        {
+            "gen_ai.operation.name": operation,
+            "gen_ai.system": "vllm",
+            "gen_ai.request.model": job.model,
+            "gen_ai.request.max_tokens": max(r.sampling.max_tokens for r in job.requests),
+            "gen_ai.request.temperature": sampling.temperature,
+            "gen_ai.request.top_p": sampling.top_p,
+        },
+        operation,
+        job.model,
+    )
 
 
 def _frame(obj: dict[str, Any]) -> bytes:

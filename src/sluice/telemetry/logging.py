@@ -62,6 +62,7 @@ def log_request(record: RequestRecord, finished_at: float) -> None:
         "request",
         extra={
             "request_id": record.request_id,
+            "trace_id": record.trace_id,
             "endpoint": record.endpoint,
             "model": record.model,
             "status": record.status,

@@ -9,6 +9,7 @@ log line. Times are `time.perf_counter()` seconds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.types import Scope
 
@@ -31,6 +32,8 @@ class RequestRecord:
     last_token_at: float | None = None
     queue_s: float | None = None
     token_gaps: list[float] = field(default_factory=list)
+    trace_id: str | None = None
+    trace_context: Any = None  # the OpenTelemetry context of the server span
 
     def on_tokens(self, now: float, count: int) -> None:
         """`count` new tokens arrived at `now`; gaps between arrivals are spread per token."""
