@@ -33,7 +33,7 @@ from sluice.config import DEFAULT_MODEL_NAME, Settings
 from sluice.engine.protocol import Engine
 from sluice.errors import install_error_handlers
 from sluice.lifecycle import Lifecycle, Phase
-from sluice.telemetry.metrics import Metrics
+from sluice.telemetry.metrics import Metrics, SloSpec
 from sluice.telemetry.tracing import ErrorBiasedSampler, ErrorRateWindow, build_tracer_provider
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,13 @@ def create_app(
             await the_engine.shutdown()
             tracer_provider.shutdown()
 
-    metrics = Metrics()
+    metrics = Metrics(
+        SloSpec(
+            telemetry.slo_latency_s,
+            telemetry.slo_max_prompt_tokens,
+            telemetry.slo_max_output_tokens,
+        )
+    )
     app = FastAPI(title="sluice", version=__version__, lifespan=lifespan)
     app.state.metrics = metrics
     install_error_handlers(app)

@@ -83,6 +83,9 @@ class TelemetrySettings(BaseModel):
     )
     error_window_s: float = Field(60.0, gt=0, description="window of the recent error rate")
     error_min_requests: int = Field(20, ge=1, description="requests needed to judge the rate")
+    slo_latency_s: float = Field(1.2, gt=0, description="latency objective (p95, end to end)")
+    slo_max_prompt_tokens: int = Field(200, ge=1, description="requests the SLO covers: prompt")
+    slo_max_output_tokens: int = Field(256, ge=1, description="requests the SLO covers: output")
 
 
 class Settings(BaseSettings):

@@ -11,6 +11,7 @@ end-to-end latency needs to reach minutes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import (
     REGISTRY,
@@ -92,6 +93,16 @@ LATENCY_BUCKETS = (
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 
 
+@dataclass(frozen=True)
+class SloSpec:
+    """The latency objective: p95 end to end at most `latency_s` for requests of up to
+    `max_prompt_tokens` prompt and `max_output_tokens` output tokens."""
+
+    latency_s: float = 1.2
+    max_prompt_tokens: int = 200
+    max_output_tokens: int = 256
+
+
 class _EngineCollector(Collector):
     """Engine gauges, read when Prometheus scrapes."""
 
@@ -117,7 +128,8 @@ class _EngineCollector(Collector):
 class Metrics:
     """The app's metric families and how a finished request is recorded in them."""
 
-    def __init__(self) -> None:
+    def __init__(self, slo: SloSpec | None = None) -> None:
+        self.slo = slo or SloSpec()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -166,6 +178,14 @@ class Metrics:
         self.rejections = Counter(
             "sluice_rejections", "Requests refused, by reason.", ["reason"], registry=r
         )
+        self.slo_latency = Histogram(
+            "sluice_slo_request_latency_seconds",
+            f"End-to-end latency of requests the SLO covers (prompt <= "
+            f"{self.slo.max_prompt_tokens}, output <= {self.slo.max_output_tokens} tokens).",
+            ["model"],
+            buckets=sorted({*LATENCY_BUCKETS, self.slo.latency_s}),
+            registry=r,
+        )
         self.model_load = Gauge(
             "sluice_model_load_seconds",
             "Cold start: seconds the engine took to load the model.",
@@ -188,6 +208,12 @@ class Metrics:
             self.rejections.labels(record.error_code).inc()
         if record.model is None:
             return
+        if (
+            record.status == 200
+            and record.prompt_tokens <= self.slo.max_prompt_tokens
+            and record.completion_tokens <= self.slo.max_output_tokens
+        ):
+            self.slo_latency.labels(model).observe(finished_at - record.started)
         if record.prompt_tokens:
             self.prompt_tokens.labels(model).inc(record.prompt_tokens)
         if record.completion_tokens:

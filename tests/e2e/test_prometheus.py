@@ -1,0 +1,122 @@
+"""A real Prometheus scrapes a real `sluice serve`; every dashboard query must return data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.e2e.conftest import MODEL
+from tests.e2e.server import SluiceProcess, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "grafana" / "dashboards" / "sluice.json"
+
+
+def _missing(binary: str) -> None:
+    message = f"{binary} is not installed (scripts/test.sh installs it when run as root)"
+    if os.environ.get("CI"):
+        pytest.fail(message)  # CI must run these, never skip them
+    pytest.skip(message)
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [(panel["title"], target["expr"]) for panel in panels for target in panel["targets"]]
+
+
+def test_promtool_accepts_the_shipped_config() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        _missing("promtool")
+    result = subprocess.run(
+        [promtool, "check", "config", str(ROOT / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture
+def prometheus(server: SluiceProcess, tmp_path: Path) -> Iterator[str]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        _missing("prometheus")
+    # The shipped config, pointed at the test server and scraping every second.
+    config = yaml.safe_load((ROOT / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    (job,) = config["scrape_configs"]
+    job["static_configs"] = [{"targets": [server.url.removeprefix("http://")]}]
+    config_path = tmp_path / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            raise AssertionError("prometheus did not become ready")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+def _query(url: str, expr: str) -> list[dict[str, Any]]:
+    body = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert body["status"] == "success", body
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+def test_every_dashboard_query_returns_data(
+    prometheus: str, client: openai.OpenAI, server: SluiceProcess
+) -> None:
+    with pytest.raises(openai.NotFoundError):  # a refusal, for the refusals panel
+        client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "hi"}]
+        )
+    for i in range(4):
+        messages = [{"role": "user", "content": f"Say hello {i}."}]
+        if i % 2:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
+        else:
+            stream = client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=8, stream=True
+            )
+            assert list(stream)
+        time.sleep(0.7)
+    time.sleep(3)  # at least two scrapes after the last request
+    empty = [(title, expr) for title, expr in dashboard_queries() if not _query(prometheus, expr)]
+    assert empty == []
+    # The scrape also carries vLLM's own metrics.
+    assert _query(prometheus, "vllm:num_requests_running")
