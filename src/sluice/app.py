@@ -143,7 +143,8 @@ def create_app(
             telemetry.slo_latency_s,
             telemetry.slo_max_prompt_tokens,
             telemetry.slo_max_output_tokens,
-        )
+        ),
+        settings.pricing,
     )
     app = FastAPI(title="sluice", version=__version__, lifespan=lifespan)
     app.state.metrics = metrics

@@ -68,6 +68,32 @@ class LimitSettings(BaseModel):
     request_timeout_s: float = Field(600.0, gt=0, description="per-request time limit")
 
 
+class ModelPrice(BaseModel):
+    """USD per million tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_usd_per_mtok: float = Field(0.0, ge=0)
+    output_usd_per_mtok: float = Field(0.0, ge=0)
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return (
+            input_tokens * self.input_usd_per_mtok + output_tokens * self.output_usd_per_mtok
+        ) / 1_000_000
+
+
+class PricingSettings(BaseModel):
+    """The price table: per served model id, else `default`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: dict[str, ModelPrice] = Field(default_factory=dict)
+    default: ModelPrice = Field(default_factory=ModelPrice)
+
+    def price_of(self, model: str) -> ModelPrice:
+        return self.models.get(model, self.default)
+
+
 class TelemetrySettings(BaseModel):
     """Logs and metrics."""
 
@@ -76,6 +102,9 @@ class TelemetrySettings(BaseModel):
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     metrics_token: SecretStr | None = Field(
         None, description="if set, /metrics requires 'Authorization: Bearer <token>'"
+    )
+    log_prompts: bool = Field(
+        False, description="add prompts and outputs to request log lines, redacted"
     )
     trace_sample_ratio: float = Field(1.0, ge=0, le=1, description="share of new traces kept")
     error_rate_threshold: float = Field(
@@ -109,6 +138,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    pricing: PricingSettings = Field(default_factory=PricingSettings)
 
     @field_validator("served_model_name")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -101,3 +102,13 @@ def test_metrics_token_is_enforced(engine: FakeEngine) -> None:
         allowed = client.get("/metrics", headers={"Authorization": "Bearer s3cret"})
         assert allowed.status_code == 200
         assert "sluice_engine_running" in allowed.text
+
+
+def test_cost_follows_the_price_table(engine: FakeEngine) -> None:
+    settings = make_settings(
+        pricing={"models": {MODEL_ID: {"input_usd_per_mtok": 2.0, "output_usd_per_mtok": 10.0}}}
+    )
+    with app_client(engine, settings) as client:
+        client.post("/v1/completions", json=completion_body(max_tokens=4))  # 3 in, 4 out
+        cost = sample(client, "sluice_cost_usd_total", model=MODEL_ID)
+    assert cost == pytest.approx((3 * 2.0 + 4 * 10.0) / 1_000_000)

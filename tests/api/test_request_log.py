@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sluice.telemetry.logging import REQUEST_LOGGER, JsonFormatter
-from tests.api.conftest import completion_body
-from tests.fake_engine import MODEL_ID
+from tests.api.conftest import app_client, chat_body, completion_body, make_settings
+from tests.fake_engine import MODEL_ID, FakeEngine
 
 
 def request_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -58,3 +58,33 @@ def test_probes_write_no_request_line(client: TestClient, caplog: pytest.LogCapt
     client.get("/readyz")
     client.get("/metrics")
     assert request_lines(caplog) == []
+
+
+def test_prompt_logging_is_opt_in_and_redacted(
+    engine: FakeEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    settings = make_settings(telemetry={"log_prompts": True})
+    with app_client(engine, settings) as client:
+        client.post(
+            "/v1/chat/completions",
+            json=chat_body(
+                messages=[{"role": "user", "content": "I am bob@example.com, call +1 415 555 0100"}]
+            ),
+        )
+    (line,) = request_lines(caplog)
+    fields = json.loads(JsonFormatter().format(line))
+    assert fields["prompt"] == "user: I am [EMAIL], call [PHONE]"
+    assert fields["output"] == " w0_0 w0_1 w0_2"
+    assert "bob@example.com" not in json.dumps(fields)
+
+
+def test_prompts_are_absent_by_default(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    client.post("/v1/chat/completions", json=chat_body())
+    (line,) = request_lines(caplog)
+    fields = json.loads(JsonFormatter().format(line))
+    assert "prompt" not in fields
+    assert "output" not in fields

@@ -23,11 +23,19 @@ from sluice.telemetry.record import record_of
 router = APIRouter()
 
 
+def _prompt_text(body: CompletionRequest | ChatCompletionRequest) -> str:
+    if isinstance(body, CompletionRequest):
+        return "\n".join(body.prompts())
+    return "\n".join(f"{m.role}: {m.text()}" for m in body.messages)
+
+
 async def _serve(
     request: Request,
     lifecycle: Lifecycle,
     runner: JobRunner,
     plan: Callable[[], GenerationJob],
+    body: CompletionRequest | ChatCompletionRequest,
+    log_prompts: bool,
 ) -> Response:
     lifecycle.admit()
     try:
@@ -39,17 +47,20 @@ async def _serve(
     if record is not None:
         record.model = job.model
         record.prompt_tokens = job.prompt_tokens
+        if log_prompts:
+            record.prompt_text = _prompt_text(body)
+            record.output_text = []
     if job.stream:
         return SSEResponse(runner.sse_events(job, record), on_close=lifecycle.release)
     try:
-        finished, body = await cancel_on_disconnect(request, runner.collect(job, record))
+        finished, result = await cancel_on_disconnect(request, runner.collect(job, record))
     finally:
         lifecycle.release()
     if not finished:
         if record is not None:
             record.fail(CLIENT_CLOSED_REQUEST, "client_closed_request")
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return JSONResponse(body)
+    return JSONResponse(result)
 
 
 @router.post("/v1/completions")
@@ -61,7 +72,14 @@ async def create_completion(
     lifecycle: LifecycleDep,
     runner: RunnerDep,
 ) -> Response:
-    return await _serve(request, lifecycle, runner, lambda: plan_completion(body, engine, settings))
+    return await _serve(
+        request,
+        lifecycle,
+        runner,
+        lambda: plan_completion(body, engine, settings),
+        body,
+        settings.telemetry.log_prompts,
+    )
 
 
 @router.post("/v1/chat/completions")
@@ -73,7 +91,14 @@ async def create_chat_completion(
     lifecycle: LifecycleDep,
     runner: RunnerDep,
 ) -> Response:
-    return await _serve(request, lifecycle, runner, lambda: plan_chat(body, engine, settings))
+    return await _serve(
+        request,
+        lifecycle,
+        runner,
+        lambda: plan_chat(body, engine, settings),
+        body,
+        settings.telemetry.log_prompts,
+    )
 
 
 def _card(engine: Engine) -> ModelCard:

@@ -103,6 +103,8 @@ class JobRunner:
                     finish_reasons[delta.index] = delta.finish_reason
                 if record is not None:
                     record.on_tokens(time.perf_counter(), delta.token_count)
+                    if record.output_text is not None:
+                        record.output_text.append(delta.text)
                     if delta.queue_s is not None and record.queue_s is None:
                         record.queue_s = delta.queue_s
                 yield delta

@@ -2,7 +2,8 @@
 
 Every log record becomes one JSON object (`ts`, `level`, `logger`, `msg`, plus any `extra`
 fields). The request line (`logger: sluice.request`) carries the request id, model, tokens,
-TTFT, latency, status and, for a refusal, its reason. Prompts and outputs are never logged.
+TTFT, latency, status and, for a refusal, its reason. Prompts and outputs are logged only
+with `telemetry.log_prompts`, and then redacted (telemetry/redaction.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from typing import Any
 
 from sluice.telemetry.record import RequestRecord
+from sluice.telemetry.redaction import redact
 
 REQUEST_LOGGER = "sluice.request"
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -58,9 +60,15 @@ def configure_logging(level: str, fmt: str) -> None:
 def log_request(record: RequestRecord, finished_at: float) -> None:
     """The one log line of a finished request."""
     ttft = record.ttft_s
+    extra: dict[str, Any] = {}
+    if record.prompt_text is not None:
+        extra["prompt"] = redact(record.prompt_text)
+    if record.output_text is not None:
+        extra["output"] = redact("".join(record.output_text))
     logging.getLogger(REQUEST_LOGGER).info(
         "request",
         extra={
+            **extra,
             "request_id": record.request_id,
             "trace_id": record.trace_id,
             "endpoint": record.endpoint,

@@ -24,6 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from sluice.config import PricingSettings
 from sluice.engine.protocol import EngineStats
 from sluice.telemetry.record import RequestRecord
 
@@ -128,8 +129,9 @@ class _EngineCollector(Collector):
 class Metrics:
     """The app's metric families and how a finished request is recorded in them."""
 
-    def __init__(self, slo: SloSpec | None = None) -> None:
+    def __init__(self, slo: SloSpec | None = None, pricing: PricingSettings | None = None) -> None:
         self.slo = slo or SloSpec()
+        self.pricing = pricing or PricingSettings()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -186,6 +188,9 @@ class Metrics:
             buckets=sorted({*LATENCY_BUCKETS, self.slo.latency_s}),
             registry=r,
         )
+        self.cost = Counter(
+            "sluice_cost_usd", "Cost of served tokens in USD (price table).", ["model"], registry=r
+        )
         self.model_load = Gauge(
             "sluice_model_load_seconds",
             "Cold start: seconds the engine took to load the model.",
@@ -214,6 +219,9 @@ class Metrics:
             and record.completion_tokens <= self.slo.max_output_tokens
         ):
             self.slo_latency.labels(model).observe(finished_at - record.started)
+        self.cost.labels(model).inc(
+            self.pricing.price_of(model).cost(record.prompt_tokens, record.completion_tokens)
+        )
         if record.prompt_tokens:
             self.prompt_tokens.labels(model).inc(record.prompt_tokens)
         if record.completion_tokens:

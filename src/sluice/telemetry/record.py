@@ -32,6 +32,8 @@ class RequestRecord:
     last_token_at: float | None = None
     queue_s: float | None = None
     token_gaps: list[float] = field(default_factory=list)
+    prompt_text: str | None = None  # only with telemetry.log_prompts
+    output_text: list[str] | None = None  # only with telemetry.log_prompts
     trace_id: str | None = None
     trace_context: Any = None  # the OpenTelemetry context of the server span
 
