@@ -108,7 +108,11 @@ def create_app(
         ),
         exporter=span_exporter,
     )
-    tracer = tracer_provider.get_tracer("sluice", __version__)
+    tracer: trace.Tracer = (
+        tracer_provider.get_tracer("sluice", __version__)
+        if telemetry.enabled
+        else trace.NoOpTracer()
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -152,10 +156,12 @@ def create_app(
     app.include_router(router)
     # Added innermost first: request id → record (metrics, log line) → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
-    app.add_middleware(ObservabilityMiddleware, metrics=metrics, errors=errors)
+    if telemetry.enabled:
+        app.add_middleware(ObservabilityMiddleware, metrics=metrics, errors=errors)
     app.add_middleware(RequestIdMiddleware)
-    # The server span wraps everything above; incoming `traceparent` headers are honoured.
-    FastAPIInstrumentor.instrument_app(
-        app, tracer_provider=tracer_provider, excluded_urls="healthz,readyz,metrics"
-    )
+    if telemetry.enabled:
+        # The server span wraps everything above; incoming `traceparent` headers are honoured.
+        FastAPIInstrumentor.instrument_app(
+            app, tracer_provider=tracer_provider, excluded_urls="healthz,readyz,metrics"
+        )
     return app

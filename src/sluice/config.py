@@ -99,6 +99,9 @@ class TelemetrySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    enabled: bool = Field(
+        True, description="per-request metrics, log lines and traces (off: only engine gauges)"
+    )
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     metrics_token: SecretStr | None = Field(
         None, description="if set, /metrics requires 'Authorization: Bearer <token>'"

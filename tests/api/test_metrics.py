@@ -112,3 +112,20 @@ def test_cost_follows_the_price_table(engine: FakeEngine) -> None:
         client.post("/v1/completions", json=completion_body(max_tokens=4))  # 3 in, 4 out
         cost = sample(client, "sluice_cost_usd_total", model=MODEL_ID)
     assert cost == pytest.approx((3 * 2.0 + 4 * 10.0) / 1_000_000)
+
+
+def test_telemetry_off_records_no_requests_but_keeps_engine_gauges(engine: FakeEngine) -> None:
+    with app_client(engine, make_settings(telemetry={"enabled": False})) as client:
+        assert client.post("/v1/completions", json=completion_body()).status_code == 200
+        text = client.get("/metrics").text
+    assert (
+        sample(
+            client,
+            "sluice_requests_total",
+            model=MODEL_ID,
+            endpoint="/v1/completions",
+            status="200",
+        )
+        is None
+    )
+    assert "sluice_engine_running" in text
