@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-from pathlib import Path
 
-from sluice.bench.compare import Target, alternate, free_port, report, running
+from sluice.bench.compare import Target, add_load_arguments, compare, free_port
 from sluice.config import DEFAULT_MODEL_NAME, Settings
 from sluice.engine.models import ensure_default_model
 
@@ -33,10 +31,7 @@ VLLM_CPU_ENV = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=48, help="requests per run")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    add_load_arguments(parser)
     args = parser.parse_args()
 
     model_dir = ensure_default_model(Settings().cache_dir)
@@ -78,22 +73,7 @@ def main() -> None:
             VLLM_CPU_ENV,
         ),
     ]
-    log_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    print(
-        f"logs in {log_dir}; load: {args.concurrency} concurrent streaming chat requests, "
-        f"{args.max_tokens} output tokens, {args.requests} requests per run"
-    )
-    with running(targets, log_dir):
-        results = alternate(
-            targets,
-            model=DEFAULT_MODEL_NAME,
-            rounds=args.rounds,
-            concurrency=args.concurrency,
-            requests=args.requests,
-            max_tokens=args.max_tokens,
-            prompt=PROMPT,
-        )
-    report(results)
+    compare(targets, args, model=DEFAULT_MODEL_NAME, prompt=PROMPT)
 
 
 if __name__ == "__main__":

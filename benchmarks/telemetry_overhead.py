@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-from sluice.bench.compare import Target, alternate, free_port, report, running
+from sluice.bench.compare import Target, add_load_arguments, compare, free_port
 from sluice.config import DEFAULT_MODEL_NAME
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
@@ -40,10 +38,7 @@ class _Sink(BaseHTTPRequestHandler):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=48, help="requests per run")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    add_load_arguments(parser)
     args = parser.parse_args()
 
     sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
@@ -65,20 +60,7 @@ def main() -> None:
         ),
         Target("telemetry-off", serve(off_port), off_port, {"SLUICE_TELEMETRY__ENABLED": "false"}),
     ]
-    log_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    print(f"logs in {log_dir}")
-    with running(targets, log_dir):
-        results = alternate(
-            targets,
-            model=DEFAULT_MODEL_NAME,
-            rounds=args.rounds,
-            concurrency=args.concurrency,
-            requests=args.requests,
-            max_tokens=args.max_tokens,
-            prompt=PROMPT,
-        )
-    sink.shutdown()
-    report(results)
+    compare(targets, args, model=DEFAULT_MODEL_NAME, prompt=PROMPT)
     print(f"\nOTLP exports received from telemetry-on: {_Sink.exports}")
 
 

@@ -16,8 +16,9 @@ import openai
 import pytest
 import yaml
 
+from sluice.bench.compare import free_port
 from tests.e2e.conftest import MODEL
-from tests.e2e.server import SluiceProcess, free_port
+from tests.e2e.server import SluiceProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "grafana" / "dashboards" / "sluice.json"

@@ -7,11 +7,13 @@ the first target are printed.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import socket
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -130,6 +132,35 @@ def alternate(
                 flush=True,
             )
     return results
+
+
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load options every comparison script takes."""
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=48, help="requests per run")
+    parser.add_argument("--max-tokens", type=int, default=64)
+
+
+def compare(targets: list[Target], args: argparse.Namespace, *, model: str, prompt: str) -> None:
+    """Start `targets`, run the load of `args` on them in turns, print the comparison."""
+    log_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+    print(
+        f"logs in {log_dir}; load: {args.concurrency} concurrent streaming chat requests, "
+        f"{args.max_tokens} output tokens, {args.requests} requests per run",
+        flush=True,
+    )
+    with running(targets, log_dir):
+        results = alternate(
+            targets,
+            model=model,
+            rounds=args.rounds,
+            concurrency=args.concurrency,
+            requests=args.requests,
+            max_tokens=args.max_tokens,
+            prompt=prompt,
+        )
+    report(results)
 
 
 def report(results: dict[str, list[LoadResult]]) -> None:
