@@ -1,4 +1,4 @@
-"""The `sluice` command: `serve` and `model pull|path`.
+"""The `sluice` command: `serve`, `model pull|path` and `estimate`.
 
 Flags map onto `Settings` fields and win over environment variables and the YAML file; a flag
 left out leaves the lower layers in charge. Expected failures (bad settings, a model that
@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from sluice.bench.estimate import EstimateError
 from sluice.config import DEFAULT_MODEL_NAME, Settings
 from sluice.engine.models import (
     ModelProvisionError,
@@ -70,6 +71,32 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--cache-dir", type=Path, default=None)
     path = model_commands.add_parser("path", help="print the default model's folder")
     path.add_argument("--cache-dir", type=Path, default=None)
+
+    est = commands.add_parser("estimate", help="memory, batch size and cost estimates")
+    est.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model folder or config.json (default: the default model)",
+    )
+    est.add_argument("--dtype", default="bf16", help="weights: fp32, bf16, fp16, fp8, int4")
+    est.add_argument("--kv-dtype", default=None, help="KV cache precision (default: --dtype)")
+    est.add_argument("--context-len", type=int, default=4096)
+    est.add_argument("--memory-gib", type=float, default=24.0, help="accelerator memory")
+    est.add_argument("--utilization", type=float, default=0.9)
+    est.add_argument("--batched-tokens", type=int, default=8192, help="tokens per step")
+    est.add_argument("--overhead-gib", type=float, default=1.0, help="runtime overhead")
+    est.add_argument("--gpu-usd-per-hour", type=float, default=None)
+    est.add_argument("--input-tokens-per-s", type=float, default=None)
+    est.add_argument("--output-tokens-per-s", type=float, default=None)
+    est.add_argument("--api-input-usd-per-mtok", type=float, default=None)
+    est.add_argument("--api-output-usd-per-mtok", type=float, default=None)
+    est.add_argument(
+        "--input-per-output",
+        type=float,
+        default=3.0,
+        help="input tokens per output token in the traffic mix",
+    )
     return parser
 
 
@@ -131,11 +158,75 @@ def serve(settings: Settings) -> int:
     return run(app, settings.host, settings.port, settings.drain_timeout_s, settings.log_level)
 
 
+def estimate(args: argparse.Namespace) -> int:
+    """Print memory (and, given prices and throughput, cost) estimates."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from sluice.bench.estimate import GB, ModelShape, estimate_cost, estimate_memory
+
+    folder = args.model or default_model_dir(Settings().cache_dir)
+    shape = ModelShape.from_folder(folder)
+    memory = estimate_memory(
+        shape,
+        precision=args.dtype,
+        kv_precision=args.kv_dtype,
+        context_len=args.context_len,
+        memory_gib=args.memory_gib,
+        utilization=args.utilization,
+        batched_tokens=args.batched_tokens,
+        overhead_gib=args.overhead_gib,
+    )
+    table = Table(
+        title=f"{folder} at {args.dtype}, {args.memory_gib:g} GiB, context {args.context_len}"
+    )
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("parameters", f"{memory.parameters / 1e9:.3f} B")
+    table.add_row("weights", f"{memory.weights_bytes / GB:.2f} GB")
+    table.add_row("KV cache per token", f"{memory.kv_bytes_per_token / 1024:.1f} KiB")
+    table.add_row("KV cache per sequence", f"{memory.kv_bytes_per_sequence / 2**20:.1f} MiB")
+    table.add_row("activations (peak step)", f"{memory.activation_bytes / GB:.2f} GB")
+    table.add_row("largest batch at this context", f"{memory.max_sequences} sequences")
+    cost_flags = (args.gpu_usd_per_hour, args.input_tokens_per_s, args.output_tokens_per_s)
+    if any(flag is not None for flag in cost_flags):
+        if any(flag is None for flag in cost_flags):
+            return _fail(
+                "cost needs --gpu-usd-per-hour, --input-tokens-per-s and "
+                "--output-tokens-per-s together",
+                2,
+            )
+        cost = estimate_cost(
+            gpu_usd_per_hour=args.gpu_usd_per_hour,
+            input_tokens_per_s=args.input_tokens_per_s,
+            output_tokens_per_s=args.output_tokens_per_s,
+            api_input_usd_per_mtok=args.api_input_usd_per_mtok,
+            api_output_usd_per_mtok=args.api_output_usd_per_mtok,
+            input_per_output=args.input_per_output,
+        )
+        table.add_row("USD per million input tokens", f"{cost.usd_per_mtok_input:.4f}")
+        table.add_row("USD per million output tokens", f"{cost.usd_per_mtok_output:.4f}")
+        table.add_row("GPU per month (always on)", f"{cost.monthly_gpu_usd:,.0f} USD")
+        table.add_row(
+            "capacity per month (this mix)", f"{cost.monthly_capacity_tokens / 1e6:,.0f} M tokens"
+        )
+        if cost.break_even_tokens_per_month is not None:
+            verdict = "" if cost.breaks_even_within_capacity else " (beyond one GPU's capacity)"
+            table.add_row(
+                "break-even vs the API",
+                f"{cost.break_even_tokens_per_month / 1e6:,.0f} M tokens/month{verdict}",
+            )
+    Console().print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
             return serve(settings_from_args(args))
+        if args.command == "estimate":
+            return estimate(args)
         cache_dir = args.cache_dir or Settings().cache_dir
         if args.model_command == "path":
             print(default_model_dir(cache_dir))
@@ -148,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"invalid setting {where}: {first['msg']}", 2)
     except (FileNotFoundError, ModelProvisionError) as exc:
         return _fail(str(exc), 1)
+    except EstimateError as exc:
+        return _fail(str(exc), 2)
 
 
 if __name__ == "__main__":
