@@ -43,6 +43,10 @@ HEALTH_CHECK_INTERVAL_S = 1.0
 
 def build_engine(settings: Settings) -> Engine:
     """The engine `settings` ask for (imported lazily: vLLM is heavy)."""
+    if settings.engine.kind == "synthetic":
+        from sluice.engine.synthetic import SyntheticEngine
+
+        return SyntheticEngine(settings)
     from sluice.engine.vllm import VllmEngine
 
     return VllmEngine(settings)
@@ -85,6 +89,8 @@ def served_model_name(settings: Settings) -> str:
     """The model id clients will use, known before the engine loads."""
     if settings.served_model_name:
         return settings.served_model_name
+    if settings.engine.kind == "synthetic":
+        return "synthetic"
     return Path(settings.model).name if settings.model else DEFAULT_MODEL_NAME
 
 

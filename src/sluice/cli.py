@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ SERVE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--log-level": ("log_level", {"choices": ["debug", "info", "warning", "error"]}),
     "--log-format": ("telemetry.log_format", {"choices": ["json", "text"]}),
     "--drain-timeout": ("drain_timeout_s", {"type": float, "help": "seconds SIGTERM waits"}),
+    "--engine": (
+        "engine.kind",
+        {"choices": ["vllm", "synthetic"], "help": "synthetic: load testing without a model"},
+    ),
+    "--synthetic-tokens-per-s": ("engine.synthetic_tokens_per_s", {"type": float}),
     "--dtype": ("engine.dtype", {"help": "auto, float32, bfloat16, float16"}),
     "--max-model-len": ("engine.max_model_len", {"type": int, "help": "context length"}),
     "--kv-cache-gib": ("engine.kv_cache_gib", {"type": float, "help": "KV-cache size in GiB"}),
@@ -150,10 +156,17 @@ def serve(settings: Settings) -> int:
     from sluice.telemetry.logging import configure_logging
 
     configure_logging(settings.log_level, settings.telemetry.log_format)
-    try:
-        settings = _resolve_model(settings)
-    except ModelProvisionError as exc:
-        return _fail(str(exc), 1)
+    if settings.engine.kind == "synthetic":
+        logging.getLogger(__name__).warning(
+            "serving the SYNTHETIC engine: filler text at %.0f tokens/s per sequence, for "
+            "load-testing the gateway only",
+            settings.engine.synthetic_tokens_per_s,
+        )
+    else:
+        try:
+            settings = _resolve_model(settings)
+        except ModelProvisionError as exc:
+            return _fail(str(exc), 1)
     app = create_app(settings)
     return run(app, settings.host, settings.port, settings.drain_timeout_s, settings.log_level)
 

@@ -38,7 +38,12 @@ class EngineSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["vllm"] = "vllm"
+    kind: Literal["vllm", "synthetic"] = Field(
+        "vllm", description="synthetic: a load-testing engine without a model (never default)"
+    )
+    synthetic_tokens_per_s: float = Field(
+        50.0, gt=0, description="per-sequence token rate of the synthetic engine"
+    )
     dtype: str = Field("auto", description="auto = float32 on CPU, the model's dtype on GPU")
     max_model_len: int | None = Field(None, ge=16, description="context length; None = model's")
     kv_cache_gib: float | None = Field(
