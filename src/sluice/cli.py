@@ -1,4 +1,4 @@
-"""The `sluice` command: `serve`, `model pull|path` and `estimate`.
+"""The `sluice` command: `serve`, `model pull|path`, `bench` and `estimate`.
 
 Flags map onto `Settings` fields and win over environment variables and the YAML file; a flag
 left out leaves the lower layers in charge. Expected failures (bad settings, a model that
@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from sluice.bench.command import BenchError, bench
+from sluice.bench.command import add_arguments as add_bench_arguments
 from sluice.bench.estimate import EstimateError
 from sluice.config import DEFAULT_MODEL_NAME, Settings
 from sluice.engine.models import (
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--cache-dir", type=Path, default=None)
     path = model_commands.add_parser("path", help="print the default model's folder")
     path.add_argument("--cache-dir", type=Path, default=None)
+
+    bench_parser = commands.add_parser("bench", help="load-test an OpenAI-compatible URL")
+    add_bench_arguments(bench_parser)
 
     est = commands.add_parser("estimate", help="memory, batch size and cost estimates")
     est.add_argument(
@@ -240,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(settings_from_args(args))
         if args.command == "estimate":
             return estimate(args)
+        if args.command == "bench":
+            return bench(args)
         cache_dir = args.cache_dir or Settings().cache_dir
         if args.model_command == "path":
             print(default_model_dir(cache_dir))
@@ -252,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"invalid setting {where}: {first['msg']}", 2)
     except (FileNotFoundError, ModelProvisionError) as exc:
         return _fail(str(exc), 1)
-    except EstimateError as exc:
+    except (EstimateError, BenchError) as exc:
         return _fail(str(exc), 2)
 
 

@@ -1,17 +1,21 @@
-"""A bounded closed-loop load generator for OpenAI-compatible chat streaming.
+"""A bounded closed-loop load generator for OpenAI-compatible servers.
 
-`run_load` keeps `concurrency` streaming chat requests in flight until `requests` have been
-sent, recording per request the time to first token, the arrival time of every content chunk
-and the server-reported completion tokens (`stream_options.include_usage`). It talks plain
-HTTP with httpx so it measures any OpenAI-compatible server the same way.
+`run_spec` keeps `concurrency` requests (chat or completions, streamed or not) in flight
+until `requests` have been sent or `timeout_s` has passed, recording per request the time to
+first token, the arrival time of every content chunk and the server-reported token counts
+(`stream_options.include_usage`). It talks plain HTTP with httpx so it measures any
+OpenAI-compatible server the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -25,6 +29,7 @@ class RequestRecord:
     status: int
     ttft: float | None = None
     latency: float = 0.0
+    prompt_tokens: int = 0
     completion_tokens: int = 0
     chunk_times: list[float] = field(default_factory=list)
     error: str | None = None
@@ -43,6 +48,37 @@ class LoadResult:
     def output_tokens_per_s(self) -> float:
         return sum(r.completion_tokens for r in self.ok) / self.wall_s
 
+    @property
+    def input_tokens_per_s(self) -> float:
+        return sum(r.prompt_tokens for r in self.ok) / self.wall_s
+
+    @property
+    def requests_per_s(self) -> float:
+        return len(self.ok) / self.wall_s
+
+    def errors_by_status(self) -> dict[str, int]:
+        """Failed requests by HTTP status ("0" = no response; "200" = error inside a stream)."""
+        counts: dict[str, int] = {}
+        for record in self.records:
+            if record.status != 200 or record.error is not None:
+                key = str(record.status)
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def goodput(
+        self, *, max_latency_s: float | None = None, max_ttft_s: float | None = None
+    ) -> float:
+        """Share of all requests that succeeded within the latency objectives given."""
+        if not self.records:
+            return math.nan
+        good = [
+            r
+            for r in self.ok
+            if (max_latency_s is None or r.latency <= max_latency_s)
+            and (max_ttft_s is None or (r.ttft is not None and r.ttft <= max_ttft_s))
+        ]
+        return len(good) / len(self.records)
+
     def ttft(self, q: float) -> float:
         return percentile([r.ttft for r in self.ok if r.ttft is not None], q)
 
@@ -54,35 +90,121 @@ class LoadResult:
         return percentile([r.latency for r in self.ok], q)
 
 
+@dataclass(frozen=True)
+class LoadSpec:
+    """What each request of a run looks like."""
+
+    model: str
+    max_tokens: int
+    prompts: tuple[str, ...]
+    endpoint: str = "chat"  # "chat" or "completions"
+    stream: bool = True
+    api_key: str | None = None
+
+    def body(self, index: int) -> dict[str, object]:
+        prompt = self.prompts[index % len(self.prompts)]
+        body: dict[str, object] = {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "stream": self.stream,
+        }
+        if self.endpoint == "chat":
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        if self.stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    @property
+    def path(self) -> str:
+        return "/chat/completions" if self.endpoint == "chat" else "/completions"
+
+
+def _note_usage(record: RequestRecord, usage: dict[str, Any] | None) -> None:
+    if usage:
+        record.prompt_tokens = int(usage.get("prompt_tokens", 0))
+        record.completion_tokens = int(usage.get("completion_tokens", 0))
+
+
+def _has_text(choice: dict[str, Any]) -> bool:
+    return bool((choice.get("delta") or {}).get("content") or choice.get("text"))
+
+
 async def _one(
-    client: httpx.AsyncClient, url: str, body: dict[str, object], headers: dict[str, str]
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
 ) -> RequestRecord:
     started = time.perf_counter()
+    record = RequestRecord(status=0)
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
-            record = RequestRecord(status=response.status_code)
+            record.status = response.status_code
             if response.status_code != 200:
                 await response.aread()
                 record.error = response.text[:200]
-                return record
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                now = time.perf_counter() - started
-                if "error" in chunk:
-                    record.error = str(chunk["error"].get("message"))
-                for choice in chunk.get("choices") or ():
-                    if (choice.get("delta") or {}).get("content"):
+            elif not body.get("stream"):
+                await response.aread()
+                record.ttft = time.perf_counter() - started
+                _note_usage(record, response.json().get("usage"))
+            else:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    now = time.perf_counter() - started
+                    if "error" in chunk:
+                        record.error = str(chunk["error"].get("message"))
+                    if any(_has_text(choice) for choice in chunk.get("choices") or ()):
                         if record.ttft is None:
                             record.ttft = now
                         record.chunk_times.append(now)
-                if chunk.get("usage"):
-                    record.completion_tokens = int(chunk["usage"]["completion_tokens"])
-            record.latency = time.perf_counter() - started
-            return record
+                    _note_usage(record, chunk.get("usage"))
     except httpx.HTTPError as exc:
-        return RequestRecord(status=0, latency=time.perf_counter() - started, error=repr(exc))
+        record.error = repr(exc)
+    record.latency = time.perf_counter() - started
+    return record
+
+
+async def run_spec(
+    base_url: str,
+    spec: LoadSpec,
+    *,
+    concurrency: int,
+    requests: int,
+    timeout_s: float = 600.0,
+    on_done: Callable[[RequestRecord], None] | None = None,
+) -> LoadResult:
+    """Send `requests` requests of `spec`, `concurrency` at a time; bounded by count and time.
+
+    Requests still running at `timeout_s` are cancelled and not recorded.
+    """
+    url = base_url.rstrip("/") + spec.path
+    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    records: list[RequestRecord] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                record = await _one(client, url, spec.body(queue.get_nowait()), headers)
+                records.append(record)
+                if on_done is not None:
+                    on_done(record)
+
+        started = time.perf_counter()
+        workers = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+        done, pending = await asyncio.wait(workers, timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            task.result()
+        wall = time.perf_counter() - started
+    return LoadResult(records=records, wall_s=wall)
 
 
 async def run_load(
@@ -96,30 +218,8 @@ async def run_load(
     api_key: str | None = None,
     timeout_s: float = 600.0,
 ) -> LoadResult:
-    """Send `requests` streaming chat requests, `concurrency` at a time; bounded by count."""
-    url = base_url.rstrip("/") + "/chat/completions"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    body: dict[str, object] = {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(requests):
-        queue.put_nowait(i)
-    records: list[RequestRecord] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-
-        async def worker() -> None:
-            while not queue.empty():
-                queue.get_nowait()
-                records.append(await _one(client, url, body, headers))
-
-        started = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout_s)
-        wall = time.perf_counter() - started
-    return LoadResult(records=records, wall_s=wall)
+    """Streaming chat requests with one prompt (what the side-by-side benchmarks use)."""
+    spec = LoadSpec(model=model, max_tokens=max_tokens, prompts=(prompt,), api_key=api_key)
+    return await run_spec(
+        base_url, spec, concurrency=concurrency, requests=requests, timeout_s=timeout_s
+    )
