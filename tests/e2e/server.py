@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from sluice.bench.compare import free_port
+from sluice.bench.compare import free_port, wait_until_ok
 
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 90.0
@@ -43,17 +43,13 @@ class SluiceProcess:
         return self.proc.pid
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sluice exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"sluice was not ready in {START_TIMEOUT_S}s:\n{self.log()}")
+        if not wait_until_ok(f"{self.url}/readyz", START_TIMEOUT_S, self.proc):
+            state = (
+                f"exited with {self.proc.returncode}"
+                if self.proc.poll() is not None
+                else (f"was not ready in {START_TIMEOUT_S}s")
+            )
+            raise RuntimeError(f"sluice {state}:\n{self.log()}")
 
     def engine_stats(self) -> dict[str, float]:
         body = httpx.get(f"{self.url}/readyz", timeout=5).json()

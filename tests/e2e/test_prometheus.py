@@ -16,7 +16,7 @@ import openai
 import pytest
 import yaml
 
-from sluice.bench.compare import free_port
+from sluice.bench.compare import free_port, wait_until_ok
 from tests.e2e.conftest import MODEL
 from tests.e2e.server import SluiceProcess
 
@@ -75,16 +75,7 @@ def prometheus(server: SluiceProcess, tmp_path: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise AssertionError("prometheus did not become ready")
+        assert wait_until_ok(f"{url}/-/ready", 60, process), "prometheus did not become ready"
         yield url
     finally:
         process.terminate()

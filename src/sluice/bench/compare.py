@@ -74,18 +74,29 @@ def running(targets: list[Target], log_dir: Path) -> Iterator[None]:
                 process.kill()
 
 
-def _wait_up(target: Target, process: subprocess.Popen[bytes], log_dir: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
+def wait_until_ok(
+    url: str,
+    timeout_s: float,
+    process: subprocess.Popen[bytes] | None = None,
+    interval_s: float = 0.5,
+) -> bool:
+    """Poll `url` until it answers 200 (True), `timeout_s` passes or `process` exits (False)."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{target.name} exited early; see {log_dir / target.name}.log")
+        if process is not None and process.poll() is not None:
+            return False
         try:
-            if httpx.get(f"{target.api}/models", timeout=2).status_code == 200:
-                return
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
         except httpx.HTTPError:
             pass
-        time.sleep(1)
-    raise SystemExit(f"{target.name} did not start in {START_TIMEOUT_S:.0f} s")
+        time.sleep(interval_s)
+    return False
+
+
+def _wait_up(target: Target, process: subprocess.Popen[bytes], log_dir: Path) -> None:
+    if not wait_until_ok(f"{target.api}/models", START_TIMEOUT_S, process):
+        raise SystemExit(f"{target.name} did not start; see {log_dir / target.name}.log")
 
 
 def alternate(
