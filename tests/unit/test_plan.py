@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -365,3 +365,17 @@ def test_chat_refusals(engine: FakeEngine, settings: Settings) -> None:
     with pytest.raises(InvalidRequest) as info:
         chat(engine, settings, n=5)
     assert info.value.param == "n"
+
+
+async def test_reindexed_deltas_keep_every_field() -> None:
+    from sluice.api.run import _reindexed
+    from sluice.engine.protocol import Delta, GenerationRequest, SamplingOptions
+
+    async def one() -> AsyncIterator[Delta]:
+        yield Delta(index=1, text="x", token_count=1, finish_reason="stop", queue_s=0.25)
+
+    request = GenerationRequest("r", (1,), SamplingOptions(max_tokens=1, n=2))
+    unfinished = {"r"}
+    (delta,) = [d async for d in _reindexed(one(), base=4, request=request, unfinished=unfinished)]
+    assert delta == Delta(index=5, text="x", token_count=1, finish_reason="stop", queue_s=0.25)
+    assert unfinished == {"r"}  # one of two choices finished

@@ -10,6 +10,7 @@ owns SSE framing: once a stream has started, errors go inside it, and it always 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -202,17 +203,7 @@ async def _reindexed(
             remaining -= 1
             if remaining == 0:
                 unfinished.discard(request.request_id)
-        yield (
-            Delta(
-                index=base + delta.index,
-                text=delta.text,
-                token_count=delta.token_count,
-                finish_reason=delta.finish_reason,
-                logprobs=delta.logprobs,
-            )
-            if base
-            else delta
-        )
+        yield dataclasses.replace(delta, index=base + delta.index) if base else delta
 
 
 async def _merged(streams: list[AsyncGenerator[Delta, None]]) -> AsyncGenerator[Delta, None]:
