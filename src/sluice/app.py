@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import Status, StatusCode
 
 from sluice import __version__
+from sluice.api.admin import router as admin_router
 from sluice.api.middleware import (
     BodyLimitMiddleware,
     ObservabilityMiddleware,
@@ -32,6 +33,9 @@ from sluice.api.run import JobRunner
 from sluice.config import DEFAULT_MODEL_NAME, Settings
 from sluice.engine.protocol import Engine
 from sluice.errors import install_error_handlers
+from sluice.gateway.admission import Admission
+from sluice.gateway.service import Gateway
+from sluice.gateway.store_redis import StoreFailure
 from sluice.lifecycle import Lifecycle, Phase
 from sluice.telemetry.metrics import Metrics, SloSpec
 from sluice.telemetry.tracing import ErrorBiasedSampler, ErrorRateWindow, build_tracer_provider
@@ -85,6 +89,23 @@ async def _watch_health(engine: Engine, lifecycle: Lifecycle) -> None:
             lifecycle.fail(f"engine health check failed: {exc}")
 
 
+async def _announce_auth(gateway: Gateway, settings: Settings) -> None:
+    """Say at start-up whether requests need a key (the CLI refuses unsafe binds before)."""
+    try:
+        required = await gateway.keys.required()
+    except StoreFailure as exc:
+        logger.warning("cannot reach the limits store to count API keys: %s", exc)
+        return
+    if required:
+        logger.info("API keys required (store: %s)", settings.gateway.store)
+    else:
+        logger.warning(
+            "no API keys configured: serving without authentication on %s only; create a "
+            "key with 'sluice keys create NAME' to require one",
+            settings.host,
+        )
+
+
 def served_model_name(settings: Settings) -> str:
     """The model id clients will use, known before the engine loads."""
     if settings.served_model_name:
@@ -130,11 +151,18 @@ def create_app(
         app.state.runner = JobRunner(
             the_engine, lifecycle, settings.limits.request_timeout_s, tracer=tracer
         )
-        metrics.in_flight.set_function(lambda: lifecycle.in_flight)
-        metrics.watch_engine(
-            lambda: the_engine.stats() if the_engine.ready else None,
-            lambda: the_engine.model_card().id,
+        engine_stats = lambda: the_engine.stats() if the_engine.ready else None  # noqa: E731
+        admission = Admission(settings.admission, engine_stats)
+        gateway = Gateway.build(
+            settings,
+            admission,
+            on_store_failure=lambda op: metrics.store_failures.labels(op).inc(),
         )
+        app.state.gateway = gateway
+        metrics.admission_load.set_function(admission.load)
+        await _announce_auth(gateway, settings)
+        metrics.in_flight.set_function(lambda: lifecycle.in_flight)
+        metrics.watch_engine(engine_stats, lambda: the_engine.model_card().id)
         tasks = [
             asyncio.create_task(_load(the_engine, lifecycle, metrics, tracer), name="sluice-load"),
             asyncio.create_task(_watch_health(the_engine, lifecycle), name="sluice-health"),
@@ -146,6 +174,7 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await the_engine.shutdown()
+            await gateway.close()
             tracer_provider.shutdown()
 
     metrics = Metrics(
@@ -160,6 +189,7 @@ def create_app(
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(admin_router)
     # Added innermost first: request id → record (metrics, log line) → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     if telemetry.enabled:

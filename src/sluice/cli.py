@@ -1,4 +1,4 @@
-"""The `sluice` command: `serve`, `model pull|path`, `bench` and `estimate`.
+"""The `sluice` command: `serve`, `keys`, `model pull|path`, `bench` and `estimate`.
 
 Flags map onto `Settings` fields and win over environment variables and the YAML file; a flag
 left out leaves the lower layers in charge. Expected failures (bad settings, a model that
@@ -27,6 +27,11 @@ from sluice.engine.models import (
     ensure_default_model,
     pull_default_model,
 )
+from sluice.errors import SluiceError
+from sluice.gateway.auth import KeysFile
+from sluice.gateway.command import add_arguments as add_keys_arguments
+from sluice.gateway.command import keys, open_bind_refusal
+from sluice.gateway.store_redis import StoreFailure
 
 # flag -> (dotted settings path, argparse options)
 SERVE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -61,6 +66,26 @@ SERVE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--max-tokens-cap": ("limits.max_tokens_cap", {"type": int}),
     "--max-n": ("limits.max_n", {"type": int}),
     "--max-body-bytes": ("limits.max_body_bytes", {"type": int}),
+    "--scheduling-policy": ("engine.scheduling_policy", {"choices": ["priority", "fcfs"]}),
+    "--store": (
+        "gateway.store",
+        {"choices": ["embedded", "redis"], "help": "where keys, limits and spend live"},
+    ),
+    "--database": ("gateway.database", {"type": Path, "help": "SQLite file (embedded store)"}),
+    "--redis-url": ("gateway.redis_url", {"help": "redis://host:port/db (store=redis)"}),
+    "--redis-failure": (
+        "gateway.redis_failure",
+        {"choices": ["open", "closed"], "help": "when Redis fails: local limits, or 503"},
+    ),
+    "--keys-file": ("gateway.keys_file", {"type": Path, "help": "declarative YAML keys"}),
+    "--insecure-no-auth": (
+        "gateway.insecure_no_auth",
+        {"action": "store_const", "const": True, "help": "allow a non-loopback bind without keys"},
+    ),
+    "--max-waiting": ("admission.max_waiting", {"type": int, "help": "shed past this queue"}),
+    "--max-queued-tokens": ("admission.max_queued_tokens", {"type": int}),
+    "--gate-tokens-per-min": ("admission.gate_tokens_per_min", {"type": int}),
+    "--gate-max-tokens": ("admission.gate_max_tokens", {"type": int}),
 }
 
 
@@ -79,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--cache-dir", type=Path, default=None)
     path = model_commands.add_parser("path", help="print the default model's folder")
     path.add_argument("--cache-dir", type=Path, default=None)
+
+    keys_parser = commands.add_parser("keys", help="create, list, revoke API keys; usage")
+    add_keys_arguments(keys_parser)
 
     bench_parser = commands.add_parser("bench", help="load-test an OpenAI-compatible URL")
     add_bench_arguments(bench_parser)
@@ -161,6 +189,9 @@ def serve(settings: Settings) -> int:
     from sluice.telemetry.logging import configure_logging
 
     configure_logging(settings.log_level, settings.telemetry.log_format)
+    refusal = open_bind_refusal(settings)
+    if refusal is not None:
+        return _fail(refusal, 2)
     if settings.engine.kind == "synthetic":
         logging.getLogger(__name__).warning(
             "serving the SYNTHETIC engine: filler text at %.0f tokens/s per sequence, for "
@@ -247,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             return estimate(args)
         if args.command == "bench":
             return bench(args)
+        if args.command == "keys":
+            return keys(args)
         cache_dir = args.cache_dir or Settings().cache_dir
         if args.model_command == "path":
             print(default_model_dir(cache_dir))
@@ -259,8 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"invalid setting {where}: {first['msg']}", 2)
     except (FileNotFoundError, ModelProvisionError) as exc:
         return _fail(str(exc), 1)
-    except (EstimateError, BenchError) as exc:
+    except (EstimateError, BenchError, KeysFile) as exc:
         return _fail(str(exc), 2)
+    except SluiceError as exc:
+        return _fail(exc.message, 1)
+    except StoreFailure as exc:
+        return _fail(f"the limits store is unreachable: {exc}", 1)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -59,6 +59,9 @@ class EngineSettings(BaseModel):
     enforce_eager: bool | None = Field(None, description="None = True on CPU")
     tensor_parallel_size: int = Field(1, ge=1)
     seed: int = 0
+    scheduling_policy: Literal["priority", "fcfs"] = Field(
+        "priority", description="priority: keys' high/normal/low priority orders vLLM's queue"
+    )
 
 
 class LimitSettings(BaseModel):
@@ -74,12 +77,32 @@ class LimitSettings(BaseModel):
 
 
 class ModelPrice(BaseModel):
-    """USD per million tokens."""
+    """USD per million tokens: given, or derived from a GPU's hourly price and throughput.
+
+    Derived: a GPU costing `gpu_usd_per_hour` that serves `output_tokens_per_s` costs
+    `gpu_usd_per_hour / (output_tokens_per_s * 3600) * 1e6` per million output tokens (and the
+    same with `input_tokens_per_s` for input; input is free if its throughput is not given).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     input_usd_per_mtok: float = Field(0.0, ge=0)
     output_usd_per_mtok: float = Field(0.0, ge=0)
+    gpu_usd_per_hour: float | None = Field(None, gt=0, description="derive prices from this")
+    output_tokens_per_s: float | None = Field(None, gt=0, description="measured, for derivation")
+    input_tokens_per_s: float | None = Field(None, gt=0, description="measured, for derivation")
+
+    @model_validator(mode="after")
+    def _derive(self) -> ModelPrice:
+        if self.gpu_usd_per_hour is None:
+            return self
+        if self.output_tokens_per_s is None:
+            raise ValueError("gpu_usd_per_hour needs output_tokens_per_s to derive a price")
+        per_mtok = self.gpu_usd_per_hour / 3600 * 1_000_000
+        self.output_usd_per_mtok = per_mtok / self.output_tokens_per_s
+        if self.input_tokens_per_s is not None:
+            self.input_usd_per_mtok = per_mtok / self.input_tokens_per_s
+        return self
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         return (
@@ -125,6 +148,67 @@ class TelemetrySettings(BaseModel):
     slo_max_output_tokens: int = Field(256, ge=1, description="requests the SLO covers: output")
 
 
+class GatewaySettings(BaseModel):
+    """API keys and where keys, rate-limit windows and spend live."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: Literal["embedded", "redis"] = Field(
+        "embedded",
+        description="embedded: SQLite (WAL) for keys and spend, memory for rate windows; "
+        "redis: everything in Redis, shared by replicas",
+    )
+    database: Path | None = Field(None, description="SQLite file; None = <cache_dir>/sluice.db")
+    redis_url: str | None = Field(None, description="redis://host:port/db for store=redis")
+    redis_timeout_s: float = Field(0.25, gt=0, description="per Redis call; then fail open/closed")
+    redis_failure: Literal["open", "closed"] = Field(
+        "open",
+        description="when Redis fails: open = local limits + warning + metric; closed = 503",
+    )
+    keys_file: Path | None = Field(None, description="declarative YAML keys file (GitOps)")
+    admin_key: SecretStr | None = Field(
+        None, description="enables /admin/* with 'Authorization: Bearer <admin key>'"
+    )
+    insecure_no_auth: bool = Field(
+        False, description="allow binding beyond 127.0.0.1 with no API keys (not recommended)"
+    )
+    key_cache_s: float = Field(
+        1.0, ge=0, description="how long a looked-up key is trusted before asking the store again"
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+
+class AdmissionSettings(BaseModel):
+    """Load shedding on the engine's queue, and the server-wide generation budget gate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_waiting: int | None = Field(
+        None, ge=1, description="shed past this many requests waiting in the engine; None = off"
+    )
+    max_queued_tokens: int | None = Field(
+        None, ge=1, description="shed past this many prompt tokens not yet started; None = off"
+    )
+    low_shed_from: float = Field(
+        0.7, gt=0, lt=1, description="share of capacity where low priority starts to be shed"
+    )
+    high_headroom: float = Field(
+        1.5, ge=1, description="high priority is shed only past this multiple of the caps"
+    )
+    gate_tokens_per_min: int | None = Field(
+        None, ge=1, description="server-wide generated tokens/min that closes the gate; None = off"
+    )
+    gate_max_tokens: int = Field(
+        256, ge=1, description="max_tokens for normal and low traffic while the gate is closed"
+    )
+
+
 class Settings(BaseSettings):
     """Everything `sluice serve` needs; see module docstring for precedence."""
 
@@ -147,6 +231,13 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     pricing: PricingSettings = Field(default_factory=PricingSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+
+    @property
+    def database_path(self) -> Path:
+        """The SQLite file of the embedded store."""
+        return self.gateway.database or self.cache_dir / "sluice.db"
 
     @field_validator("served_model_name")
     @classmethod

@@ -6,12 +6,18 @@ Code anywhere in sluice raises a `SluiceError` subclass; only this module knows 
     ├── InvalidRequest            400 invalid_request_error (with `param`)
     │   └── ContextLengthExceeded 400 code=context_length_exceeded
     ├── Unauthenticated           401 code=invalid_api_key
+    ├── PermissionDenied          403 code=model_not_allowed | key_disabled | admin_only
     ├── ModelNotFound             404 code=model_not_found
+    ├── NotFound                  404 code=not_found (admin API: unknown key)
+    ├── Conflict                  409 code=conflict (admin API: name taken, file-managed key)
     ├── PayloadTooLarge           413 code=request_too_large
-    ├── ServiceUnavailable        503 (+Retry-After)
+    ├── RateLimitExceeded         429 code=rate_limit_exceeded (+Retry-After, x-ratelimit-*)
+    ├── QuotaExceeded             429 code=insufficient_quota (+Retry-After)
+    ├── ServiceUnavailable        503 code=overloaded (+Retry-After)
     │   ├── ModelLoading          503 code=model_loading
     │   ├── Draining              503 code=draining
-    │   └── EngineDead            503 code=engine_dead
+    │   ├── EngineDead            503 code=engine_dead
+    │   └── StoreUnavailable      503 code=store_unavailable
     ├── RequestTimedOut           504 code=request_timeout
     └── InternalError             500 server_error
 
@@ -45,12 +51,16 @@ class SluiceError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after_s: float | None = None,
+        headers: dict[str, str] | None = None,
+        error_type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
         self.retry_after_s = retry_after_s
+        self.headers = headers or {}
+        self.error_type = error_type  # overrides the table's type (429: "requests" | "tokens")
 
 
 class InvalidRequest(SluiceError):
@@ -65,8 +75,28 @@ class Unauthenticated(SluiceError):
     """The request carries no valid credential for what it asks."""
 
 
+class PermissionDenied(SluiceError):
+    """The key is valid but may not do this (model not allowed, key disabled)."""
+
+
+class RateLimitExceeded(SluiceError):
+    """The key's requests or tokens per minute are used up for now."""
+
+
+class QuotaExceeded(SluiceError):
+    """The key's token or USD budget cannot cover this request in the current window."""
+
+
 class ModelNotFound(SluiceError):
     """The request names a model this server does not serve."""
+
+
+class NotFound(SluiceError):
+    """The named thing (an API key, for the admin API) does not exist."""
+
+
+class Conflict(SluiceError):
+    """The request conflicts with what exists (a key name already in use)."""
 
 
 class PayloadTooLarge(SluiceError):
@@ -89,6 +119,10 @@ class EngineDead(ServiceUnavailable):
     """The inference engine has failed; the process is about to exit."""
 
 
+class StoreUnavailable(ServiceUnavailable):
+    """The shared limits store (Redis) is unreachable and the server fails closed."""
+
+
 class RequestTimedOut(SluiceError):
     """The request ran past the configured per-request time limit."""
 
@@ -108,11 +142,17 @@ ERROR_TABLE: dict[type[SluiceError], ErrorSpec] = {
     ContextLengthExceeded: ErrorSpec(400, "invalid_request_error", "context_length_exceeded"),
     InvalidRequest: ErrorSpec(400, "invalid_request_error", None),
     Unauthenticated: ErrorSpec(401, "invalid_request_error", "invalid_api_key"),
+    PermissionDenied: ErrorSpec(403, "invalid_request_error", "model_not_allowed"),
+    RateLimitExceeded: ErrorSpec(429, "requests", "rate_limit_exceeded"),
+    QuotaExceeded: ErrorSpec(429, "insufficient_quota", "insufficient_quota"),
     ModelNotFound: ErrorSpec(404, "invalid_request_error", "model_not_found"),
+    NotFound: ErrorSpec(404, "invalid_request_error", "not_found"),
+    Conflict: ErrorSpec(409, "invalid_request_error", "conflict"),
     PayloadTooLarge: ErrorSpec(413, "invalid_request_error", "request_too_large"),
     ModelLoading: ErrorSpec(503, "server_error", "model_loading"),
     Draining: ErrorSpec(503, "server_error", "draining"),
     EngineDead: ErrorSpec(503, "server_error", "engine_dead"),
+    StoreUnavailable: ErrorSpec(503, "server_error", "store_unavailable"),
     ServiceUnavailable: ErrorSpec(503, "server_error", "overloaded"),
     RequestTimedOut: ErrorSpec(504, "timeout_error", "request_timeout"),
     InternalError: ErrorSpec(500, "server_error", None),
@@ -139,7 +179,7 @@ def error_body(exc: SluiceError) -> dict[str, Any]:
     return {
         "error": {
             "message": exc.message,
-            "type": spec.type,
+            "type": exc.error_type or spec.type,
             "param": exc.param,
             "code": exc.code if exc.code is not None else spec.code,
         }
@@ -149,7 +189,7 @@ def error_body(exc: SluiceError) -> dict[str, Any]:
 def error_response(exc: SluiceError) -> JSONResponse:
     """The HTTP response for `exc`, with `Retry-After` where the client should retry."""
     spec = spec_for(exc)
-    headers = {}
+    headers = dict(exc.headers)
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     return JSONResponse(error_body(exc), status_code=spec.status, headers=headers)

@@ -6,6 +6,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from sluice.app import create_app
 from sluice.config import Settings
+from sluice.gateway.service import Gateway
 from sluice.lifecycle import Lifecycle
 from tests.api.openai_schema import assert_matches
 from tests.fake_engine import MODEL_ID, FakeEngine
@@ -25,11 +27,13 @@ def make_settings(**overrides: object) -> Settings:
 
 
 @pytest.fixture(autouse=True)
-def _no_sluice_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings read SLUICE_* variables; the developer's shell must not change these tests."""
+def _no_sluice_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Settings read SLUICE_* variables; the developer's shell must not change these tests.
+    The embedded store's database goes to a fresh folder per test."""
     for name in list(os.environ):
         if name.startswith("SLUICE_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("SLUICE_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.fixture
@@ -78,6 +82,8 @@ def lifecycle_of(test_client: TestClient) -> Lifecycle:
 def assert_settled(test_client: TestClient, engine: FakeEngine) -> None:
     """No request counted in flight, no engine request left running."""
     assert lifecycle_of(test_client).in_flight == 0
+    gateway: Gateway = test_client.app.state.gateway  # type: ignore[attr-defined]
+    assert gateway.admission.queued_tokens == 0
     assert engine.active == set()
 
 

@@ -21,9 +21,13 @@ from sluice.errors import (
     ModelLoading,
     ModelNotFound,
     PayloadTooLarge,
+    PermissionDenied,
+    QuotaExceeded,
+    RateLimitExceeded,
     RequestTimedOut,
     ServiceUnavailable,
     SluiceError,
+    StoreUnavailable,
     Unauthenticated,
     as_sluice_error,
     error_body,
@@ -36,9 +40,13 @@ EXPECTED = [
     (InvalidRequest, 400, "invalid_request_error", None),
     (ContextLengthExceeded, 400, "invalid_request_error", "context_length_exceeded"),
     (Unauthenticated, 401, "invalid_request_error", "invalid_api_key"),
+    (PermissionDenied, 403, "invalid_request_error", "model_not_allowed"),
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (PayloadTooLarge, 413, "invalid_request_error", "request_too_large"),
+    (RateLimitExceeded, 429, "requests", "rate_limit_exceeded"),
+    (QuotaExceeded, 429, "insufficient_quota", "insufficient_quota"),
     (ServiceUnavailable, 503, "server_error", "overloaded"),
+    (StoreUnavailable, 503, "server_error", "store_unavailable"),
     (ModelLoading, 503, "server_error", "model_loading"),
     (Draining, 503, "server_error", "draining"),
     (EngineDead, 503, "server_error", "engine_dead"),
@@ -238,3 +246,17 @@ def test_missing_body_message_does_not_say_none() -> None:
 def test_module_exports_the_classes_it_documents() -> None:
     for cls, *_ in EXPECTED:
         assert cls.__name__ in (errors.__doc__ or "")
+
+
+def test_an_instance_may_name_its_type_and_add_headers() -> None:
+    exc = RateLimitExceeded(
+        "slow down",
+        retry_after_s=1.2,
+        headers={"x-ratelimit-limit-tokens": "10"},
+        error_type="tokens",
+    )
+    response = error_response(exc)
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "2"
+    assert response.headers["x-ratelimit-limit-tokens"] == "10"
+    assert json.loads(response.body)["error"]["type"] == "tokens"

@@ -9,7 +9,10 @@ from fastapi import Depends, Request
 from sluice.api.run import JobRunner
 from sluice.config import Settings
 from sluice.engine.protocol import Engine
+from sluice.gateway.auth import Principal
+from sluice.gateway.service import Gateway
 from sluice.lifecycle import Lifecycle
+from sluice.telemetry.record import record_of
 
 
 def _settings(request: Request) -> Settings:
@@ -32,7 +35,24 @@ def _runner(request: Request) -> JobRunner:
     return runner
 
 
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+async def _principal(request: Request) -> Principal:
+    """The caller, from `Authorization: Bearer`; 401/403 before the body is looked at."""
+    gateway: Gateway = request.app.state.gateway
+    principal = await gateway.authenticate(request.headers.get("authorization"))
+    record = record_of(request.scope)
+    if record is not None:
+        record.key_name = principal.name
+    return principal
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 EngineDep = Annotated[Engine, Depends(_engine)]
 LifecycleDep = Annotated[Lifecycle, Depends(_lifecycle)]
 RunnerDep = Annotated[JobRunner, Depends(_runner)]
+GatewayDep = Annotated[Gateway, Depends(_gateway)]
+PrincipalDep = Annotated[Principal, Depends(_principal)]

@@ -21,7 +21,14 @@ from sluice.engine.protocol import (
     SamplingOptions,
     StructuredOutput,
 )
-from sluice.gateway.guards import check_model, check_n, resolve_max_tokens
+from sluice.gateway.guards import (
+    NO_CAPS,
+    Caps,
+    check_allowed,
+    check_model,
+    check_n,
+    resolve_max_tokens,
+)
 
 JobKind = Literal["text_completion", "chat"]
 
@@ -49,6 +56,11 @@ class GenerationJob:
     def choice_count(self) -> int:
         return sum(r.sampling.n for r in self.requests)
 
+    @property
+    def max_output_tokens(self) -> int:
+        """The most this job can generate: `max_tokens * n` over its prompts."""
+        return sum(r.sampling.max_tokens * r.sampling.n for r in self.requests)
+
 
 def _sampling(
     body: CompletionRequest | ChatCompletionRequest,
@@ -71,7 +83,7 @@ def _sampling(
 
 
 def _fan_out(
-    request_id: str, ids: list[int], sampling: SamplingOptions
+    request_id: str, ids: list[int], sampling: SamplingOptions, priority: int
 ) -> tuple[GenerationRequest, ...]:
     """One engine request for the `n` choices of a prompt, or `n` when sampling is greedy.
 
@@ -79,10 +91,11 @@ def _fan_out(
     separate greedy requests give the same answer and share the prompt's cached blocks.
     """
     if sampling.n == 1 or sampling.temperature > 0:
-        return (GenerationRequest(request_id, tuple(ids), sampling),)
+        return (GenerationRequest(request_id, tuple(ids), sampling, priority),)
     single = dataclasses.replace(sampling, n=1)
     return tuple(
-        GenerationRequest(f"{request_id}-{j}", tuple(ids), single) for j in range(sampling.n)
+        GenerationRequest(f"{request_id}-{j}", tuple(ids), single, priority)
+        for j in range(sampling.n)
     )
 
 
@@ -90,10 +103,13 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def plan_completion(body: CompletionRequest, engine: Engine, settings: Settings) -> GenerationJob:
+def plan_completion(
+    body: CompletionRequest, engine: Engine, settings: Settings, caps: Caps = NO_CAPS
+) -> GenerationJob:
     """Plan `POST /v1/completions`: one engine request per prompt, `n` choices each."""
     card = engine.model_card()
     check_model(body.model, card)
+    check_allowed(card.id, caps.principal)
     prompts = body.prompts()
     check_n(body.n, len(prompts), settings.limits)
     token_lists = [engine.tokenize(text) for text in prompts]
@@ -105,6 +121,7 @@ def plan_completion(body: CompletionRequest, engine: Engine, settings: Settings)
             card=card,
             limits=settings.limits,
             prompt_param="prompt",
+            caps=caps,
         )
         for ids in token_lists
     ]
@@ -113,7 +130,10 @@ def plan_completion(body: CompletionRequest, engine: Engine, settings: Settings)
         request
         for i, (ids, budget) in enumerate(zip(token_lists, budgets, strict=True))
         for request in _fan_out(
-            f"{response_id}-{i}", ids, _sampling(body, budget, body.logprobs, None)
+            f"{response_id}-{i}",
+            ids,
+            _sampling(body, budget, body.logprobs, None),
+            caps.principal.engine_priority,
         )
     )
     return GenerationJob(
@@ -141,10 +161,13 @@ def _structured(body: ChatCompletionRequest) -> StructuredOutput | None:
     return StructuredOutput(json_schema=fmt.json_schema.schema_ or {"type": "object"})
 
 
-def plan_chat(body: ChatCompletionRequest, engine: Engine, settings: Settings) -> GenerationJob:
+def plan_chat(
+    body: ChatCompletionRequest, engine: Engine, settings: Settings, caps: Caps = NO_CAPS
+) -> GenerationJob:
     """Plan `POST /v1/chat/completions`: render the model's chat template, tokenise once."""
     card = engine.model_card()
     check_model(body.model, card)
+    check_allowed(card.id, caps.principal)
     check_n(body.n, 1, settings.limits)
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -161,10 +184,16 @@ def plan_chat(body: ChatCompletionRequest, engine: Engine, settings: Settings) -
         max_tokens_param=(
             "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         ),
+        caps=caps,
     )
     top = (body.top_logprobs or 0) if body.logprobs else None
     response_id = _new_id("chatcmpl")
-    requests = _fan_out(response_id, ids, _sampling(body, budget, top, _structured(body)))
+    requests = _fan_out(
+        response_id,
+        ids,
+        _sampling(body, budget, top, _structured(body)),
+        caps.principal.engine_priority,
+    )
     return GenerationJob(
         kind="chat",
         response_id=response_id,

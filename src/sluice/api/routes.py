@@ -6,17 +6,28 @@ import hmac
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from sluice.api.deps import EngineDep, LifecycleDep, RunnerDep, SettingsDep
+from sluice.api.deps import (
+    EngineDep,
+    GatewayDep,
+    LifecycleDep,
+    PrincipalDep,
+    RunnerDep,
+    SettingsDep,
+)
 from sluice.api.plan import GenerationJob, plan_chat, plan_completion
 from sluice.api.run import CLIENT_CLOSED_REQUEST, JobRunner
 from sluice.api.schemas import ChatCompletionRequest, CompletionRequest
 from sluice.api.streaming import SSEResponse, cancel_on_disconnect
 from sluice.engine.protocol import Engine, ModelCard
 from sluice.errors import ModelLoading, ModelNotFound, Unauthenticated
+from sluice.gateway.auth import Principal
+from sluice.gateway.guards import Caps
+from sluice.gateway.service import Gateway
 from sluice.lifecycle import DRAINING_RETRY_AFTER_S, LOADING_RETRY_AFTER_S, Lifecycle, Phase
 from sluice.telemetry.record import record_of
 
@@ -32,18 +43,33 @@ def _prompt_text(body: CompletionRequest | ChatCompletionRequest) -> str:
 async def _serve(
     request: Request,
     lifecycle: Lifecycle,
+    gateway: Gateway,
+    principal: Principal,
     runner: JobRunner,
-    plan: Callable[[], GenerationJob],
+    plan: Callable[[Caps], GenerationJob],
     body: CompletionRequest | ChatCompletionRequest,
     log_prompts: bool,
 ) -> Response:
+    """Admit, plan, reserve, run; the slot and the reservation are released exactly once."""
+    record = record_of(request.scope)
     lifecycle.admit()
     try:
-        job = plan()
+        clamp = gateway.admit(principal)  # shed before any tokenising
+        job = plan(Caps(principal, clamp))
+        ticket = await gateway.reserve(
+            principal, job.model, job.prompt_tokens, job.max_output_tokens
+        )
     except BaseException:
         lifecycle.release()
         raise
-    record = record_of(request.scope)
+
+    async def close() -> None:
+        lifecycle.release()
+        await gateway.settle(ticket)
+
+    def on_tokens(count: int) -> None:
+        gateway.on_tokens(ticket, count)
+
     if record is not None:
         record.model = job.model
         record.prompt_tokens = job.prompt_tokens
@@ -51,16 +77,21 @@ async def _serve(
             record.prompt_text = _prompt_text(body)
             record.output_text = []
     if job.stream:
-        return SSEResponse(runner.sse_events(job, record), on_close=lifecycle.release)
+        return SSEResponse(
+            runner.sse_events(job, record, on_tokens), on_close=close, headers=ticket.headers
+        )
     try:
-        finished, result = await cancel_on_disconnect(request, runner.collect(job, record))
+        finished, result = await cancel_on_disconnect(
+            request, runner.collect(job, record, on_tokens)
+        )
     finally:
-        lifecycle.release()
+        with anyio.CancelScope(shield=True):
+            await close()
     if not finished:
         if record is not None:
             record.fail(CLIENT_CLOSED_REQUEST, "client_closed_request")
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return JSONResponse(result)
+    return JSONResponse(result, headers=ticket.headers)
 
 
 @router.post("/v1/completions")
@@ -71,12 +102,16 @@ async def create_completion(
     settings: SettingsDep,
     lifecycle: LifecycleDep,
     runner: RunnerDep,
+    gateway: GatewayDep,
+    principal: PrincipalDep,
 ) -> Response:
     return await _serve(
         request,
         lifecycle,
+        gateway,
+        principal,
         runner,
-        lambda: plan_completion(body, engine, settings),
+        lambda caps: plan_completion(body, engine, settings, caps),
         body,
         settings.telemetry.log_prompts,
     )
@@ -90,12 +125,16 @@ async def create_chat_completion(
     settings: SettingsDep,
     lifecycle: LifecycleDep,
     runner: RunnerDep,
+    gateway: GatewayDep,
+    principal: PrincipalDep,
 ) -> Response:
     return await _serve(
         request,
         lifecycle,
+        gateway,
+        principal,
         runner,
-        lambda: plan_chat(body, engine, settings),
+        lambda caps: plan_chat(body, engine, settings, caps),
         body,
         settings.telemetry.log_prompts,
     )
@@ -120,12 +159,12 @@ def _model_object(card: ModelCard) -> dict[str, Any]:
 
 
 @router.get("/v1/models")
-async def list_models(engine: EngineDep) -> dict[str, Any]:
+async def list_models(engine: EngineDep, _: PrincipalDep) -> dict[str, Any]:
     return {"object": "list", "data": [_model_object(_card(engine))]}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, engine: EngineDep) -> dict[str, Any]:
+async def retrieve_model(model_id: str, engine: EngineDep, _: PrincipalDep) -> dict[str, Any]:
     card = _card(engine)
     if model_id != card.id:
         raise ModelNotFound(f"The model '{model_id}' does not exist on this server.", param="model")

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import anyio
@@ -39,6 +39,7 @@ from sluice.telemetry.tracing import GenerationSpan
 logger = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
+TokenCallback = Callable[[int], None]
 # Not a status a client ever reads (it has gone); it marks the request in logs and metrics.
 CLIENT_CLOSED_REQUEST = 499
 
@@ -59,11 +60,15 @@ class JobRunner:
         self.tracer = tracer or trace.NoOpTracer()
 
     async def deltas(
-        self, job: GenerationJob, record: RequestRecord | None = None
+        self,
+        job: GenerationJob,
+        record: RequestRecord | None = None,
+        on_tokens: TokenCallback | None = None,
     ) -> AsyncGenerator[Delta, None]:
         """Every delta of every choice of `job`, re-indexed to the client's choice index.
 
-        `record` (if given) learns token arrival times and the engine's queue time.
+        `record` (if given) learns token arrival times and the engine's queue time;
+        `on_tokens` hears every delta's token count (the gateway's meter).
         """
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         unfinished = {r.request_id for r in job.requests}
@@ -100,6 +105,8 @@ class JobRunner:
                     ) from exc
                 span.on_delta()
                 output_tokens += delta.token_count
+                if on_tokens is not None:
+                    on_tokens(delta.token_count)
                 if delta.finish_reason is not None:
                     finish_reasons[delta.index] = delta.finish_reason
                 if record is not None:
@@ -129,17 +136,23 @@ class JobRunner:
                         logger.warning("abort of %s failed", request_id, exc_info=True)
 
     async def collect(
-        self, job: GenerationJob, record: RequestRecord | None = None
+        self,
+        job: GenerationJob,
+        record: RequestRecord | None = None,
+        on_tokens: TokenCallback | None = None,
     ) -> dict[str, Any]:
         """The whole non-streaming response body."""
         fmt = format_for(job)
         choices = Choices(job)
-        async for delta in self.deltas(job, record):
+        async for delta in self.deltas(job, record, on_tokens):
             choices.add(delta)
         return fmt.final(choices)
 
     async def sse_events(
-        self, job: GenerationJob, record: RequestRecord | None = None
+        self,
+        job: GenerationJob,
+        record: RequestRecord | None = None,
+        on_tokens: TokenCallback | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """SSE frames of a streamed response, ending with `data: [DONE]` whatever happens."""
         fmt = format_for(job)
@@ -147,7 +160,7 @@ class JobRunner:
         completed = False
         try:
             try:
-                async for delta in self.deltas(job, record):
+                async for delta in self.deltas(job, record, on_tokens):
                     state = choices.add(delta)
                     yield _frame(fmt.chunk(delta, state))
                 if job.include_usage:

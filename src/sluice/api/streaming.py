@@ -1,14 +1,15 @@
 """HTTP plumbing for generation: SSE responses and cancel-on-disconnect for plain responses.
 
 Both guarantee that a client who goes away cancels the work (which aborts the engine request,
-also while it is still queued) and that `on_close` runs exactly once, whatever happens.
+also while it is still queued) and that `on_close` runs exactly once, whatever happens
+(it releases the lifecycle slot and settles the gateway's reservation).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import anyio
@@ -31,8 +32,15 @@ class SSEResponse(StreamingResponse):
     which aborts the engine request.
     """
 
-    def __init__(self, events: AsyncGenerator[bytes, None], on_close: Callable[[], None]) -> None:
-        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    def __init__(
+        self,
+        events: AsyncGenerator[bytes, None],
+        on_close: Callable[[], Awaitable[None]],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            events, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})}
+        )
         self._events = events
         self._on_close = on_close
 
@@ -42,7 +50,7 @@ class SSEResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self._events.aclose()
-            self._on_close()
+                await self._on_close()
 
 
 async def cancel_on_disconnect(

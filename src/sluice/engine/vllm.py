@@ -138,6 +138,7 @@ class VllmEngine:
             kv_cache_memory_bytes=int(kv_gib * GIB) if kv_gib else None,
             tensor_parallel_size=options.tensor_parallel_size,
             seed=options.seed,
+            scheduling_policy=options.scheduling_policy,
             disable_log_stats=False,
         )
         stats_logger = type("SchedulerStatsLogger", (_SchedulerStatsLogger, StatLoggerBase), {})

@@ -6,9 +6,28 @@ context window and the configured caps) or refuse with a typed error naming the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sluice.config import LimitSettings
 from sluice.engine.protocol import ModelCard
-from sluice.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
+from sluice.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, PermissionDenied
+from sluice.gateway.auth import OPEN, Principal
+
+
+@dataclass(frozen=True)
+class Caps:
+    """What the caller's key and the server's gate allow one request."""
+
+    principal: Principal = OPEN
+    clamp: int | None = None  # the admission gate's max_tokens, while it is closed
+
+    @property
+    def key_max_tokens(self) -> int | None:
+        policy = self.principal.policy
+        return policy.max_tokens if policy is not None else None
+
+
+NO_CAPS = Caps()
 
 
 def check_model(requested: str, card: ModelCard) -> None:
@@ -16,6 +35,16 @@ def check_model(requested: str, card: ModelCard) -> None:
     if requested != card.id:
         raise ModelNotFound(
             f"The model '{requested}' does not exist on this server. Available: '{card.id}'.",
+            param="model",
+        )
+
+
+def check_allowed(model: str, principal: Principal) -> None:
+    """Refuse a model the key may not use (403)."""
+    policy = principal.policy
+    if policy is not None and not policy.allows_model(model):
+        raise PermissionDenied(
+            f"The API key '{principal.name}' is not allowed to use the model '{model}'.",
             param="model",
         )
 
@@ -41,12 +70,38 @@ def resolve_max_tokens(
     limits: LimitSettings,
     prompt_param: str,
     max_tokens_param: str = "max_tokens",
+    caps: Caps = NO_CAPS,
 ) -> int:
     """The completion budget of one choice; `default=None` means "what is left of the context".
 
-    Raises `InvalidRequest` when `requested` is over the cap and `ContextLengthExceeded`
-    when prompt plus completion cannot fit the model's context.
+    Raises `InvalidRequest` when `requested` is over the server's or the key's cap and
+    `ContextLengthExceeded` when prompt plus completion cannot fit the model's context. The
+    admission gate's clamp lowers the result without refusing.
     """
+    resolved = _resolve(
+        prompt_tokens, requested, default, card, limits, prompt_param, max_tokens_param, caps
+    )
+    return resolved if caps.clamp is None else min(resolved, caps.clamp)
+
+
+def _resolve(
+    prompt_tokens: int,
+    requested: int | None,
+    default: int | None,
+    card: ModelCard,
+    limits: LimitSettings,
+    prompt_param: str,
+    max_tokens_param: str,
+    caps: Caps,
+) -> int:
+    key_cap = caps.key_max_tokens
+    if requested is not None and key_cap is not None and requested > key_cap:
+        raise InvalidRequest(
+            f"{max_tokens_param}={requested} is more than the API key '{caps.principal.name}' "
+            f"allows ({key_cap}).",
+            param=max_tokens_param,
+        )
+    cap = limits.max_tokens_cap if key_cap is None else min(key_cap, limits.max_tokens_cap)
     if requested is not None and requested > limits.max_tokens_cap:
         raise InvalidRequest(
             f"{max_tokens_param}={requested} is more than this server allows "
@@ -63,7 +118,7 @@ def resolve_max_tokens(
                 param=prompt_param,
             )
         wanted = default if default is not None else room
-        return max(1, min(wanted, room, limits.max_tokens_cap))
+        return max(1, min(wanted, room, cap))
     if prompt_tokens + requested > card.max_model_len:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {card.max_model_len} tokens. However, you "

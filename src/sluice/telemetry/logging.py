@@ -73,6 +73,7 @@ def log_request(record: RequestRecord, finished_at: float) -> None:
             "trace_id": record.trace_id,
             "endpoint": record.endpoint,
             "model": record.model,
+            "key": record.key_name,
             "status": record.status,
             "reason": record.error_code,
             "prompt_tokens": record.prompt_tokens,

@@ -4,6 +4,9 @@ Each app gets its own `CollectorRegistry`, so tests and several apps in one proc
 share counters. Engine gauges are read at scrape time from `Engine.stats()`. vLLM registers
 its own `vllm:*` metrics in prometheus_client's global registry; `/metrics` serves both.
 
+Per-key labels carry the key's configured name (never its secret). They stay bounded: the
+first `MAX_KEY_LABELS` names seen get their own series, later ones share `other`.
+
 Buckets: time to first token and inter-token latency need resolution well under 100 ms;
 end-to-end latency needs to reach minutes.
 """
@@ -37,6 +40,25 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20,
     90, 120, 180, 300, 600)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 # fmt: on
+MAX_KEY_LABELS = 200
+NO_KEY = "none"  # before authentication (a 401, a bad body)
+
+
+class KeyLabels:
+    """Bounded label values for key names."""
+
+    def __init__(self, limit: int = MAX_KEY_LABELS) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, name: str | None) -> str:
+        name = name or NO_KEY
+        if name in self._seen:
+            return name
+        if len(self._seen) >= self.limit:
+            return "other"
+        self._seen.add(name)
+        return name
 
 
 @dataclass(frozen=True)
@@ -82,7 +104,7 @@ class Metrics:
         self.requests = Counter(
             "sluice_requests",
             "HTTP requests by outcome.",
-            ["model", "endpoint", "status"],
+            ["model", "endpoint", "status", "key"],
             registry=r,
         )
         self.latency = Histogram(
@@ -114,17 +136,29 @@ class Metrics:
             registry=r,
         )
         self.prompt_tokens = Counter(
-            "sluice_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
+            "sluice_prompt_tokens", "Prompt tokens processed.", ["model", "key"], registry=r
         )
         self.generation_tokens = Counter(
-            "sluice_generation_tokens", "Tokens generated.", ["model"], registry=r
+            "sluice_generation_tokens", "Tokens generated.", ["model", "key"], registry=r
         )
         self.in_flight = Gauge(
             "sluice_in_flight_requests", "Generation requests being served.", registry=r
         )
         self.rejections = Counter(
-            "sluice_rejections", "Requests refused, by reason.", ["reason"], registry=r
+            "sluice_rejections", "Requests refused, by reason.", ["reason", "key"], registry=r
         )
+        self.store_failures = Counter(
+            "sluice_store_failures",
+            "Calls to the limits store (Redis) that failed, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.admission_load = Gauge(
+            "sluice_admission_load",
+            "Engine queue as a share of the admission caps (1 = normal traffic is shed).",
+            registry=r,
+        )
+        self.key_label = KeyLabels()
         self.slo_latency = Histogram(
             "sluice_slo_request_latency_seconds",
             f"End-to-end latency of requests the SLO covers (prompt <= "
@@ -134,7 +168,10 @@ class Metrics:
             registry=r,
         )
         self.cost = Counter(
-            "sluice_cost_usd", "Cost of served tokens in USD (price table).", ["model"], registry=r
+            "sluice_cost_usd",
+            "Cost of served tokens in USD (price table).",
+            ["model", "key"],
+            registry=r,
         )
         self.model_load = Gauge(
             "sluice_model_load_seconds",
@@ -152,10 +189,11 @@ class Metrics:
         """Count a finished request in every family it belongs to."""
         model = record.model or "none"
         status = str(record.status or 500)
-        self.requests.labels(model, record.endpoint, status).inc()
+        key = self.key_label(record.key_name)
+        self.requests.labels(model, record.endpoint, status, key).inc()
         self.latency.labels(model, record.endpoint).observe(finished_at - record.started)
         if record.status is not None and record.status >= 400 and record.error_code:
-            self.rejections.labels(record.error_code).inc()
+            self.rejections.labels(record.error_code, key).inc()
         if record.model is None:
             return
         if (
@@ -164,13 +202,13 @@ class Metrics:
             and record.completion_tokens <= self.slo.max_output_tokens
         ):
             self.slo_latency.labels(model).observe(finished_at - record.started)
-        self.cost.labels(model).inc(
+        self.cost.labels(model, key).inc(
             self.pricing.price_of(model).cost(record.prompt_tokens, record.completion_tokens)
         )
         if record.prompt_tokens:
-            self.prompt_tokens.labels(model).inc(record.prompt_tokens)
+            self.prompt_tokens.labels(model, key).inc(record.prompt_tokens)
         if record.completion_tokens:
-            self.generation_tokens.labels(model).inc(record.completion_tokens)
+            self.generation_tokens.labels(model, key).inc(record.completion_tokens)
         if record.ttft_s is not None:
             self.ttft.labels(model).observe(record.ttft_s)
         if record.queue_s is not None:

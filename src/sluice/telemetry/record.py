@@ -24,6 +24,7 @@ class RequestRecord:
     endpoint: str
     started: float
     model: str | None = None
+    key_name: str | None = None
     status: int | None = None  # the outcome; for a stream that failed, the error's status
     error_code: str | None = None
     prompt_tokens: int = 0

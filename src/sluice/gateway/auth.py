@@ -1,0 +1,201 @@
+"""Authentication: `Authorization: Bearer <key>` → `Principal`, from the keys file or a store.
+
+`KeyRing` holds the keys file's keys (read once at start; the file is the source of truth
+for them) and asks the `KeyStore` for the rest, trusting an answer for `key_cache_s`. With
+no key anywhere, sluice runs open (every request is the `anonymous` principal, without
+limits); the CLI then refuses to bind beyond loopback unless told it is fine. Creating the
+first key turns authentication on within `key_cache_s`, without a restart.
+
+The keys file:
+
+    keys:
+      - name: team-a
+        secret_env: TEAM_A_KEY        # the secret from an environment variable (a Secret)
+        rpm: 60
+        tpm: 40000
+      - name: batch
+        secret_sha256: 9f86d0...      # or only its digest: printf %s "$KEY" | sha256sum
+        priority: low
+        budget_usd: 25
+        budget_usd_window: month
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+
+from sluice.errors import PermissionDenied, Unauthenticated
+from sluice.gateway.keys import KeyPolicy, KeyStore, Priority, StoredKey, digest
+from sluice.gateway.quota import Clock
+
+logger = logging.getLogger(__name__)
+
+ANONYMOUS = "anonymous"
+PRIORITY_RANK: dict[Priority, int] = {"high": 0, "normal": 1, "low": 2}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: a key's name and policy, or the anonymous user of an open server."""
+
+    name: str
+    policy: KeyPolicy | None = None
+
+    @property
+    def priority(self) -> Priority:
+        return self.policy.priority if self.policy is not None else "normal"
+
+    @property
+    def engine_priority(self) -> int:
+        """vLLM's priority value: lower runs first."""
+        return PRIORITY_RANK[self.priority]
+
+
+OPEN = Principal(ANONYMOUS)
+
+
+class KeyFileEntry(KeyPolicy):
+    """One key of the keys file: a policy plus where its secret is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    secret_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    secret_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> KeyFileEntry:
+        if (self.secret_sha256 is None) == (self.secret_env is None):
+            raise ValueError("give exactly one of secret_sha256 and secret_env")
+        return self
+
+
+class KeysFile(Exception):
+    """The keys file is missing or invalid (the message says where)."""
+
+
+def load_keys_file(path: Path) -> dict[str, StoredKey]:
+    """The keys of a keys file by secret digest; `KeysFile` with a clear reason if bad."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise KeysFile(f"cannot read keys file {path}: {exc}") from exc
+    entries = raw.get("keys") if isinstance(raw, dict) else None
+    if not isinstance(entries, list):
+        raise KeysFile(f"keys file {path} must hold a list under 'keys:'")
+    keys: dict[str, StoredKey] = {}
+    names: set[str] = set()
+    for i, item in enumerate(entries):
+        try:
+            entry = KeyFileEntry.model_validate(item)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise KeysFile(f"keys file {path}, key #{i + 1}: {where}: {first['msg']}") from exc
+        if entry.name in names:
+            raise KeysFile(f"keys file {path}: the name '{entry.name}' appears twice")
+        names.add(entry.name)
+        if entry.secret_env is not None:
+            secret = os.environ.get(entry.secret_env)
+            if not secret:
+                raise KeysFile(
+                    f"keys file {path}: key '{entry.name}' reads its secret from "
+                    f"${entry.secret_env}, which is not set"
+                )
+            sha = digest(secret)
+        else:
+            assert entry.secret_sha256 is not None
+            sha = entry.secret_sha256.lower()
+        policy = KeyPolicy.model_validate(entry.model_dump(exclude={"secret_sha256", "secret_env"}))
+        keys[sha] = StoredKey(policy=policy, secret_sha256=sha, source="file")
+    return keys
+
+
+def masked(secret: str) -> str:
+    """What an error may echo of a wrong key, as OpenAI does: `sk-slu****wxyz`."""
+    return f"{secret[:6]}****{secret[-4:]}" if len(secret) > 12 else "****"
+
+
+class KeyRing:
+    """Looks keys up by secret, caching store answers; knows whether auth is on."""
+
+    def __init__(
+        self,
+        file_keys: dict[str, StoredKey],
+        store: KeyStore,
+        cache_s: float,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.file_keys = file_keys
+        self.store = store
+        self.cache_s = cache_s
+        self.clock = clock
+        self._cache: dict[str, tuple[StoredKey | None, float]] = {}
+        self._live_store_keys: tuple[int, float] | None = None
+
+    def file_names(self) -> set[str]:
+        return {k.name for k in self.file_keys.values()}
+
+    async def required(self) -> bool:
+        """True when any key exists (so every request must carry one)."""
+        if self.file_keys:
+            return True
+        now = self.clock()
+        if self._live_store_keys is None or now - self._live_store_keys[1] >= self.cache_s:
+            try:
+                self._live_store_keys = (await self.store.count_live(), now)
+            except Exception:
+                if self._live_store_keys is None:
+                    raise
+                # Keep the last answer while the store is away (fail-open or not, the
+                # caller decides what a failed lookup of a key means).
+        return self._live_store_keys[0] > 0
+
+    async def lookup(self, secret: str) -> StoredKey | None:
+        sha = digest(secret)
+        found = self.file_keys.get(sha)
+        if found is not None:
+            return found
+        now = self.clock()
+        cached = self._cache.get(sha)
+        if cached is not None and now - cached[1] < self.cache_s:
+            return cached[0]
+        try:
+            key = await self.store.find(sha)
+        except Exception:
+            if cached is not None:  # a stale answer beats none while the store is away
+                return cached[0]
+            raise
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[sha] = (key, now)
+        return key
+
+    def forget(self) -> None:
+        """Drop cached answers (after a change through this process's admin API)."""
+        self._cache.clear()
+        self._live_store_keys = None
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The principal of a request's `Authorization` header, or 401/403."""
+        if not await self.required():
+            return OPEN
+        scheme, _, secret = (authorization or "").partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret:
+            raise Unauthenticated(
+                "You didn't provide an API key. You need to provide your API key in an "
+                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+            )
+        key = await self.lookup(secret)
+        if key is None or key.revoked_at is not None:
+            raise Unauthenticated(f"Incorrect API key provided: {masked(secret)}.")
+        if not key.policy.enabled:
+            raise PermissionDenied(f"The API key '{key.name}' is disabled.", code="key_disabled")
+        return Principal(key.name, key.policy)

@@ -1,0 +1,178 @@
+"""`sluice keys create|list|revoke|usage`, and the start-up check that refuses open binds.
+
+The commands work on the same store the server reads (the settings' `gateway.store`:
+the SQLite file, or Redis), so they work whether or not a server is running; a running
+server sees a change within `gateway.key_cache_s`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from sluice.config import Settings
+from sluice.gateway.auth import KeyRing, load_keys_file
+from sluice.gateway.keyadmin import KeyAdmin, describe_usage
+from sluice.gateway.keys import KeyPolicy
+from sluice.gateway.service import build_stores
+from sluice.gateway.store_redis import StoreFailure
+
+logger = logging.getLogger(__name__)
+
+POLICY_FLAGS = {
+    "--rpm": {"type": int, "help": "requests per minute"},
+    "--tpm": {"type": int, "help": "tokens per minute"},
+    "--max-tokens": {"type": int, "help": "largest max_tokens per choice"},
+    "--budget-tokens": {"type": int, "help": "tokens per budget window"},
+    "--budget-tokens-window": {"choices": ["hour", "day", "month"]},
+    "--budget-usd": {"type": float, "help": "USD per budget window"},
+    "--budget-usd-window": {"choices": ["hour", "day", "month"]},
+    "--priority": {"choices": ["high", "normal", "low"]},
+    "--models": {"nargs": "+", "help": "allowed model ids (default: all)"},
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="YAML settings file")
+    commands = parser.add_subparsers(dest="keys_command", required=True)
+    create = commands.add_parser("create", help="create a key and print its secret once")
+    create.add_argument("name")
+    for flag, options in POLICY_FLAGS.items():
+        create.add_argument(flag, default=None, **options)  # type: ignore[arg-type]
+    create.add_argument("--disabled", action="store_true", help="create it disabled")
+    commands.add_parser("list", help="list keys (never their secrets)")
+    revoke = commands.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("name")
+    usage = commands.add_parser("usage", help="a key's spend this hour, day and month")
+    usage.add_argument("name")
+    usage.add_argument("--json", action="store_true", help="print JSON")
+
+
+def Path_(value: str) -> object:
+    from pathlib import Path
+
+    return Path(value)
+
+
+def _admin(settings: Settings) -> KeyAdmin:
+    key_store, quota = build_stores(settings)
+    file_keys = load_keys_file(settings.gateway.keys_file) if settings.gateway.keys_file else {}
+    return KeyAdmin(KeyRing(file_keys, key_store, 0.0), quota)
+
+
+def _when(ts: float | None) -> str:
+    return "" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    admin = _admin(settings)
+    console = Console()
+    try:
+        if args.keys_command == "create":
+            fields = {
+                flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+                for flag in POLICY_FLAGS
+            }
+            policy = KeyPolicy(
+                name=args.name,
+                enabled=not args.disabled,
+                **{k: v for k, v in fields.items() if v is not None},
+            )
+            created = await admin.create(policy)
+            console.print(f"created key '{policy.name}'. Its secret, shown only now:")
+            print(created.secret)
+        elif args.keys_command == "list":
+            table = Table(title="API keys")
+            for column in ("name", "state", "priority", "rpm", "tpm", "budget", "created"):
+                table.add_column(column)
+            for key in await admin.list():
+                p = key.policy
+                state = "revoked" if key.revoked_at else ("enabled" if p.enabled else "disabled")
+                budgets = [
+                    f"{p.budget_tokens} tok/{p.budget_tokens_window}" if p.budget_tokens else "",
+                    f"${p.budget_usd:g}/{p.budget_usd_window}" if p.budget_usd else "",
+                ]
+                table.add_row(
+                    p.name,
+                    f"{state} ({key.source})",
+                    p.priority,
+                    str(p.rpm or "-"),
+                    str(p.tpm or "-"),
+                    " ".join(b for b in budgets if b) or "-",
+                    _when(key.created_at),
+                )
+            console.print(table)
+        elif args.keys_command == "revoke":
+            await admin.revoke(args.name)
+            console.print(f"revoked key '{args.name}'")
+        else:
+            usage = await admin.usage(args.name)
+            if args.json:
+                print(json.dumps(describe_usage(usage)))
+                return 0
+            table = Table(title=f"usage of '{usage.key}' (calendar windows, UTC)")
+            for column in ("window", "since", "tokens", "USD"):
+                table.add_column(column)
+            for w in usage.windows:
+                table.add_row(w.window, _when(w.start), str(w.tokens), f"{w.usd:.6f}")
+            table.add_row(
+                "reserved now", "", str(usage.reserved_tokens), f"{usage.reserved_usd:.6f}"
+            )
+            console.print(table)
+        return 0
+    finally:
+        await admin.quota.close()
+        await admin.keys.store.close()
+
+
+def keys(args: argparse.Namespace) -> int:
+    """Run a `sluice keys` command; errors come back as SluiceError / StoreFailure."""
+    settings = Settings(config_file=args.config) if args.config else Settings()
+    return asyncio.run(_run(args, settings))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _live_keys(settings: Settings) -> int:
+    key_store, quota = build_stores(settings)
+    try:
+        return await key_store.count_live()
+    finally:
+        await quota.close()
+        await key_store.close()
+
+
+def open_bind_refusal(settings: Settings) -> str | None:
+    """Why serving would expose an open server beyond this machine, or None if it is fine."""
+    if is_loopback(settings.host):
+        return None
+    gw = settings.gateway
+    if gw.insecure_no_auth:
+        logger.warning("serving on %s with --insecure-no-auth: no API key needed", settings.host)
+        return None
+    if gw.keys_file is not None and load_keys_file(gw.keys_file):
+        return None
+    try:
+        if asyncio.run(_live_keys(settings)) > 0:
+            return None
+    except StoreFailure as exc:
+        return f"cannot reach the limits store to check for API keys ({exc})"
+    return (
+        f"refusing to serve on {settings.host} without API keys. Create one "
+        "('sluice keys create NAME'), give --keys-file, or pass --insecure-no-auth"
+    )

@@ -1,0 +1,115 @@
+"""API keys: what a key may do (`KeyPolicy`), how its secret is kept, and the store seam.
+
+A secret is `sk-sluice-` plus 43 random URL-safe characters (256 bits). Only its SHA-256
+is stored: for secrets this random a slow password hash buys nothing (the same choice as
+GitHub's and Stripe's tokens), and a digest lets the store find a key by it. The digest
+found is compared again with `hmac.compare_digest`, and the secret itself is returned once,
+by `new_secret`, and never logged.
+
+Keys come from two places: the declarative keys file (`keys_file.py`, read-only to the API)
+and a `KeyStore` (SQLite or Redis) written by `sluice keys` and the admin API. A key's name
+is its identity for limits, budgets, metrics and logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Priority = Literal["high", "normal", "low"]
+Window = Literal["hour", "day", "month"]
+
+SECRET_PREFIX = "sk-sluice-"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class KeyPolicy(BaseModel):
+    """A key's settings; `None` limits mean "no limit"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN, description="identity in limits, metrics and logs")
+    enabled: bool = True
+    models: list[str] | None = Field(None, description="allowed model ids; None = all")
+    rpm: int | None = Field(None, ge=1, description="requests per minute")
+    tpm: int | None = Field(None, ge=1, description="tokens per minute (prompt + completion)")
+    max_tokens: int | None = Field(None, ge=1, description="largest max_tokens per choice")
+    budget_tokens: int | None = Field(None, ge=1, description="tokens per budget window")
+    budget_tokens_window: Window = "month"
+    budget_usd: float | None = Field(None, gt=0, description="USD per budget window")
+    budget_usd_window: Window = "month"
+    priority: Priority = "normal"
+
+    def allows_model(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+class StoredKey(BaseModel):
+    """A key as a store keeps it: the policy, the secret's digest and its history."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: KeyPolicy
+    secret_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    created_at: float = Field(default_factory=time.time)
+    revoked_at: float | None = None
+    source: Literal["store", "file"] = "store"
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    @model_validator(mode="after")
+    def _lowercase(self) -> StoredKey:
+        self.secret_sha256 = self.secret_sha256.lower()
+        return self
+
+
+def new_secret() -> str:
+    """A fresh API key secret (shown to its owner once)."""
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def digest(secret: str) -> str:
+    """The stored form of a secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def matches(secret: str, key: StoredKey) -> bool:
+    """Constant-time check that `secret` is `key`'s."""
+    return hmac.compare_digest(digest(secret), key.secret_sha256)
+
+
+class KeyExists(Exception):
+    """A key with this name already exists."""
+
+
+class KeyStore(Protocol):
+    """Where keys created at run time live (SQLite embedded, or Redis for replicas)."""
+
+    async def find(self, secret_sha256: str) -> StoredKey | None:
+        """The key with this digest, revoked or not; `None` if unknown."""
+        ...
+
+    async def add(self, key: StoredKey) -> None:
+        """Store a new key; `KeyExists` if an unrevoked key has its name."""
+        ...
+
+    async def all(self) -> list[StoredKey]:
+        """Every key, revoked ones included, by name."""
+        ...
+
+    async def revoke(self, name: str, at: float) -> bool:
+        """Revoke the live key called `name`; False if there is none."""
+        ...
+
+    async def count_live(self) -> int:
+        """How many unrevoked keys there are."""
+        ...
+
+    async def close(self) -> None: ...

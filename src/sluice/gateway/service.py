@@ -1,0 +1,239 @@
+"""`Gateway`: the request path's one entry to keys, admission, quotas and settlement.
+
+Routes call, in order: `authenticate` (401/403), `admit` (503 shedding, before any
+tokenising), then, once the job is planned, `reserve` (429), which returns a `Ticket`.
+Whatever ends the request, its `settle` runs exactly once (routes guarantee it): the
+reservation is replaced by what was used (`prompt + generated` tokens and their price).
+
+Redis trouble (`StoreFailure`) is decided here. Fail-open: the request is reserved against
+a process-local `LocalQuota`, a warning is logged (at most every 10 s) and
+`sluice_store_failures_total` counts it; settlements that could not reach Redis are kept
+and replayed once it answers again, so shared spend is not lost. Fail-closed: 503
+`store_unavailable`. Either way no call waits longer than the store's bounded timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sluice.config import GatewaySettings, PricingSettings, Settings
+from sluice.errors import StoreUnavailable
+from sluice.gateway.admission import Admission
+from sluice.gateway.auth import KeyRing, Principal, load_keys_file
+from sluice.gateway.keys import KeyStore
+from sluice.gateway.quota import Demand, Grant, Limits, QuotaStore, rate_headers
+from sluice.gateway.store_local import (
+    Database,
+    LocalQuota,
+    MemoryLedger,
+    SqliteKeyStore,
+    SqliteLedger,
+)
+from sluice.gateway.store_redis import RedisKeyStore, RedisQuota, RedisStore, StoreFailure
+
+logger = logging.getLogger(__name__)
+
+WARN_EVERY_S = 10.0
+MAX_PENDING_SETTLEMENTS = 100_000
+STORE_RETRY_AFTER_S = 5.0
+
+
+@dataclass
+class Ticket:
+    """One admitted request's reservation and what it has used so far."""
+
+    principal: Principal
+    grant: Grant | None  # None for the anonymous principal (no quota)
+    prompt_tokens: int
+    model_price: tuple[float, float]  # USD per token: input, output
+    output_tokens: int = 0
+    started: bool = False
+    settled: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def usd(self) -> float:
+        inp, out = self.model_price
+        return self.prompt_tokens * inp + self.output_tokens * out
+
+
+def build_stores(settings: Settings) -> tuple[KeyStore, QuotaStore]:
+    """The key and quota stores `settings.gateway.store` names."""
+    gw = settings.gateway
+    if gw.store == "redis":
+        if gw.redis_url is None:
+            raise ValueError("gateway.store=redis needs gateway.redis_url")
+        shared = RedisStore(gw.redis_url, gw.redis_timeout_s)
+        return RedisKeyStore(shared), RedisQuota(shared)
+    db = Database(settings.database_path)
+    return SqliteKeyStore(db), LocalQuota(SqliteLedger(db))
+
+
+class Gateway:
+    """Keys, admission and quotas for one app (see module docstring)."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        pricing: PricingSettings,
+        keys: KeyRing,
+        quota: QuotaStore,
+        admission: Admission,
+        *,
+        on_store_failure: Callable[[str], None] = lambda _: None,
+    ) -> None:
+        self.settings = settings
+        self.pricing = pricing
+        self.keys = keys
+        self.quota = quota
+        self.admission = admission
+        self.fallback = LocalQuota(MemoryLedger())
+        self.on_store_failure = on_store_failure
+        self._pending: list[tuple[Grant, int, float]] = []
+        self._last_warning = -WARN_EVERY_S
+        self._replaying = False
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        admission: Admission,
+        on_store_failure: Callable[[str], None] = lambda _: None,
+    ) -> Gateway:
+        key_store, quota = build_stores(settings)
+        file_keys = load_keys_file(settings.gateway.keys_file) if settings.gateway.keys_file else {}
+        keys = KeyRing(file_keys, key_store, settings.gateway.key_cache_s)
+        return cls(
+            settings.gateway,
+            settings.pricing,
+            keys,
+            quota,
+            admission,
+            on_store_failure=on_store_failure,
+        )
+
+    async def close(self) -> None:
+        await self.quota.close()
+        await self.keys.store.close()
+
+    def _store_failed(self, operation: str, exc: Exception) -> None:
+        self.on_store_failure(operation)
+        now = time.monotonic()
+        if now - self._last_warning >= WARN_EVERY_S:
+            self._last_warning = now
+            mode = "failing open (local limits)" if self.fail_open else "failing closed (503)"
+            logger.warning("limits store unavailable during %s, %s: %s", operation, mode, exc)
+
+    @property
+    def fail_open(self) -> bool:
+        return self.settings.redis_failure == "open"
+
+    def _unavailable(self) -> StoreUnavailable:
+        return StoreUnavailable(
+            "The server cannot reach its limits store. Retry shortly.",
+            retry_after_s=STORE_RETRY_AFTER_S,
+        )
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        try:
+            return await self.keys.authenticate(authorization)
+        except StoreFailure as exc:
+            self._store_failed("authenticate", exc)
+            raise self._unavailable() from exc
+
+    def admit(self, principal: Principal) -> int | None:
+        """Shed or admit by priority; the `max_tokens` clamp of the gate, if closed."""
+        return self.admission.check(principal.priority)
+
+    async def reserve(
+        self, principal: Principal, model: str, prompt_tokens: int, max_output_tokens: int
+    ) -> Ticket:
+        """Reserve `prompt + max output` tokens and their price, or raise 429/503."""
+        price = self.pricing.price_of(model)
+        per_token = (price.input_usd_per_mtok / 1e6, price.output_usd_per_mtok / 1e6)
+        ticket = Ticket(principal, None, prompt_tokens, per_token)
+        if principal.policy is not None:
+            demand = Demand(
+                principal.name,
+                prompt_tokens + max_output_tokens,
+                price.cost(prompt_tokens, max_output_tokens),
+                ttl_s=3600.0,
+            )
+            ticket.grant = await self._reserve(Limits.of(principal.policy), demand)
+            ticket.headers = rate_headers(ticket.grant.requests, ticket.grant.token_view)
+        self.admission.queued(prompt_tokens)
+        return ticket
+
+    async def _reserve(self, limits: Limits, demand: Demand) -> Grant:
+        reservation_id = uuid.uuid4().hex
+        try:
+            grant = await self.quota.reserve(limits, demand, reservation_id)
+        except StoreFailure as exc:
+            self._store_failed("reserve", exc)
+            if not self.fail_open:
+                raise self._unavailable() from exc
+            local = self.fallback.reserve_now(limits, demand, reservation_id)
+            return Grant(
+                local.reservation_id,
+                local.key,
+                local.tokens,
+                local.usd,
+                local.requests,
+                local.token_view,
+                local=True,
+            )
+        if self._pending and not self._replaying:
+            asyncio.get_running_loop().create_task(self._replay())
+        return grant
+
+    def on_tokens(self, ticket: Ticket, count: int) -> None:
+        """Tokens arrived for `ticket` (the first ones take it out of the queue)."""
+        if not ticket.started:
+            ticket.started = True
+            self.admission.started(ticket.prompt_tokens)
+        ticket.output_tokens += count
+        self.admission.generated(count)
+
+    async def settle(self, ticket: Ticket) -> None:
+        """Replace the reservation by what was used; runs once, never raises."""
+        if ticket.settled:
+            return
+        ticket.settled = True
+        if not ticket.started:
+            self.admission.started(ticket.prompt_tokens)
+        self.admission.finished()
+        grant = ticket.grant
+        if grant is None:
+            return
+        used = ticket.prompt_tokens + ticket.output_tokens
+        if grant.local:
+            await self.fallback.settle(grant, used, ticket.usd)
+            return
+        try:
+            await self.quota.settle(grant, used, ticket.usd)
+        except StoreFailure as exc:
+            self._store_failed("settle", exc)
+            if len(self._pending) < MAX_PENDING_SETTLEMENTS:
+                self._pending.append((grant, used, ticket.usd))
+        except Exception:
+            logger.exception("settlement of %s failed", grant.reservation_id)
+
+    async def _replay(self) -> None:
+        """Send settlements that failed earlier, now that the store answers again."""
+        self._replaying = True
+        try:
+            while self._pending:
+                grant, used, usd = self._pending[0]
+                try:
+                    await self.quota.settle(grant, used, usd)
+                except StoreFailure:
+                    return
+                self._pending.pop(0)
+            logger.info("limits store is back; replayed pending settlements")
+        finally:
+            self._replaying = False

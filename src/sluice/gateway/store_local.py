@@ -1,0 +1,304 @@
+"""The embedded store: no server needed. Keys and spend in SQLite (WAL), buckets in memory.
+
+`LocalQuota` decides in plain Python with no `await` between check and reserve, so on one
+event loop every reservation is atomic. Spend goes to a `SpendLedger`: `SqliteLedger`
+writes each settlement through (durable across restarts) and caches what it has read, so a
+reservation never waits on the disk; `MemoryLedger` is the fail-open fallback beside Redis.
+One SQLite file serves one process; replicas share limits through Redis instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Protocol
+
+from sluice.gateway.keys import KeyExists, StoredKey
+from sluice.gateway.quota import (
+    RESERVATION_GRACE_S,
+    WINDOWS,
+    Bucket,
+    Clock,
+    Demand,
+    Grant,
+    KeyState,
+    Limits,
+    Refusal,
+    Usage,
+    WindowUsage,
+    bucket_at,
+    spend_field,
+    view,
+    wait_for,
+    wall_clock,
+    window_bounds,
+)
+
+
+class SpendLedger(Protocol):
+    def spent(self, key: str, field: str) -> tuple[int, float]: ...
+
+    async def add(self, key: str, fields: list[str], tokens: int, usd: float) -> None: ...
+
+
+class MemoryLedger:
+    """Spend kept in this process only."""
+
+    def __init__(self) -> None:
+        self._spend: dict[tuple[str, str], tuple[int, float]] = {}
+
+    def spent(self, key: str, field: str) -> tuple[int, float]:
+        return self._spend.get((key, field), (0, 0.0))
+
+    def record(self, key: str, fields: list[str], tokens: int, usd: float) -> None:
+        for f in fields:
+            t, u = self.spent(key, f)
+            self._spend[(key, f)] = (t + tokens, u + usd)
+
+    async def add(self, key: str, fields: list[str], tokens: int, usd: float) -> None:
+        self.record(key, fields, tokens, usd)
+
+
+class Database:
+    """The embedded store's SQLite file: WAL mode, one connection, calls off the event loop."""
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS keys (
+        name TEXT NOT NULL,
+        secret_sha256 TEXT PRIMARY KEY,
+        body TEXT NOT NULL,
+        revoked_at REAL
+    );
+    CREATE UNIQUE INDEX IF NOT EXISTS live_key_name ON keys(name) WHERE revoked_at IS NULL;
+    CREATE TABLE IF NOT EXISTS spend (
+        key TEXT NOT NULL,
+        window TEXT NOT NULL,
+        tokens INTEGER NOT NULL DEFAULT 0,
+        usd REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (key, window)
+    );
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA busy_timeout=5000")
+            self._conn.executescript(self.SCHEMA)
+
+    def run(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    async def arun(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        return await asyncio.to_thread(self.run, sql, args)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class SqliteLedger:
+    """Spend in SQLite, written through on every settlement and cached once read."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._cache = MemoryLedger()
+        self._loaded: set[tuple[str, str]] = set()
+
+    def spent(self, key: str, field: str) -> tuple[int, float]:
+        if (key, field) not in self._loaded:
+            rows = self.db.run(
+                "SELECT tokens, usd FROM spend WHERE key=? AND window=?", (key, field)
+            )
+            if rows:
+                tokens, usd = rows[0]
+                assert isinstance(tokens, int) and isinstance(usd, float | int)
+                self._cache.record(key, [field], tokens, float(usd))
+            self._loaded.add((key, field))
+        return self._cache.spent(key, field)
+
+    async def add(self, key: str, fields: list[str], tokens: int, usd: float) -> None:
+        for f in fields:
+            self.spent(key, f)  # load before adding, so the cache stays the file's sum
+        self._cache.record(key, fields, tokens, usd)
+        for f in fields:
+            await self.db.arun(
+                "INSERT INTO spend(key, window, tokens, usd) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(key, window) DO UPDATE SET tokens = tokens + excluded.tokens, "
+                "usd = usd + excluded.usd",
+                (key, f, tokens, usd),
+            )
+
+
+class LocalQuota:
+    """Token buckets and reservations in memory, spend in a ledger (see quota.py)."""
+
+    def __init__(self, ledger: SpendLedger, clock: Clock = wall_clock) -> None:
+        self.ledger = ledger
+        self.clock = clock
+        self._keys: dict[str, KeyState] = {}
+
+    def reserve_now(self, limits: Limits, demand: Demand, reservation_id: str) -> Grant:
+        """`reserve` without the coroutine: nothing here yields, so it is atomic."""
+        now = self.clock()
+        state = self._keys.setdefault(demand.key, KeyState())
+        state.purge(now)
+        requests = bucket_at(state.requests, limits.rpm, now) if limits.rpm else None
+        tokens = bucket_at(state.tokens, limits.tpm, now) if limits.tpm else None
+        refusal = self._refusal(limits, demand, now, state, requests, tokens)
+        if refusal is not None:
+            raise refusal.error(limits, demand.key)
+        if requests is not None:
+            requests.level -= 1
+            state.requests = requests
+        if tokens is not None:
+            tokens.level -= demand.tokens
+            state.tokens = tokens
+        state.reservations[reservation_id] = (
+            demand.tokens,
+            demand.usd,
+            now + demand.ttl_s + RESERVATION_GRACE_S,
+        )
+        return Grant(
+            reservation_id,
+            demand.key,
+            demand.tokens,
+            demand.usd,
+            requests=view(requests.level, limits.rpm) if requests and limits.rpm else None,
+            token_view=view(tokens.level, limits.tpm) if tokens and limits.tpm else None,
+        )
+
+    def _refusal(
+        self,
+        limits: Limits,
+        demand: Demand,
+        now: float,
+        state: KeyState,
+        requests: Bucket | None,
+        tokens: Bucket | None,
+    ) -> Refusal | None:
+        req_view = view(requests.level, limits.rpm) if requests and limits.rpm else None
+        tok_view = view(tokens.level, limits.tpm) if tokens and limits.tpm else None
+        if limits.rpm and requests is not None and requests.level < 1:
+            return Refusal(
+                "requests",
+                wait_for(requests.level, 1, limits.rpm),
+                req_view,
+                tok_view,
+            )
+        if limits.tpm and tokens is not None and tokens.level < demand.tokens:
+            retry = (
+                60.0
+                if demand.tokens > limits.tpm
+                else wait_for(tokens.level, demand.tokens, limits.tpm)
+            )
+            return Refusal(
+                "tokens",
+                retry,
+                req_view,
+                tok_view,
+                need=demand.tokens,
+                have=tokens.level,
+            )
+        reserved_tokens, reserved_usd = state.reserved
+        if limits.budget_tokens is not None:
+            w = limits.budget_tokens_window
+            spent, _ = self.ledger.spent(demand.key, spend_field(w, now))
+            left = limits.budget_tokens - spent - reserved_tokens
+            if demand.tokens > left:
+                end = window_bounds(w, now)[1]
+                return Refusal(
+                    "budget_tokens", end - now, req_view, tok_view, demand.tokens, max(0, left)
+                )
+        if limits.budget_usd is not None:
+            w = limits.budget_usd_window
+            _, spent_usd = self.ledger.spent(demand.key, spend_field(w, now))
+            left_usd = limits.budget_usd - spent_usd - reserved_usd
+            if demand.usd > left_usd:
+                end = window_bounds(w, now)[1]
+                return Refusal(
+                    "budget_usd", end - now, req_view, tok_view, demand.usd, max(0.0, left_usd)
+                )
+        return None
+
+    async def reserve(self, limits: Limits, demand: Demand, reservation_id: str) -> Grant:
+        return self.reserve_now(limits, demand, reservation_id)
+
+    async def settle(self, grant: Grant, tokens: int, usd: float) -> None:
+        now = self.clock()
+        state = self._keys.setdefault(grant.key, KeyState())
+        state.reservations.pop(grant.reservation_id, None)
+        if state.tokens is not None and grant.token_view is not None:
+            capacity = grant.token_view.limit
+            refreshed = bucket_at(state.tokens, capacity, now)
+            refreshed.level = min(float(capacity), refreshed.level + grant.tokens - tokens)
+            state.tokens = refreshed
+        await self.ledger.add(grant.key, [spend_field(w, now) for w in WINDOWS], tokens, usd)
+
+    async def usage(self, key: str) -> Usage:
+        now = self.clock()
+        state = self._keys.get(key, KeyState())
+        state.purge(now)
+        reserved_tokens, reserved_usd = state.reserved
+        windows = []
+        for w in WINDOWS:
+            start, end = window_bounds(w, now)
+            tokens, usd = self.ledger.spent(key, spend_field(w, now))
+            windows.append(WindowUsage(w, start, end, tokens, usd))
+        return Usage(key, tuple(windows), reserved_tokens, reserved_usd)
+
+    async def close(self) -> None:
+        pass
+
+
+class SqliteKeyStore:
+    """Keys in the embedded SQLite file (the key body is the `StoredKey` as JSON)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def find(self, secret_sha256: str) -> StoredKey | None:
+        rows = await self.db.arun("SELECT body FROM keys WHERE secret_sha256=?", (secret_sha256,))
+        return StoredKey.model_validate_json(str(rows[0][0])) if rows else None
+
+    async def add(self, key: StoredKey) -> None:
+        try:
+            await self.db.arun(
+                "INSERT INTO keys(name, secret_sha256, body, revoked_at) VALUES (?, ?, ?, NULL)",
+                (key.name, key.secret_sha256, key.model_dump_json()),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise KeyExists(key.name) from exc
+
+    async def all(self) -> list[StoredKey]:
+        rows = await self.db.arun("SELECT body FROM keys ORDER BY name, revoked_at")
+        return [StoredKey.model_validate_json(str(r[0])) for r in rows]
+
+    async def revoke(self, name: str, at: float) -> bool:
+        rows = await self.db.arun(
+            "SELECT body FROM keys WHERE name=? AND revoked_at IS NULL", (name,)
+        )
+        if not rows:
+            return False
+        key = StoredKey.model_validate_json(str(rows[0][0]))
+        key.revoked_at = at
+        await self.db.arun(
+            "UPDATE keys SET revoked_at=?, body=? WHERE secret_sha256=?",
+            (at, json.dumps(key.model_dump(mode="json")), key.secret_sha256),
+        )
+        return True
+
+    async def count_live(self) -> int:
+        rows = await self.db.arun("SELECT count(*) FROM keys WHERE revoked_at IS NULL")
+        return int(str(rows[0][0]))
+
+    async def close(self) -> None:
+        self.db.close()

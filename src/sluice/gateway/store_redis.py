@@ -1,0 +1,330 @@
+"""The shared store: keys, buckets, reservations and spend in Redis, for several replicas.
+
+Each check-and-reserve is one Lua script (`RESERVE`), so replicas sharing one Redis enforce
+one limit and one budget; settlement is another (`SETTLE`). The scripts follow quota.py's
+functions line by line. Every key of one API key shares a hash tag (`{name}`), so the
+scripts also run on Redis Cluster. Time comes from the caller (NTP-synced replicas), which
+keeps tests on an injected clock.
+
+Calls are bounded: a socket timeout, no client-side retries, and an overall deadline. Any
+Redis failure surfaces as `StoreFailure`; the gateway decides between failing open and
+closed. redis-py reconnects by itself on the next call once Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from sluice.gateway.keys import KeyExists, StoredKey
+from sluice.gateway.quota import (
+    RESERVATION_GRACE_S,
+    WINDOWS,
+    Clock,
+    Demand,
+    Grant,
+    Limits,
+    Refusal,
+    RefusalKind,
+    Usage,
+    WindowUsage,
+    spend_field,
+    view,
+    wall_clock,
+    window_bounds,
+)
+
+T = TypeVar("T")
+PREFIX = "sluice:"
+
+# KEYS: bucket hash, reservations hash, reservation expiry zset, spend hash.
+# ARGV: now, rpm, tpm, tokens, usd, budget_tokens, tokens_field, budget_usd, usd_field,
+#       reservation id, expires at. Limits of -1 mean "none".
+# Returns {admitted, kind, retry_s, requests_level, tokens_level, need, have} (as strings:
+# Lua numbers become integers in replies).
+RESERVE = """
+local now = tonumber(ARGV[1])
+local rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
+local need, usd = tonumber(ARGV[4]), tonumber(ARGV[5])
+local btok, busd = tonumber(ARGV[6]), tonumber(ARGV[8])
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+  redis.call('HDEL', KEYS[2], rid)
+  redis.call('ZREM', KEYS[3], rid)
+end
+local function level(name, cap)
+  local l = tonumber(redis.call('HGET', KEYS[1], name .. 'l'))
+  if l == nil then return cap end
+  local t = tonumber(redis.call('HGET', KEYS[1], name .. 't'))
+  return math.min(cap, l + math.max(0, now - t) * cap / 60)
+end
+local rq, tk = -1, -1
+if rpm > 0 then rq = level('r', rpm) end
+if tpm > 0 then tk = level('k', tpm) end
+local function reply(ok, kind, retry, n, h)
+  return {ok, kind, tostring(retry), tostring(rq), tostring(tk), tostring(n), tostring(h)}
+end
+if rpm > 0 and rq < 1 then return reply(0, 'requests', (1 - rq) * 60 / rpm, 1, rq) end
+if tpm > 0 and tk < need then
+  local retry = 60
+  if need <= tpm then retry = (need - tk) * 60 / tpm end
+  return reply(0, 'tokens', retry, need, tk)
+end
+if btok >= 0 or busd >= 0 then
+  local rt, ru = 0, 0
+  for _, v in ipairs(redis.call('HVALS', KEYS[2])) do
+    local sep = string.find(v, ' ', 1, true)
+    rt = rt + tonumber(string.sub(v, 1, sep - 1))
+    ru = ru + tonumber(string.sub(v, sep + 1))
+  end
+  if btok >= 0 then
+    local left = btok - tonumber(redis.call('HGET', KEYS[4], ARGV[7] .. ':t') or '0') - rt
+    if need > left then return reply(0, 'budget_tokens', 0, need, left) end
+  end
+  if busd >= 0 then
+    local left = busd - tonumber(redis.call('HGET', KEYS[4], ARGV[9] .. ':u') or '0') - ru
+    if usd > left then return reply(0, 'budget_usd', 0, usd, left) end
+  end
+end
+if rpm > 0 then
+  rq = rq - 1
+  redis.call('HSET', KEYS[1], 'rl', tostring(rq), 'rt', ARGV[1])
+end
+if tpm > 0 then
+  tk = tk - need
+  redis.call('HSET', KEYS[1], 'kl', tostring(tk), 'kt', ARGV[1])
+end
+if rpm > 0 or tpm > 0 then redis.call('EXPIRE', KEYS[1], 120) end
+redis.call('HSET', KEYS[2], ARGV[10], ARGV[4] .. ' ' .. ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[11], ARGV[10])
+return reply(1, 'ok', 0, need, 0)
+"""
+
+# KEYS: as RESERVE. ARGV: now, tpm (-1 none), refund, reservation id, tokens, usd, then the
+# spend fields of the hour, day and month.
+SETTLE = """
+local now, tpm, refund = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('HDEL', KEYS[2], ARGV[4])
+redis.call('ZREM', KEYS[3], ARGV[4])
+if tpm > 0 then
+  local l = tonumber(redis.call('HGET', KEYS[1], 'kl'))
+  if l ~= nil then
+    local t = tonumber(redis.call('HGET', KEYS[1], 'kt'))
+    l = math.min(tpm, math.min(tpm, l + math.max(0, now - t) * tpm / 60) + refund)
+    redis.call('HSET', KEYS[1], 'kl', tostring(l), 'kt', ARGV[1])
+  end
+end
+for i = 7, #ARGV do
+  redis.call('HINCRBY', KEYS[4], ARGV[i] .. ':t', ARGV[5])
+  redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i] .. ':u', ARGV[6])
+end
+return 1
+"""
+
+# KEYS: names hash, keys hash. ARGV: name, digest, body. Adds a key unless its name is live.
+ADD_KEY = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+
+
+class StoreFailure(Exception):
+    """The store could not answer (Redis down, timed out, or refused)."""
+
+
+def connect(url: str, timeout_s: float) -> aioredis.Redis:
+    """A client that fails fast: bounded socket timeouts and no client-side retries."""
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=True,
+    )
+    return client
+
+
+class RedisStore:
+    """Shared by the quota and key stores: the client, the scripts and one bounded `call`."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self.client = connect(url, timeout_s)
+        self.timeout_s = timeout_s
+        self.reserve = self.client.register_script(RESERVE)
+        self.settle = self.client.register_script(SETTLE)
+        self.add_key = self.client.register_script(ADD_KEY)
+        self._closed = False
+
+    async def call(self, work: Awaitable[T]) -> T:
+        """`work` under an overall deadline; every failure becomes `StoreFailure`."""
+        try:
+            async with asyncio.timeout(self.timeout_s * 4):
+                return await work
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreFailure(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self.client.aclose()
+
+
+def _key_names(name: str) -> list[str]:
+    base = f"{PREFIX}{{{name}}}"
+    return [f"{base}:bucket", f"{base}:res", f"{base}:resexp", f"{base}:spend"]
+
+
+def _limit(value: float | None) -> str:
+    return "-1" if value is None else repr(value)
+
+
+class RedisQuota:
+    """`QuotaStore` over Redis (see module docstring)."""
+
+    def __init__(self, store: RedisStore, clock: Clock = wall_clock) -> None:
+        self.store = store
+        self.clock = clock
+
+    async def reserve(self, limits: Limits, demand: Demand, reservation_id: str) -> Grant:
+        now = self.clock()
+        raw = await self.store.call(
+            self.store.reserve(
+                keys=_key_names(demand.key),
+                args=[
+                    repr(now),
+                    str(limits.rpm or 0),
+                    str(limits.tpm or 0),
+                    str(demand.tokens),
+                    repr(demand.usd),
+                    _limit(limits.budget_tokens),
+                    spend_field(limits.budget_tokens_window, now),
+                    _limit(limits.budget_usd),
+                    spend_field(limits.budget_usd_window, now),
+                    reservation_id,
+                    repr(now + demand.ttl_s + RESERVATION_GRACE_S),
+                ],
+            )
+        )
+        admitted, kind, retry, rq, tk, need, have = (str(x) for x in raw)
+        requests = view(float(rq), limits.rpm) if limits.rpm else None
+        tokens = view(float(tk), limits.tpm) if limits.tpm else None
+        if admitted == "1":
+            return Grant(reservation_id, demand.key, demand.tokens, demand.usd, requests, tokens)
+        refusal_kind: RefusalKind = kind  # type: ignore[assignment]
+        retry_s = float(retry)
+        if refusal_kind == "budget_tokens":
+            retry_s = window_bounds(limits.budget_tokens_window, now)[1] - now
+        elif refusal_kind == "budget_usd":
+            retry_s = window_bounds(limits.budget_usd_window, now)[1] - now
+        refusal = Refusal(
+            refusal_kind, retry_s, requests, tokens, float(need), max(0.0, float(have))
+        )
+        raise refusal.error(limits, demand.key)
+
+    async def settle(self, grant: Grant, tokens: int, usd: float) -> None:
+        now = self.clock()
+        tpm = grant.token_view.limit if grant.token_view is not None else -1
+        await self.store.call(
+            self.store.settle(
+                keys=_key_names(grant.key),
+                args=[
+                    repr(now),
+                    str(tpm),
+                    str(grant.tokens - tokens),
+                    grant.reservation_id,
+                    str(tokens),
+                    repr(usd),
+                    *(spend_field(w, now) for w in WINDOWS),
+                ],
+            )
+        )
+
+    async def usage(self, key: str) -> Usage:
+        now = self.clock()
+        _, res, resexp, spend = _key_names(key)
+        fields = [f"{spend_field(w, now)}:{unit}" for w in WINDOWS for unit in ("t", "u")]
+        values = await self.store.call(self.store.client.hmget(spend, fields))
+        live: list[str] = await self.store.call(
+            self.store.client.zrangebyscore(resexp, now, "+inf")  # type: ignore[arg-type]
+        )
+        amounts: list[str | None] = []
+        if live:
+            amounts = await self.store.call(
+                self.store.client.hmget(res, live)  # type: ignore[arg-type]
+            )
+        reserved = [a.split(" ") for a in amounts if a]
+        windows = []
+        for i, w in enumerate(WINDOWS):
+            start, end = window_bounds(w, now)
+            t, u = values[2 * i], values[2 * i + 1]
+            windows.append(WindowUsage(w, start, end, int(t or 0), float(u or 0)))
+        return Usage(
+            key,
+            tuple(windows),
+            sum(int(t) for t, _ in reserved),
+            sum(float(u) for _, u in reserved),
+        )
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+class RedisKeyStore:
+    """`KeyStore` over Redis: `sluice:keys` (digest → key JSON), `sluice:keynames` (live)."""
+
+    KEYS = f"{PREFIX}keys"
+    NAMES = f"{PREFIX}keynames"
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+
+    async def find(self, secret_sha256: str) -> StoredKey | None:
+        body = await self.store.call(self.store.client.hget(self.KEYS, secret_sha256))
+        return StoredKey.model_validate_json(body) if body else None
+
+    async def add(self, key: StoredKey) -> None:
+        added = await self.store.call(
+            self.store.add_key(
+                keys=[self.NAMES, self.KEYS],
+                args=[key.name, key.secret_sha256, key.model_dump_json()],
+            )
+        )
+        if not added:
+            raise KeyExists(key.name)
+
+    async def all(self) -> list[StoredKey]:
+        bodies: dict[str, str] = await self.store.call(
+            self.store.client.hgetall(self.KEYS)  # type: ignore[arg-type]
+        )
+        keys = [StoredKey.model_validate_json(b) for b in bodies.values()]
+        return sorted(keys, key=lambda k: (k.name, k.revoked_at or time.time()))
+
+    async def revoke(self, name: str, at: float) -> bool:
+        digest: str | None = await self.store.call(
+            self.store.client.hget(self.NAMES, name)  # type: ignore[arg-type]
+        )
+        if digest is None:
+            return False
+        key = await self.find(digest)
+        if key is None:
+            return False
+        key.revoked_at = at
+        pipe: Any = self.store.client.pipeline(transaction=True)
+        pipe.hset(self.KEYS, digest, key.model_dump_json())
+        pipe.hdel(self.NAMES, name)
+        await self.store.call(pipe.execute())
+        return True
+
+    async def count_live(self) -> int:
+        count: int = await self.store.call(self.store.client.hlen(self.NAMES))
+        return count
+
+    async def close(self) -> None:
+        await self.store.close()
