@@ -294,10 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), 1)
     except (EstimateError, BenchError, KeysFile) as exc:
         return _fail(str(exc), 2)
-    except SluiceError as exc:
-        return _fail(exc.message, 1)
     except StoreFailure as exc:
         return _fail(f"the limits store is unreachable: {exc}", 1)
+    except SluiceError as exc:
+        return _fail(exc.message, 1)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from sluice import errors
 from sluice.api.schemas import ChatCompletionRequest, CompletionRequest
 from sluice.errors import (
     ERROR_TABLE,
+    Conflict,
     ContextLengthExceeded,
     Draining,
     EngineDead,
@@ -20,6 +21,7 @@ from sluice.errors import (
     InvalidRequest,
     ModelLoading,
     ModelNotFound,
+    NotFound,
     PayloadTooLarge,
     PermissionDenied,
     QuotaExceeded,
@@ -42,6 +44,8 @@ EXPECTED = [
     (Unauthenticated, 401, "invalid_request_error", "invalid_api_key"),
     (PermissionDenied, 403, "invalid_request_error", "model_not_allowed"),
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
+    (NotFound, 404, "invalid_request_error", "not_found"),
+    (Conflict, 409, "invalid_request_error", "conflict"),
     (PayloadTooLarge, 413, "invalid_request_error", "request_too_large"),
     (RateLimitExceeded, 429, "requests", "rate_limit_exceeded"),
     (QuotaExceeded, 429, "insufficient_quota", "insufficient_quota"),

@@ -6,7 +6,7 @@ functions line by line. Every key of one API key shares a hash tag (`{name}`), s
 scripts also run on Redis Cluster. Time comes from the caller (NTP-synced replicas), which
 keeps tests on an injected clock.
 
-Calls are bounded: a socket timeout, no client-side retries, and an overall deadline. Any
+Calls are bounded: a socket timeout, one immediate retry, and an overall deadline. Any
 Redis failure surfaces as `StoreFailure`; the gateway decides between failing open and
 closed. redis-py reconnects by itself on the next call once Redis is back.
 """
@@ -23,6 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from sluice.errors import StoreUnavailable
 from sluice.gateway.keys import KeyExists, StoredKey
 from sluice.gateway.quota import (
     RESERVATION_GRACE_S,
@@ -135,17 +136,30 @@ return 1
 """
 
 
-class StoreFailure(Exception):
-    """The store could not answer (Redis down, timed out, or refused)."""
+class StoreFailure(StoreUnavailable):
+    """The store could not answer (Redis down, timed out, or refused).
+
+    The gateway catches it to fail open or closed; anywhere else (the admin API) it is a 503
+    `store_unavailable`. `detail` says what went wrong, for logs only."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            "The server cannot reach its limits store. Retry shortly.", retry_after_s=5.0
+        )
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 def connect(url: str, timeout_s: float) -> aioredis.Redis:
-    """A client that fails fast: bounded socket timeouts and no client-side retries."""
+    """A client that fails fast: bounded socket timeouts and one immediate retry (a pooled
+    connection that died with a Redis restart fails once, then a fresh one is made)."""
     client: aioredis.Redis = aioredis.Redis.from_url(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
+        retry=Retry(NoBackoff(), 1),
         decode_responses=True,
     )
     return client

@@ -1,0 +1,381 @@
+"""The gateway on the request path: keys, 401/403, rate limits, budgets, shedding, admin API.
+
+A keys file defines the keys (digests of known secrets); the embedded store (SQLite in the
+test's folder) keeps spend. Every test ends with nothing left in flight or queued.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from sluice.config import Settings
+from sluice.gateway.keys import digest
+from sluice.gateway.service import Gateway
+from tests.api.conftest import (
+    API_LIMITS,
+    app_client,
+    assert_error,
+    assert_settled,
+    chat_body,
+    completion_body,
+    make_settings,
+)
+from tests.api.test_metrics import sample
+from tests.fake_engine import MODEL_ID, FakeEngine
+
+ADMIN = "admin-secret-for-tests"
+
+
+def secret(name: str) -> str:
+    return f"sk-test-{name}-0123456789abcdef"
+
+
+def auth(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret(name)}"}
+
+
+def keys_file(tmp_path: Path, **keys: dict[str, Any]) -> Path:
+    path = tmp_path / "keys.yaml"
+    entries = [
+        {"name": name, "secret_sha256": digest(secret(name)), **policy}
+        for name, policy in keys.items()
+    ]
+    path.write_text(yaml.safe_dump({"keys": entries}))
+    return path
+
+
+def gateway_settings(tmp_path: Path, keys: dict[str, dict[str, Any]], **extra: Any) -> Settings:
+    gateway = {"keys_file": keys_file(tmp_path, **keys), "key_cache_s": 0, "admin_key": ADMIN}
+    gateway.update(extra.pop("gateway", {}))
+    return make_settings(limits=dict(API_LIMITS), gateway=gateway, **extra)
+
+
+@pytest.fixture
+def keyed(engine: FakeEngine, tmp_path: Path) -> Iterator[TestClient]:
+    settings = gateway_settings(
+        tmp_path,
+        {
+            "plain": {},
+            "limited": {"rpm": 3},
+            "tokens": {"tpm": 20},
+            "budget": {"budget_tokens": 20, "budget_tokens_window": "day"},
+            "capped": {"max_tokens": 4},
+            "other-model": {"models": ["some-other-model"]},
+            "off": {"enabled": False},
+            "high": {"priority": "high"},
+            "low": {"priority": "low"},
+        },
+    )
+    with app_client(engine, settings) as client:
+        yield client
+        assert_settled(client, engine)
+        assert_no_reservations(client)
+
+
+def gateway_of(client: TestClient) -> Gateway:
+    gateway: Gateway = client.app.state.gateway  # type: ignore[attr-defined]
+    return gateway
+
+
+def assert_no_reservations(client: TestClient) -> None:
+    for name in ("plain", "limited", "tokens", "budget", "capped", "high", "low"):
+        usage = client.portal.call(gateway_of(client).quota.usage, name)  # type: ignore[union-attr]
+        assert usage.reserved_tokens == 0, name
+
+
+def test_a_request_without_a_key_is_refused_with_401(keyed: TestClient) -> None:
+    response = keyed.post("/v1/chat/completions", json=chat_body())
+    error = assert_error(response, 401, code="invalid_api_key")
+    assert "Authorization" in error["message"]
+    assert_error(keyed.get("/v1/models"), 401, code="invalid_api_key")
+
+
+def test_a_wrong_key_is_refused_and_its_secret_is_not_echoed(keyed: TestClient) -> None:
+    wrong = "sk-wrong-key-that-nobody-has-0000"
+    response = keyed.post(
+        "/v1/chat/completions", json=chat_body(), headers={"Authorization": f"Bearer {wrong}"}
+    )
+    error = assert_error(response, 401, code="invalid_api_key")
+    assert wrong not in error["message"]
+    assert "sk-wro****0000" in error["message"]
+
+
+def test_a_good_key_is_served_and_named_in_metrics(keyed: TestClient) -> None:
+    response = keyed.post("/v1/chat/completions", json=chat_body(), headers=auth("plain"))
+    assert response.status_code == 200
+    assert "x-ratelimit-limit-requests" not in response.headers  # no limits, no headers
+    labels = {"model": MODEL_ID, "endpoint": "/v1/chat/completions", "status": "200"}
+    assert sample(keyed, "sluice_requests_total", key="plain", **labels) == 1
+    assert keyed.get("/v1/models", headers=auth("plain")).status_code == 200
+
+
+def test_disabled_key_and_disallowed_model_are_403(keyed: TestClient) -> None:
+    response = keyed.post("/v1/chat/completions", json=chat_body(), headers=auth("off"))
+    assert_error(response, 403, code="key_disabled")
+    response = keyed.post("/v1/chat/completions", json=chat_body(), headers=auth("other-model"))
+    assert_error(response, 403, param="model", code="model_not_allowed")
+
+
+def test_the_keys_max_tokens_cap_applies(keyed: TestClient, engine: FakeEngine) -> None:
+    response = keyed.post(
+        "/v1/chat/completions", json=chat_body(max_tokens=5), headers=auth("capped")
+    )
+    assert_error(response, 400, param="max_tokens")
+    response = keyed.post("/v1/chat/completions", json=chat_body(), headers=auth("capped"))
+    body = chat_body()
+    del body["max_tokens"]
+    response = keyed.post("/v1/chat/completions", json=body, headers=auth("capped"))
+    assert response.status_code == 200
+    assert engine.requests[-1].sampling.max_tokens == 4  # default: rest of context, capped
+
+
+def test_rpm_admits_the_limit_then_429_with_headers(keyed: TestClient) -> None:
+    for remaining in (2, 1, 0):
+        response = keyed.post("/v1/completions", json=completion_body(), headers=auth("limited"))
+        assert response.status_code == 200
+        assert response.headers["x-ratelimit-limit-requests"] == "3"
+        assert response.headers["x-ratelimit-remaining-requests"] == str(remaining)
+        assert response.headers["x-ratelimit-reset-requests"].endswith("s")
+    response = keyed.post("/v1/completions", json=completion_body(), headers=auth("limited"))
+    error = assert_error(response, 429, type_="requests", code="rate_limit_exceeded")
+    assert "requests per minute" in error["message"]
+    assert 1 <= int(response.headers["retry-after"]) <= 20
+    assert response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert sample(keyed, "sluice_rejections_total", reason="rate_limit_exceeded", key="limited")
+
+
+def test_tpm_reserves_the_worst_case_and_settles_to_what_was_used(keyed: TestClient) -> None:
+    # 3 prompt tokens + max_tokens 10 reserves 13 of 20; the stop ends it after 2 tokens.
+    body = completion_body(max_tokens=10, stop=["w0_1"])
+    first = keyed.post("/v1/completions", json=body, headers=auth("tokens"))
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-remaining-tokens"] == "7"
+    assert first.json()["usage"]["total_tokens"] == 5
+    # Without the refund only 7 would be left and this 13-token reservation would fail.
+    second = keyed.post("/v1/completions", json=body, headers=auth("tokens"))
+    assert second.status_code == 200
+    too_big = keyed.post(
+        "/v1/completions", json=completion_body(max_tokens=30), headers=auth("tokens")
+    )
+    error = assert_error(too_big, 429, type_="tokens", code="rate_limit_exceeded")
+    assert "lower max_tokens" in error["message"]
+
+
+def test_a_token_budget_refuses_with_insufficient_quota(keyed: TestClient) -> None:
+    # each request: 3 prompt + 3 completion = 6 tokens, reserved and then spent
+    for _ in range(3):
+        response = keyed.post("/v1/completions", json=completion_body(), headers=auth("budget"))
+        assert response.status_code == 200
+    response = keyed.post("/v1/completions", json=completion_body(), headers=auth("budget"))
+    error = assert_error(response, 429, type_="insufficient_quota", code="insufficient_quota")
+    assert "budget" in error["message"] and "day" in error["message"]
+    assert int(response.headers["retry-after"]) <= 86400
+    smaller = keyed.post(
+        "/v1/completions", json=completion_body(max_tokens=1), headers=auth("budget")
+    )
+    assert_error(smaller, 429, type_="insufficient_quota", code="insufficient_quota")
+    usage = keyed.get("/admin/keys/budget/usage", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert usage.json()["windows"]["day"]["tokens"] == 18  # 18 + 3 + 1 would pass 20
+
+
+def test_streams_carry_headers_and_settle_what_they_generated(keyed: TestClient) -> None:
+    response = keyed.post(
+        "/v1/completions", json=completion_body(stream=True, max_tokens=3), headers=auth("tokens")
+    )
+    assert response.status_code == 200
+    assert response.headers["x-ratelimit-limit-tokens"] == "20"
+    usage = keyed.get("/admin/keys/tokens/usage", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert usage.json()["windows"]["month"]["tokens"] == 6
+    assert usage.json()["reserved"]["tokens"] == 0
+
+
+def test_a_burst_of_concurrent_requests_admits_exactly_the_limit(
+    engine: FakeEngine, tmp_path: Path
+) -> None:
+    settings = gateway_settings(tmp_path, {"burst": {"rpm": 10}})
+    engine.token_delay_s = 0.01
+    with app_client(engine, settings) as client:
+        start = threading.Barrier(40)
+
+        def one(_: int) -> int:
+            start.wait()
+            response = client.post("/v1/completions", json=completion_body(), headers=auth("burst"))
+            return response.status_code
+
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            statuses = list(pool.map(one, range(40)))
+        assert statuses.count(200) == 10
+        assert statuses.count(429) == 30
+        assert_settled(client, engine)
+
+
+def test_priority_reaches_the_engine(keyed: TestClient, engine: FakeEngine) -> None:
+    for name, rank in (("high", 0), ("plain", 1), ("low", 2)):
+        assert keyed.post("/v1/completions", json=completion_body(), headers=auth(name)).is_success
+        assert engine.requests[-1].priority == rank
+
+
+def _hold_queue(client: TestClient, engine: FakeEngine, count: int) -> list[Any]:
+    """Start `count` slow requests in threads and wait until the engine queues them."""
+    pool = concurrent.futures.ThreadPoolExecutor(count)
+    futures = [
+        pool.submit(
+            client.post,
+            "/v1/completions",
+            json=completion_body(max_tokens=20),
+            headers=auth("high"),
+        )
+        for _ in range(count)
+    ]
+    deadline = time.monotonic() + 5
+    while engine.stats().waiting < count - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pool.shutdown(wait=False)
+    return futures
+
+
+def test_shedding_by_priority_before_any_tokenising(engine: FakeEngine, tmp_path: Path) -> None:
+    engine.max_running = 1
+    engine.token_delay_s = 0.02
+    settings = gateway_settings(
+        tmp_path,
+        {"high": {"priority": "high"}, "plain": {}, "low": {"priority": "low"}},
+        admission={"max_waiting": 1},
+    )
+    with app_client(engine, settings) as client:
+        held = _hold_queue(client, engine, 2)  # one running, one waiting: load 1.0
+        tokenized = len(engine.requests)
+        for name, priority in (("plain", "normal"), ("low", "low")):
+            response = client.post("/v1/completions", json=completion_body(), headers=auth(name))
+            error = assert_error(response, 503, type_="server_error", code="overloaded")
+            assert f"{priority} priority" in error["message"]
+            assert 1 <= int(response.headers["retry-after"]) <= 60
+        assert len(engine.requests) == tokenized  # refused before planning
+        high = client.post("/v1/completions", json=completion_body(), headers=auth("high"))
+        assert high.status_code == 200  # high has headroom to 1.5x
+        for future in held:
+            assert future.result(timeout=10).status_code == 200
+        assert sample(client, "sluice_rejections_total", reason="overloaded", key="low") == 1
+        assert_settled(client, engine)
+
+
+def test_the_gate_clamps_normal_and_sheds_low(engine: FakeEngine, tmp_path: Path) -> None:
+    settings = gateway_settings(
+        tmp_path,
+        {"high": {"priority": "high"}, "plain": {}, "low": {"priority": "low"}},
+        admission={"gate_tokens_per_min": 5, "gate_max_tokens": 2},
+    )
+    with app_client(engine, settings) as client:
+        for _ in range(2):  # 6 tokens generated in the last minute: over 5
+            client.post("/v1/completions", json=completion_body(), headers=auth("high"))
+        normal = client.post("/v1/completions", json=completion_body(), headers=auth("plain"))
+        assert normal.json()["usage"]["completion_tokens"] == 2
+        low = client.post("/v1/completions", json=completion_body(), headers=auth("low"))
+        assert_error(low, 503, type_="server_error", code="overloaded")
+        high = client.post("/v1/completions", json=completion_body(), headers=auth("high"))
+        assert high.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_usd_budget_uses_the_price_table(engine: FakeEngine, tmp_path: Path) -> None:
+    settings = gateway_settings(
+        tmp_path,
+        {"spender": {"budget_usd": 0.02, "budget_usd_window": "hour"}},
+        pricing={"default": {"input_usd_per_mtok": 1000, "output_usd_per_mtok": 2000}},
+    )
+    with app_client(engine, settings) as client:
+        # reserve 3 * $0.001 + 3 * $0.002 = $0.009 each: two fit in $0.02, the third not
+        for _ in range(2):
+            ok = client.post("/v1/completions", json=completion_body(), headers=auth("spender"))
+            assert ok.status_code == 200
+        refused = client.post("/v1/completions", json=completion_body(), headers=auth("spender"))
+        error = assert_error(refused, 429, type_="insufficient_quota", code="insufficient_quota")
+        assert "USD" in error["message"] and "hour" in error["message"]
+        cost = sample(client, "sluice_cost_usd_total", model=MODEL_ID, key="spender")
+        assert cost == pytest.approx(0.018)
+
+
+def test_redis_down_fails_open_or_closed(engine: FakeEngine, tmp_path: Path) -> None:
+    dead = "redis://127.0.0.1:9/0"  # the discard port: nothing answers
+    for mode, status in (("open", 200), ("closed", 503)):
+        settings = gateway_settings(
+            tmp_path,
+            {"limited": {"rpm": 2}},
+            gateway={"store": "redis", "redis_url": dead, "redis_failure": mode},
+        )
+        with app_client(engine, settings) as client:
+            started = time.monotonic()
+            response = client.post(
+                "/v1/completions", json=completion_body(), headers=auth("limited")
+            )
+            assert time.monotonic() - started < 3  # bounded, never hangs
+            assert response.status_code == status, response.text
+            failures = sample(client, "sluice_store_failures_total", operation="reserve")
+            assert failures is not None and failures >= 1
+            if mode == "open":  # local limits still hold
+                client.post("/v1/completions", json=completion_body(), headers=auth("limited"))
+                third = client.post(
+                    "/v1/completions", json=completion_body(), headers=auth("limited")
+                )
+                assert_error(third, 429, type_="requests", code="rate_limit_exceeded")
+            else:
+                assert_error(response, 503, type_="server_error", code="store_unavailable")
+                assert response.headers["retry-after"] == "5"
+            assert_settled(client, engine)
+
+
+# -- admin API ----------------------------------------------------------------------------
+
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
+
+
+def test_admin_api_needs_the_admin_key(keyed: TestClient) -> None:
+    assert_error(keyed.get("/admin/keys"), 401, code="invalid_api_key")
+    assert_error(keyed.get("/admin/keys", headers=auth("plain")), 401, code="invalid_api_key")
+    with app_client(FakeEngine(), make_settings()) as open_server:
+        assert_error(open_server.get("/admin/keys"), 403, code="admin_disabled")
+
+
+def test_admin_creates_lists_revokes_and_reports_keys(keyed: TestClient) -> None:
+    created = keyed.post("/admin/keys", json={"name": "new", "rpm": 5}, headers=ADMIN_AUTH)
+    assert created.status_code == 201
+    new_secret = created.json()["secret"]
+    assert new_secret.startswith("sk-sluice-")
+    headers = {"Authorization": f"Bearer {new_secret}"}
+    assert keyed.post("/v1/completions", json=completion_body(), headers=headers).is_success
+    listed = keyed.get("/admin/keys", headers=ADMIN_AUTH).json()["data"]
+    assert {k["name"] for k in listed} >= {"new", "plain"}
+    assert all("secret" not in k and "secret_sha256" not in k for k in listed)
+    usage = keyed.get("/admin/keys/new/usage", headers=ADMIN_AUTH).json()
+    assert usage["windows"]["hour"]["tokens"] == 6
+    again = keyed.post("/admin/keys", json={"name": "new"}, headers=ADMIN_AUTH)
+    assert_error(again, 409, param="name", code="conflict")
+    file_key = keyed.delete("/admin/keys/plain", headers=ADMIN_AUTH)
+    assert_error(file_key, 409, param="name", code="conflict")
+    assert keyed.delete("/admin/keys/new", headers=ADMIN_AUTH).status_code == 200
+    refused = keyed.post("/v1/completions", json=completion_body(), headers=headers)
+    assert_error(refused, 401, code="invalid_api_key")
+    gone = keyed.delete("/admin/keys/new", headers=ADMIN_AUTH)
+    assert_error(gone, 404, param="name", code="not_found")
+    bad = keyed.post("/admin/keys", json={"name": "bad name!"}, headers=ADMIN_AUTH)
+    assert_error(bad, 400, param="name")
+
+
+def test_creating_the_first_key_turns_authentication_on(engine: FakeEngine) -> None:
+    settings = make_settings(gateway={"admin_key": ADMIN, "key_cache_s": 0})
+    with app_client(engine, settings) as client:
+        assert client.post("/v1/completions", json=completion_body()).status_code == 200
+        created = client.post("/admin/keys", json={"name": "first"}, headers=ADMIN_AUTH)
+        assert created.status_code == 201
+        refused = client.post("/v1/completions", json=completion_body())
+        assert_error(refused, 401, code="invalid_api_key")
+        headers = {"Authorization": f"Bearer {created.json()['secret']}"}
+        assert client.post("/v1/completions", json=completion_body(), headers=headers).is_success

@@ -1,0 +1,468 @@
+"""Authentication: the keys file, and `KeyRing` turning an Authorization header into a
+`Principal` through the file's keys and a (fake, in-memory) key store with a cache."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sluice.errors import PermissionDenied, Unauthenticated, error_body, error_response
+from sluice.gateway.auth import (
+    ANONYMOUS,
+    KeyRing,
+    KeysFile,
+    Principal,
+    load_keys_file,
+    masked,
+)
+from sluice.gateway.keys import KeyExists, KeyPolicy, Priority, StoredKey, digest
+from sluice.gateway.store_redis import StoreFailure
+from tests.conftest import FakeClock
+
+SECRET = "sk-sluice-0123456789abcdefghijklmnopqrstuvwxyzABCDEFG"
+OTHER = "sk-sluice-ZYXWVUTSRQPONMLKJIHGFEDCBA9876543210zyxwvutsr"
+
+
+class MemoryKeyStore:
+    """A `KeyStore` in a dict that counts lookups and can be made to fail; like a real store
+    it hands out copies, so a change in the store never reaches a cached answer."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, StoredKey] = {}
+        self.failing = False
+        self.finds = 0
+
+    def _answer(self) -> None:
+        if self.failing:
+            raise StoreFailure("redis: ConnectionError: down")
+
+    async def find(self, secret_sha256: str) -> StoredKey | None:
+        self._answer()
+        self.finds += 1
+        key = self.keys.get(secret_sha256)
+        return key.model_copy(deep=True) if key is not None else None
+
+    async def add(self, key: StoredKey) -> None:
+        self._answer()
+        if any(k.name == key.name and k.revoked_at is None for k in self.keys.values()):
+            raise KeyExists(key.name)
+        self.keys[key.secret_sha256] = key.model_copy(deep=True)
+
+    async def all(self) -> list[StoredKey]:
+        self._answer()
+        return sorted(self.keys.values(), key=lambda k: k.name)
+
+    async def revoke(self, name: str, at: float) -> bool:
+        self._answer()
+        for sha, key in self.keys.items():
+            if key.name == name and key.revoked_at is None:
+                self.keys[sha] = key.model_copy(update={"revoked_at": at})
+                return True
+        return False
+
+    async def count_live(self) -> int:
+        self._answer()
+        return sum(k.revoked_at is None for k in self.keys.values())
+
+    async def close(self) -> None:
+        pass
+
+
+def stored(name: str, secret: str = SECRET, **policy: object) -> StoredKey:
+    return StoredKey(
+        policy=KeyPolicy.model_validate({"name": name, **policy}), secret_sha256=digest(secret)
+    )
+
+
+def bearer(secret: str) -> str:
+    return f"Bearer {secret}"
+
+
+@pytest.fixture
+def store() -> MemoryKeyStore:
+    return MemoryKeyStore()
+
+
+@pytest.fixture
+def ring(store: MemoryKeyStore, clock: FakeClock) -> KeyRing:
+    return KeyRing({}, store, cache_s=1.0, clock=clock)
+
+
+# -- the keys file -------------------------------------------------------------------------
+
+
+def keys_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "keys.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_keys_file_secret_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEAM_A_KEY", SECRET)
+    path = keys_file(
+        tmp_path,
+        """
+        keys:
+          - name: team-a
+            secret_env: TEAM_A_KEY
+            rpm: 60
+            tpm: 40000
+            priority: high
+        """,
+    )
+    keys = load_keys_file(path)
+    assert list(keys) == [digest(SECRET)]
+    key = keys[digest(SECRET)]
+    assert key.source == "file"
+    assert key.secret_sha256 == digest(SECRET)
+    assert key.policy == KeyPolicy(name="team-a", rpm=60, tpm=40000, priority="high")
+
+
+def test_keys_file_secret_by_digest(tmp_path: Path) -> None:
+    sha = digest(SECRET)
+    path = keys_file(
+        tmp_path,
+        f"""
+        keys:
+          - name: batch
+            secret_sha256: {sha.upper()}
+            budget_usd: 25
+            budget_usd_window: day
+        """,
+    )
+    keys = load_keys_file(path)
+    assert list(keys) == [sha]  # stored lowercase, as digests are compared
+    assert keys[sha].policy.budget_usd == 25
+    assert keys[sha].policy.budget_usd_window == "day"
+
+
+@pytest.mark.parametrize(
+    "secret_lines",
+    [
+        "secret_env: TEAM_A_KEY\n    secret_sha256: " + "a" * 64,
+        "rpm: 5",
+    ],
+    ids=["both", "neither"],
+)
+def test_keys_file_needs_exactly_one_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, secret_lines: str
+) -> None:
+    monkeypatch.setenv("TEAM_A_KEY", SECRET)
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        f"keys:\n  - name: ok\n    secret_env: TEAM_A_KEY\n  - name: a\n    {secret_lines}\n"
+    )
+    with pytest.raises(KeysFile) as info:
+        load_keys_file(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "key #2" in message
+    assert "exactly one of secret_sha256 and secret_env" in message
+
+
+def test_keys_file_duplicate_names(tmp_path: Path) -> None:
+    path = keys_file(
+        tmp_path,
+        f"""
+        keys:
+          - name: team-a
+            secret_sha256: {digest(SECRET)}
+          - name: team-a
+            secret_sha256: {digest(OTHER)}
+        """,
+    )
+    with pytest.raises(KeysFile, match="the name 'team-a' appears twice"):
+        load_keys_file(path)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="load_keys_file keys its result by digest: two names with one secret keep only "
+    "the last, silently",
+)
+def test_keys_file_two_names_with_one_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHARED", SECRET)
+    path = keys_file(
+        tmp_path,
+        """
+        keys:
+          - name: team-a
+            secret_env: SHARED
+          - name: team-b
+            secret_env: SHARED
+        """,
+    )
+    with pytest.raises(KeysFile):
+        load_keys_file(path)
+
+
+@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+def test_keys_file_env_var_not_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str | None
+) -> None:
+    if value is None:
+        monkeypatch.delenv("TEAM_A_KEY", raising=False)
+    else:
+        monkeypatch.setenv("TEAM_A_KEY", value)
+    path = keys_file(
+        tmp_path,
+        """
+        keys:
+          - name: team-a
+            secret_env: TEAM_A_KEY
+        """,
+    )
+    with pytest.raises(KeysFile) as info:
+        load_keys_file(path)
+    assert "'team-a'" in str(info.value)
+    assert "$TEAM_A_KEY, which is not set" in str(info.value)
+
+
+def test_keys_file_bad_yaml(tmp_path: Path) -> None:
+    path = keys_file(tmp_path, "keys: [\n  - name: a\n")
+    with pytest.raises(KeysFile, match="cannot read keys file"):
+        load_keys_file(path)
+
+
+def test_keys_file_missing(tmp_path: Path) -> None:
+    with pytest.raises(KeysFile, match="cannot read keys file"):
+        load_keys_file(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["keys:\n  name: a\n", "- name: a\n", "keys:\n", "", "just text\n"],
+    ids=["mapping", "top-level-list", "empty-keys", "empty-file", "scalar"],
+)
+def test_keys_file_must_hold_a_list(tmp_path: Path, text: str) -> None:
+    path = keys_file(tmp_path, text)
+    with pytest.raises(KeysFile, match="must hold a list under 'keys:'"):
+        load_keys_file(path)
+
+
+def test_keys_file_invalid_field_names_it(tmp_path: Path) -> None:
+    path = keys_file(
+        tmp_path,
+        f"""
+        keys:
+          - name: team-a
+            secret_sha256: {digest(SECRET)}
+            rpm: 0
+        """,
+    )
+    with pytest.raises(KeysFile, match=r"key #1: rpm: "):
+        load_keys_file(path)
+
+
+def test_keys_file_unknown_field(tmp_path: Path) -> None:
+    path = keys_file(
+        tmp_path,
+        f"""
+        keys:
+          - name: team-a
+            secret_sha256: {digest(SECRET)}
+            secret: {SECRET}
+        """,
+    )
+    with pytest.raises(KeysFile) as info:
+        load_keys_file(path)
+    assert "key #1: secret: " in str(info.value)
+
+
+# -- KeyRing -------------------------------------------------------------------------------
+
+
+def test_masked_keeps_only_the_ends() -> None:
+    assert masked(SECRET) == "sk-slu****DEFG"
+    assert masked("short") == "****"
+
+
+async def test_no_keys_anywhere_is_open(ring: KeyRing) -> None:
+    for header in (None, "", "Bearer whatever", "Basic abc"):
+        principal = await ring.authenticate(header)
+        assert principal == Principal(ANONYMOUS)
+        assert principal.policy is None
+        assert principal.priority == "normal"
+
+
+@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer   ", "Basic dXNlcjpwYXNz", SECRET])
+async def test_missing_key_is_unauthenticated(
+    ring: KeyRing, store: MemoryKeyStore, header: str | None
+) -> None:
+    await store.add(stored("team-a"))
+    with pytest.raises(Unauthenticated) as info:
+        await ring.authenticate(header)
+    assert "You didn't provide an API key" in info.value.message
+    assert error_response(info.value).status_code == 401
+    assert error_body(info.value)["error"]["code"] == "invalid_api_key"
+
+
+async def test_a_valid_key(ring: KeyRing, store: MemoryKeyStore) -> None:
+    await store.add(stored("team-a", rpm=5, priority="low"))
+    for header in (bearer(SECRET), f"bearer  {SECRET} "):
+        principal = await ring.authenticate(header)
+        assert principal.name == "team-a"
+        assert principal.policy is not None and principal.policy.rpm == 5
+        assert principal.priority == "low"
+
+
+async def test_a_wrong_key_is_masked_in_the_error(ring: KeyRing, store: MemoryKeyStore) -> None:
+    await store.add(stored("team-a"))
+    with pytest.raises(Unauthenticated) as info:
+        await ring.authenticate(bearer(OTHER))
+    message = info.value.message
+    assert message == f"Incorrect API key provided: {masked(OTHER)}."
+    assert OTHER not in message
+    assert OTHER[6:-4] not in message
+
+
+async def test_a_revoked_key_is_unauthenticated(
+    ring: KeyRing, store: MemoryKeyStore, clock: FakeClock
+) -> None:
+    await store.add(stored("team-a"))
+    await store.add(stored("team-b", secret=OTHER))
+    await store.revoke("team-a", clock())
+    with pytest.raises(Unauthenticated, match="Incorrect API key"):
+        await ring.authenticate(bearer(SECRET))
+
+
+async def test_a_disabled_key_is_denied(ring: KeyRing, store: MemoryKeyStore) -> None:
+    await store.add(stored("team-a", enabled=False))
+    with pytest.raises(PermissionDenied) as info:
+        await ring.authenticate(bearer(SECRET))
+    assert info.value.code == "key_disabled"
+    assert "'team-a'" in info.value.message
+    assert error_response(info.value).status_code == 403
+    assert error_body(info.value)["error"]["code"] == "key_disabled"
+
+
+async def test_file_keys_need_no_store(store: MemoryKeyStore, clock: FakeClock) -> None:
+    file_key = stored("from-file", priority="high")
+    ring = KeyRing({file_key.secret_sha256: file_key}, store, cache_s=1.0, clock=clock)
+    store.failing = True
+    principal = await ring.authenticate(bearer(SECRET))
+    assert principal.name == "from-file"
+    assert principal.engine_priority == 0
+    assert ring.file_names() == {"from-file"}
+    with pytest.raises(Unauthenticated):  # auth is on, though the store has no keys
+        await ring.authenticate(None)
+
+
+async def test_a_revoked_key_is_trusted_until_the_cache_expires(
+    ring: KeyRing, store: MemoryKeyStore, clock: FakeClock
+) -> None:
+    await store.add(stored("team-a"))
+    await store.add(stored("team-b", secret=OTHER))  # auth stays on after the revocation
+    await ring.authenticate(bearer(SECRET))
+    assert store.finds == 1
+    await store.revoke("team-a", clock())
+    clock.advance(0.9)
+    assert (await ring.authenticate(bearer(SECRET))).name == "team-a"
+    assert store.finds == 1  # answered from the cache
+    clock.advance(0.1)
+    with pytest.raises(Unauthenticated):
+        await ring.authenticate(bearer(SECRET))
+    assert store.finds == 2
+
+
+async def test_unknown_keys_are_cached_too(
+    ring: KeyRing, store: MemoryKeyStore, clock: FakeClock
+) -> None:
+    await store.add(stored("team-a"))
+    with pytest.raises(Unauthenticated):
+        await ring.authenticate(bearer(OTHER))
+    await store.add(stored("team-b", secret=OTHER))
+    clock.advance(0.5)
+    with pytest.raises(Unauthenticated):
+        await ring.authenticate(bearer(OTHER))
+    clock.advance(0.5)
+    assert (await ring.authenticate(bearer(OTHER))).name == "team-b"
+
+
+async def test_forget_drops_cached_answers(
+    ring: KeyRing, store: MemoryKeyStore, clock: FakeClock
+) -> None:
+    await store.add(stored("team-a"))
+    await store.add(stored("team-b", secret=OTHER))
+    await ring.authenticate(bearer(SECRET))
+    await store.revoke("team-a", clock())
+    ring.forget()
+    with pytest.raises(Unauthenticated):
+        await ring.authenticate(bearer(SECRET))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="KeyRing.required counts only live keys: revoking the last key turns "
+    "authentication off and opens the server, even one bound beyond loopback",
+)
+async def test_revoking_the_last_key_keeps_auth_on(
+    ring: KeyRing, store: MemoryKeyStore, clock: FakeClock
+) -> None:
+    await store.add(stored("team-a"))
+    await ring.authenticate(bearer(SECRET))
+    await store.revoke("team-a", clock())
+    clock.advance(1.0)
+    with pytest.raises(Unauthenticated):
+        await ring.authenticate(None)
+
+
+async def test_the_first_key_turns_auth_on_within_the_cache_time(
+    ring: KeyRing, store: MemoryKeyStore, clock: FakeClock
+) -> None:
+    assert await ring.authenticate(None) == Principal(ANONYMOUS)
+    await store.add(stored("team-a"))
+    clock.advance(0.5)
+    assert await ring.authenticate(None) == Principal(ANONYMOUS)
+    clock.advance(0.5)
+    with pytest.raises(Unauthenticated):
+        await ring.authenticate(None)
+    assert (await ring.authenticate(bearer(SECRET))).name == "team-a"
+
+
+async def test_a_failing_store_serves_the_stale_answer(
+    ring: KeyRing, store: MemoryKeyStore, clock: FakeClock
+) -> None:
+    await store.add(stored("team-a"))
+    await store.add(stored("team-b", secret=OTHER))
+    await store.revoke("team-b", clock())
+    await ring.authenticate(bearer(SECRET))
+    with pytest.raises(Unauthenticated):
+        await ring.authenticate(bearer(OTHER))
+    store.failing = True
+    clock.advance(60)
+    assert (await ring.authenticate(bearer(SECRET))).name == "team-a"
+    with pytest.raises(Unauthenticated):  # a stale "revoked" stays revoked
+        await ring.authenticate(bearer(OTHER))
+
+
+async def test_a_failing_store_without_an_answer_raises(
+    ring: KeyRing, store: MemoryKeyStore, clock: FakeClock
+) -> None:
+    await store.add(stored("team-a"))
+    await store.add(stored("team-b", secret=OTHER))
+    await ring.authenticate(bearer(SECRET))
+    store.failing = True
+    with pytest.raises(StoreFailure):  # never looked up: no answer to fall back on
+        await ring.authenticate(bearer(OTHER))
+
+
+async def test_a_store_failing_from_the_start_raises(ring: KeyRing, store: MemoryKeyStore) -> None:
+    store.failing = True
+    with pytest.raises(StoreFailure):
+        await ring.authenticate(bearer(SECRET))
+
+
+@pytest.mark.parametrize(("priority", "rank"), [("high", 0), ("normal", 1), ("low", 2)])
+def test_engine_priority(priority: Priority, rank: int) -> None:
+    principal = Principal("k", KeyPolicy(name="k", priority=priority))
+    assert principal.priority == priority
+    assert principal.engine_priority == rank
+
+
+def test_anonymous_runs_at_normal_priority() -> None:
+    assert Principal(ANONYMOUS).engine_priority == 1
