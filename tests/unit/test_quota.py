@@ -101,19 +101,13 @@ def test_wait_for() -> None:
         (61.25, "1m1.25s"),
         (360.0, "6m0s"),
         (3599.0, "59m59s"),
+        # rounding carries into the next unit
+        (0.9999, "1s"),
+        (59.999, "1m0s"),
+        (119.999, "2m0s"),
     ],
 )
 def test_duration(seconds: float, text: str) -> None:
-    assert duration(seconds) == text
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="quota.duration rounds after choosing the unit: 0.9999 -> '1000ms', "
-    "59.999 -> '60s', 119.999 -> '1m60s'",
-)
-@pytest.mark.parametrize(("seconds", "text"), [(0.9999, "1s"), (59.999, "1m0s"), (119.999, "2m0s")])
-def test_duration_rounding_carries_into_the_next_unit(seconds: float, text: str) -> None:
     assert duration(seconds) == text
 
 

@@ -13,9 +13,14 @@ from collections.abc import AsyncIterator
 import pytest
 
 from sluice.errors import QuotaExceeded, RateLimitExceeded
-from sluice.gateway.keys import KeyStore
-from sluice.gateway.quota import Grant, Limits, QuotaStore
-from sluice.gateway.store_redis import RedisKeyStore, RedisQuota, RedisStore, StoreFailure
+from sluice.gateway.quota import Grant, Limits
+from sluice.gateway.store_redis import (
+    MAX_CONNECTIONS,
+    RedisKeyStore,
+    RedisQuota,
+    RedisStore,
+    StoreFailure,
+)
 from tests.conftest import FakeClock
 from tests.redis_server import RedisServer
 from tests.unit.test_quota import KEY, QuotaContract, demand, rid
@@ -31,26 +36,6 @@ class TestRedisQuota(QuotaContract):
         yield quota
         await quota.close()
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="RedisQuota.usage counts a reservation as live at exactly its expiry "
-        "(zrangebyscore from `now` inclusive) while RESERVE and LocalQuota drop it then",
-    )
-    async def test_reservations_expire_exactly_at_ttl_plus_grace(
-        self, quota: QuotaStore, clock: FakeClock
-    ) -> None:
-        await super().test_reservations_expire_exactly_at_ttl_plus_grace(quota, clock)
-
-    @pytest.mark.xfail(
-        strict=True,
-        reason="connect() keeps redis-py's non-blocking pool of 100 connections: past 100 "
-        "concurrent calls on one client the rest fail at once (MaxConnectionsError)",
-    )
-    async def test_concurrent_reservations_admit_exactly_the_rpm(
-        self, quota: QuotaStore, clock: FakeClock
-    ) -> None:
-        await super().test_concurrent_reservations_admit_exactly_the_rpm(quota, clock)
-
 
 class TestRedisKeyStore(KeyStoreContract):
     @pytest.fixture
@@ -58,22 +43,6 @@ class TestRedisKeyStore(KeyStoreContract):
         store = RedisKeyStore(RedisStore(redis_server.url, TIMEOUT_S))
         yield store
         await store.close()
-
-    @pytest.mark.xfail(
-        strict=True,
-        reason="ADD_KEY only checks the name: a second name with a digest already stored "
-        "overwrites the first key's record",
-    )
-    async def test_a_secret_another_key_has_is_refused(self, keys: KeyStore) -> None:
-        await super().test_a_secret_another_key_has_is_refused(keys)
-
-    @pytest.mark.xfail(
-        strict=True,
-        reason="ADD_KEY only checks the name: re-adding a revoked key's secret overwrites "
-        "its revoked record and makes the secret valid again",
-    )
-    async def test_a_revoked_secret_cannot_come_back(self, keys: KeyStore) -> None:
-        await super().test_a_revoked_secret_cannot_come_back(keys)
 
 
 @pytest.fixture
@@ -102,6 +71,24 @@ async def test_replicas_share_one_rate_limit_exactly(
     admitted = [r for r in results if isinstance(r, Grant)]
     refused = [r for r in results if isinstance(r, RateLimitExceeded)]
     assert (len(admitted), len(refused)) == (50, 150)
+
+
+async def test_a_burst_bigger_than_the_connection_pool_waits_for_connections(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
+    # More concurrent calls than the pool has connections (store_redis.MAX_CONNECTIONS).
+    quota = RedisQuota(RedisStore(redis_server.url, 1.0), clock=clock)
+    try:
+        limits = Limits(rpm=37)
+        results = await asyncio.gather(
+            *(quota.reserve(limits, demand(), rid()) for _ in range(MAX_CONNECTIONS + 50)),
+            return_exceptions=True,
+        )
+    finally:
+        await quota.close()
+    kinds = {type(r).__name__ for r in results}
+    assert kinds == {"Grant", "RateLimitExceeded"}
+    assert sum(isinstance(r, Grant) for r in results) == 37
 
 
 async def test_replicas_share_one_budget(

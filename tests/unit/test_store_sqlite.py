@@ -69,6 +69,19 @@ async def test_spend_survives_a_restart(db_path: Path, clock: FakeClock) -> None
     assert usage.reserved_tokens == 0  # reservations are process memory, gone with it
 
 
+async def test_settling_first_thing_after_a_restart_adds_to_the_stored_spend(
+    db_path: Path, clock: FakeClock
+) -> None:
+    for tokens in (10, 20, 30):  # three "processes", each settling before reading anything
+        database = Database(db_path)
+        quota = LocalQuota(SqliteLedger(database), clock=clock)
+        grant = await quota.reserve(Limits(), demand(tokens=tokens), rid())
+        await quota.settle(grant, tokens=tokens, usd=0.0)
+        usage = await quota.usage(KEY)
+        database.close()
+    assert [w.tokens for w in usage.windows] == [60, 60, 60]
+
+
 async def test_a_spent_budget_still_refuses_after_a_restart(
     db_path: Path, clock: FakeClock
 ) -> None:

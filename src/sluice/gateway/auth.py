@@ -97,7 +97,9 @@ def load_keys_file(path: Path) -> dict[str, StoredKey]:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise KeysFile(f"keys file {path}, key #{i + 1}: {where}: {first['msg']}") from exc
+            reason = str(first["msg"]).removeprefix("Value error, ")
+            prefix = f"{where}: " if where else ""
+            raise KeysFile(f"keys file {path}, key #{i + 1}: {prefix}{reason}") from exc
         if entry.name in names:
             raise KeysFile(f"keys file {path}: the name '{entry.name}' appears twice")
         names.add(entry.name)
@@ -113,6 +115,10 @@ def load_keys_file(path: Path) -> dict[str, StoredKey]:
             assert entry.secret_sha256 is not None
             sha = entry.secret_sha256.lower()
         policy = KeyPolicy.model_validate(entry.model_dump(exclude={"secret_sha256", "secret_env"}))
+        if sha in keys:
+            raise KeysFile(
+                f"keys file {path}: keys '{keys[sha].name}' and '{entry.name}' have the same secret"
+            )
         keys[sha] = StoredKey(policy=policy, secret_sha256=sha, source="file")
     return keys
 
@@ -143,13 +149,14 @@ class KeyRing:
         return {k.name for k in self.file_keys.values()}
 
     async def required(self) -> bool:
-        """True when any key exists (so every request must carry one)."""
+        """True once any key exists or existed (so every request must carry one)."""
         if self.file_keys:
             return True
         now = self.clock()
         if self._live_store_keys is None or now - self._live_store_keys[1] >= self.cache_s:
             try:
-                self._live_store_keys = (await self.store.count_live(), now)
+                # Revoked keys count: revoking the last key must not open the server.
+                self._live_store_keys = (await self.store.count_all(), now)
             except Exception:
                 if self._live_store_keys is None:
                     raise

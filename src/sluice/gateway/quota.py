@@ -188,12 +188,13 @@ def rate_headers(requests: RateView | None, tokens: RateView | None) -> dict[str
 
 
 def duration(seconds: float) -> str:
-    """OpenAI's reset format: `250ms`, `1.5s`, `6m0s`."""
-    if seconds < 1:
+    """OpenAI's reset format: `250ms`, `1.5s`, `6m0s` (rounded first, so 59.999 is `1m0s`)."""
+    if seconds < 1 and math.ceil(seconds * 1000) < 1000:
         return f"{math.ceil(seconds * 1000)}ms"
-    if seconds < 60:
-        return f"{round(seconds, 2):g}s"
-    minutes, rest = divmod(seconds, 60)
+    rounded = round(seconds, 2)
+    if rounded < 60:
+        return f"{rounded:g}s"
+    minutes, rest = divmod(rounded, 60)
     return f"{int(minutes)}m{round(rest, 2):g}s"
 
 

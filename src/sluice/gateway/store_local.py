@@ -97,6 +97,22 @@ class Database:
         with self._lock:
             return self._conn.execute(sql, args).fetchall()
 
+    def add_spend(self, key: str, fields: list[str], tokens: int, usd: float) -> None:
+        """Add to the spend of every window in one transaction."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.executemany(
+                    "INSERT INTO spend(key, window, tokens, usd) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(key, window) DO UPDATE SET tokens = tokens + excluded.tokens, "
+                    "usd = usd + excluded.usd",
+                    [(key, f, tokens, usd) for f in fields],
+                )
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
     async def arun(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         return await asyncio.to_thread(self.run, sql, args)
 
@@ -129,13 +145,7 @@ class SqliteLedger:
         for f in fields:
             self.spent(key, f)  # load before adding, so the cache stays the file's sum
         self._cache.record(key, fields, tokens, usd)
-        for f in fields:
-            await self.db.arun(
-                "INSERT INTO spend(key, window, tokens, usd) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(key, window) DO UPDATE SET tokens = tokens + excluded.tokens, "
-                "usd = usd + excluded.usd",
-                (key, f, tokens, usd),
-            )
+        await asyncio.to_thread(self.db.add_spend, key, fields, tokens, usd)
 
 
 class LocalQuota:
@@ -295,6 +305,10 @@ class SqliteKeyStore:
             (at, json.dumps(key.model_dump(mode="json")), key.secret_sha256),
         )
         return True
+
+    async def count_all(self) -> int:
+        rows = await self.db.arun("SELECT count(*) FROM keys")
+        return int(str(rows[0][0]))
 
     async def count_live(self) -> int:
         rows = await self.db.arun("SELECT count(*) FROM keys WHERE revoked_at IS NULL")

@@ -44,6 +44,7 @@ from sluice.gateway.quota import (
 
 T = TypeVar("T")
 PREFIX = "sluice:"
+MAX_CONNECTIONS = 512
 
 # KEYS: bucket hash, reservations hash, reservation expiry zset, spend hash.
 # ARGV: now, rpm, tpm, tokens, usd, budget_tokens, tokens_field, budget_usd, usd_field,
@@ -128,8 +129,10 @@ end
 return 1
 """
 
-# KEYS: names hash, keys hash. ARGV: name, digest, body. Adds a key unless its name is live.
+# KEYS: names hash, keys hash. ARGV: name, digest, body. Adds a key unless its name is live
+# or its secret was ever used (a revoked secret never comes back).
 ADD_KEY = """
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 0 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return 1
@@ -155,13 +158,16 @@ class StoreFailure(StoreUnavailable):
 def connect(url: str, timeout_s: float) -> aioredis.Redis:
     """A client that fails fast: bounded socket timeouts and one immediate retry (a pooled
     connection that died with a Redis restart fails once, then a fresh one is made)."""
-    client: aioredis.Redis = aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=timeout_s * 4,  # waiting for a free connection is bounded too
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 1),
         decode_responses=True,
     )
+    client: aioredis.Redis = aioredis.Redis.from_pool(pool)  # closes the pool with it
     return client
 
 
@@ -266,7 +272,7 @@ class RedisQuota:
         fields = [f"{spend_field(w, now)}:{unit}" for w in WINDOWS for unit in ("t", "u")]
         values = await self.store.call(self.store.client.hmget(spend, fields))
         live: list[str] = await self.store.call(
-            self.store.client.zrangebyscore(resexp, now, "+inf")  # type: ignore[arg-type]
+            self.store.client.zrangebyscore(resexp, f"({now!r}", "+inf")  # type: ignore[arg-type]
         )
         amounts: list[str | None] = []
         if live:
@@ -335,6 +341,10 @@ class RedisKeyStore:
         pipe.hdel(self.NAMES, name)
         await self.store.call(pipe.execute())
         return True
+
+    async def count_all(self) -> int:
+        count: int = await self.store.call(self.store.client.hlen(self.KEYS))
+        return count
 
     async def count_live(self) -> int:
         count: int = await self.store.call(self.store.client.hlen(self.NAMES))
