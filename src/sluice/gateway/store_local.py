@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
-from sluice.gateway.keys import KeyExists, StoredKey
+from sluice.gateway.keys import KeyExists, StoredKey, Window
 from sluice.gateway.quota import (
     RESERVATION_GRACE_S,
     WINDOWS,
@@ -27,6 +27,7 @@ from sluice.gateway.quota import (
     KeyState,
     Limits,
     Refusal,
+    RefusalKind,
     Usage,
     WindowUsage,
     bucket_at,
@@ -218,25 +219,20 @@ class LocalQuota:
                 need=demand.tokens,
                 have=tokens.level,
             )
-        reserved_tokens, reserved_usd = state.reserved
-        if limits.budget_tokens is not None:
-            w = limits.budget_tokens_window
-            spent, _ = self.ledger.spent(demand.key, spend_field(w, now))
-            left = limits.budget_tokens - spent - reserved_tokens
-            if demand.tokens > left:
-                end = window_bounds(w, now)[1]
-                return Refusal(
-                    "budget_tokens", end - now, req_view, tok_view, demand.tokens, max(0, left)
-                )
-        if limits.budget_usd is not None:
-            w = limits.budget_usd_window
-            _, spent_usd = self.ledger.spent(demand.key, spend_field(w, now))
-            left_usd = limits.budget_usd - spent_usd - reserved_usd
-            if demand.usd > left_usd:
-                end = window_bounds(w, now)[1]
-                return Refusal(
-                    "budget_usd", end - now, req_view, tok_view, demand.usd, max(0.0, left_usd)
-                )
+        reserved = state.reserved
+        budgets: tuple[tuple[RefusalKind, float | None, Window, int], ...] = (
+            ("budget_tokens", limits.budget_tokens, limits.budget_tokens_window, 0),
+            ("budget_usd", limits.budget_usd, limits.budget_usd_window, 1),
+        )
+        for kind, budget, window, part in budgets:  # part: 0 = tokens, 1 = USD
+            if budget is None:
+                continue
+            spent = self.ledger.spent(demand.key, spend_field(window, now))[part]
+            left = budget - spent - reserved[part]
+            need = (demand.tokens, demand.usd)[part]
+            if need > left:
+                end = window_bounds(window, now)[1]
+                return Refusal(kind, end - now, req_view, tok_view, need, max(0, left))
         return None
 
     async def reserve(self, limits: Limits, demand: Demand, reservation_id: str) -> Grant:
