@@ -1,0 +1,81 @@
+"""`sluice keys …` on the embedded store, the open-bind refusal, and derived prices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from sluice.cli import main
+from sluice.config import ModelPrice, Settings
+from sluice.gateway.command import is_loopback, open_bind_refusal
+from sluice.gateway.keys import digest
+
+
+@pytest.fixture
+def cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.setenv("SLUICE_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_keys_create_list_usage_revoke(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keys", "create", "team-a", "--rpm", "5", "--budget-usd", "2"]) == 0
+    secret = capsys.readouterr().out.strip().splitlines()[-1]
+    assert secret.startswith("sk-sluice-")
+    assert secret not in (cache / "sluice.db").read_bytes().decode(errors="ignore")
+    assert main(["keys", "create", "team-a"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["keys", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "team-a" in listed and secret not in listed
+    assert main(["keys", "usage", "team-a", "--json"]) == 0
+    assert '"tokens": 0' in capsys.readouterr().out
+    assert main(["keys", "revoke", "team-a"]) == 0
+    assert main(["keys", "revoke", "team-a"]) == 1
+    assert "No live key" in capsys.readouterr().err
+
+
+def test_loopback_addresses() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.com")
+
+
+def test_an_open_server_may_only_bind_loopback(cache: Path, tmp_path: Path) -> None:
+    assert open_bind_refusal(Settings(host="127.0.0.1")) is None
+    refusal = open_bind_refusal(Settings(host="0.0.0.0"))
+    assert refusal is not None and "--insecure-no-auth" in refusal
+    assert open_bind_refusal(Settings(host="0.0.0.0", gateway={"insecure_no_auth": True})) is None
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(
+        yaml.safe_dump({"keys": [{"name": "a", "secret_sha256": digest("sk-x-1234567890")}]})
+    )
+    assert open_bind_refusal(Settings(host="0.0.0.0", gateway={"keys_file": keys_file})) is None
+    assert main(["keys", "create", "stored"]) == 0
+    assert open_bind_refusal(Settings(host="0.0.0.0")) is None
+
+
+def test_serve_refuses_an_open_non_loopback_bind(
+    cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--host", "0.0.0.0", "--engine", "synthetic"]) == 2
+    assert "refusing to serve on 0.0.0.0 without API keys" in capsys.readouterr().err
+
+
+def test_a_bad_keys_file_stops_serve_with_one_sentence(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "keys.yaml"
+    bad.write_text(yaml.safe_dump({"keys": [{"name": "a"}]}))
+    args = ["serve", "--host", "0.0.0.0", "--engine", "synthetic", "--keys-file", str(bad)]
+    assert main(args) == 2
+    assert "give exactly one of secret_sha256 and secret_env" in capsys.readouterr().err
+
+
+def test_prices_derive_from_a_gpu_hour_and_throughput() -> None:
+    price = ModelPrice(gpu_usd_per_hour=3.6, output_tokens_per_s=1000, input_tokens_per_s=4000)
+    assert price.output_usd_per_mtok == pytest.approx(1.0)  # $3.6/h over 3.6M tokens/h
+    assert price.input_usd_per_mtok == pytest.approx(0.25)
+    with pytest.raises(ValidationError, match="output_tokens_per_s"):
+        ModelPrice(gpu_usd_per_hour=2.0)
