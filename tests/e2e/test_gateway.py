@@ -277,6 +277,15 @@ def test_redis_stopped_mid_run_fails_open_or_closed_then_recovers(
         assert closed_response.status_code == 503
         assert closed_response.json()["error"]["code"] == "store_unavailable"
         assert closed_response.headers["retry-after"] == "5"
+        sdk = openai.OpenAI(base_url=synth.api, api_key=secret, max_retries=0, timeout=30)
+        with pytest.raises(openai.InternalServerError) as unavailable:
+            sdk.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=1,
+            )
+        assert unavailable.value.status_code == 503
+        assert unavailable.value.code == "store_unavailable"
         assert _store_failures(real) >= 1 and _store_failures(synth) >= 1
         assert "failing open" in real.log() and "failing closed" in synth.log()
     finally:

@@ -34,7 +34,8 @@ def test_metrics_cover_sluice_and_vllm_after_traffic(
     ok = [
         value
         for labels, value in samples["sluice_requests_total"]
-        if labels == {"model": MODEL, "endpoint": "/v1/chat/completions", "status": "200"}
+        if labels
+        == {"model": MODEL, "endpoint": "/v1/chat/completions", "status": "200", "key": "anonymous"}
     ]
     assert ok and ok[0] >= 1
     assert sum(value for _, value in samples["sluice_generation_tokens_total"]) >= 1
