@@ -15,14 +15,14 @@ and replayed once it answers again, so shared spend is not lost. Fail-closed: 50
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sluice.config import GatewaySettings, PricingSettings, Settings
-from sluice.errors import StoreUnavailable
+from sluice.config import GatewaySettings, ModelPrice, PricingSettings, Settings
 from sluice.gateway.admission import Admission
 from sluice.gateway.auth import KeyRing, Principal, load_keys_file
 from sluice.gateway.keys import KeyStore
@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 WARN_EVERY_S = 10.0
 MAX_PENDING_SETTLEMENTS = 100_000
-STORE_RETRY_AFTER_S = 5.0
 
 
 @dataclass
@@ -50,7 +49,7 @@ class Ticket:
     principal: Principal
     grant: Grant | None  # None for the anonymous principal (no quota)
     prompt_tokens: int
-    model_price: tuple[float, float]  # USD per token: input, output
+    price: ModelPrice
     output_tokens: int = 0
     started: bool = False
     settled: bool = False
@@ -58,8 +57,7 @@ class Ticket:
 
     @property
     def usd(self) -> float:
-        inp, out = self.model_price
-        return self.prompt_tokens * inp + self.output_tokens * out
+        return self.price.cost(self.prompt_tokens, self.output_tokens)
 
 
 def build_stores(settings: Settings) -> tuple[KeyStore, QuotaStore]:
@@ -133,18 +131,12 @@ class Gateway:
     def fail_open(self) -> bool:
         return self.settings.redis_failure == "open"
 
-    def _unavailable(self) -> StoreUnavailable:
-        return StoreUnavailable(
-            "The server cannot reach its limits store. Retry shortly.",
-            retry_after_s=STORE_RETRY_AFTER_S,
-        )
-
     async def authenticate(self, authorization: str | None) -> Principal:
         try:
             return await self.keys.authenticate(authorization)
         except StoreFailure as exc:
             self._store_failed("authenticate", exc)
-            raise self._unavailable() from exc
+            raise  # a StoreFailure is already the 503 `store_unavailable`
 
     def admit(self, principal: Principal) -> int | None:
         """Shed or admit by priority; the `max_tokens` clamp of the gate, if closed."""
@@ -155,8 +147,7 @@ class Gateway:
     ) -> Ticket:
         """Reserve `prompt + max output` tokens and their price, or raise 429/503."""
         price = self.pricing.price_of(model)
-        per_token = (price.input_usd_per_mtok / 1e6, price.output_usd_per_mtok / 1e6)
-        ticket = Ticket(principal, None, prompt_tokens, per_token)
+        ticket = Ticket(principal, None, prompt_tokens, price)
         if principal.policy is not None:
             demand = Demand(
                 principal.name,
@@ -176,17 +167,9 @@ class Gateway:
         except StoreFailure as exc:
             self._store_failed("reserve", exc)
             if not self.fail_open:
-                raise self._unavailable() from exc
+                raise  # a StoreFailure is already the 503 `store_unavailable`
             local = self.fallback.reserve_now(limits, demand, reservation_id)
-            return Grant(
-                local.reservation_id,
-                local.key,
-                local.tokens,
-                local.usd,
-                local.requests,
-                local.token_view,
-                local=True,
-            )
+            return dataclasses.replace(local, local=True)
         if self._pending and not self._replaying:
             asyncio.get_running_loop().create_task(self._replay())
         return grant
