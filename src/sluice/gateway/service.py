@@ -83,9 +83,11 @@ class Gateway:
         quota: QuotaStore,
         admission: Admission,
         *,
+        request_timeout_s: float = 600.0,
         on_store_failure: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.settings = settings
+        self.request_timeout_s = request_timeout_s
         self.pricing = pricing
         self.keys = keys
         self.quota = quota
@@ -112,6 +114,7 @@ class Gateway:
             keys,
             quota,
             admission,
+            request_timeout_s=settings.limits.request_timeout_s,
             on_store_failure=on_store_failure,
         )
 
@@ -153,7 +156,7 @@ class Gateway:
                 principal.name,
                 prompt_tokens + max_output_tokens,
                 price.cost(prompt_tokens, max_output_tokens),
-                ttl_s=3600.0,
+                ttl_s=self.request_timeout_s,
             )
             ticket.grant = await self._reserve(Limits.of(principal.policy), demand)
             ticket.headers = rate_headers(ticket.grant.requests, ticket.grant.token_view)
