@@ -143,7 +143,7 @@ class KeyRing:
         self.cache_s = cache_s
         self.clock = clock
         self._cache: dict[str, tuple[StoredKey | None, float]] = {}
-        self._live_store_keys: tuple[int, float] | None = None
+        self._stored_keys: tuple[int, float] | None = None
 
     def file_names(self) -> set[str]:
         return {k.name for k in self.file_keys.values()}
@@ -153,16 +153,16 @@ class KeyRing:
         if self.file_keys:
             return True
         now = self.clock()
-        if self._live_store_keys is None or now - self._live_store_keys[1] >= self.cache_s:
+        if self._stored_keys is None or now - self._stored_keys[1] >= self.cache_s:
             try:
                 # Revoked keys count: revoking the last key must not open the server.
-                self._live_store_keys = (await self.store.count_all(), now)
+                self._stored_keys = (await self.store.count_all(), now)
             except Exception:
-                if self._live_store_keys is None:
+                if self._stored_keys is None:
                     raise
                 # Keep the last answer while the store is away (fail-open or not, the
                 # caller decides what a failed lookup of a key means).
-        return self._live_store_keys[0] > 0
+        return self._stored_keys[0] > 0
 
     async def lookup(self, secret: str) -> StoredKey | None:
         sha = digest(secret)
@@ -187,7 +187,7 @@ class KeyRing:
     def forget(self) -> None:
         """Drop cached answers (after a change through this process's admin API)."""
         self._cache.clear()
-        self._live_store_keys = None
+        self._stored_keys = None
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal of a request's `Authorization` header, or 401/403."""

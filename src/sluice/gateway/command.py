@@ -19,10 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from sluice.config import Settings
-from sluice.gateway.auth import KeyRing, load_keys_file
 from sluice.gateway.keyadmin import KeyAdmin, describe_usage
 from sluice.gateway.keys import KeyPolicy
-from sluice.gateway.service import build_stores
+from sluice.gateway.service import build_keys, close_keys
 from sluice.gateway.store_redis import StoreFailure
 
 logger = logging.getLogger(__name__)
@@ -56,16 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     usage.add_argument("--json", action="store_true", help="print JSON")
 
 
-def Path_(value: str) -> object:
-    from pathlib import Path
-
-    return Path(value)
-
-
 def _admin(settings: Settings) -> KeyAdmin:
-    key_store, quota = build_stores(settings)
-    file_keys = load_keys_file(settings.gateway.keys_file) if settings.gateway.keys_file else {}
-    return KeyAdmin(KeyRing(file_keys, key_store, 0.0), quota)
+    return KeyAdmin(*build_keys(settings, cache_s=0.0))
 
 
 def _when(ts: float | None) -> str:
@@ -129,8 +120,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             console.print(table)
         return 0
     finally:
-        await admin.quota.close()
-        await admin.keys.store.close()
+        await close_keys(admin.keys, admin.quota)
 
 
 def keys(args: argparse.Namespace) -> int:
@@ -148,27 +138,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-async def _live_keys(settings: Settings) -> int:
-    key_store, quota = build_stores(settings)
+async def _keys_required(settings: Settings) -> bool:
+    """What the server's `KeyRing` will answer: does any key (file or store) exist?"""
+    keys, quota = build_keys(settings, cache_s=0.0)
     try:
-        return await key_store.count_live()
+        return await keys.required()
     finally:
-        await quota.close()
-        await key_store.close()
+        await close_keys(keys, quota)
 
 
 def open_bind_refusal(settings: Settings) -> str | None:
     """Why serving would expose an open server beyond this machine, or None if it is fine."""
     if is_loopback(settings.host):
         return None
-    gw = settings.gateway
-    if gw.insecure_no_auth:
+    if settings.gateway.insecure_no_auth:
         logger.warning("serving on %s with --insecure-no-auth: no API key needed", settings.host)
         return None
-    if gw.keys_file is not None and load_keys_file(gw.keys_file):
-        return None
     try:
-        if asyncio.run(_live_keys(settings)) > 0:
+        if asyncio.run(_keys_required(settings)):
             return None
     except StoreFailure as exc:
         return f"cannot reach the limits store to check for API keys ({exc})"

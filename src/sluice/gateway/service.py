@@ -72,6 +72,20 @@ def build_stores(settings: Settings) -> tuple[KeyStore, QuotaStore]:
     return SqliteKeyStore(db), LocalQuota(SqliteLedger(db))
 
 
+def build_keys(settings: Settings, cache_s: float | None = None) -> tuple[KeyRing, QuotaStore]:
+    """The key ring (keys file + key store) and the quota store of `settings`; `cache_s`
+    overrides how long looked-up keys are trusted (the CLI trusts nothing)."""
+    key_store, quota = build_stores(settings)
+    gw = settings.gateway
+    file_keys = load_keys_file(gw.keys_file) if gw.keys_file else {}
+    return KeyRing(file_keys, key_store, gw.key_cache_s if cache_s is None else cache_s), quota
+
+
+async def close_keys(keys: KeyRing, quota: QuotaStore) -> None:
+    await quota.close()
+    await keys.store.close()
+
+
 class Gateway:
     """Keys, admission and quotas for one app (see module docstring)."""
 
@@ -105,9 +119,7 @@ class Gateway:
         admission: Admission,
         on_store_failure: Callable[[str], None] = lambda _: None,
     ) -> Gateway:
-        key_store, quota = build_stores(settings)
-        file_keys = load_keys_file(settings.gateway.keys_file) if settings.gateway.keys_file else {}
-        keys = KeyRing(file_keys, key_store, settings.gateway.key_cache_s)
+        keys, quota = build_keys(settings)
         return cls(
             settings.gateway,
             settings.pricing,
@@ -119,8 +131,7 @@ class Gateway:
         )
 
     async def close(self) -> None:
-        await self.quota.close()
-        await self.keys.store.close()
+        await close_keys(self.keys, self.quota)
 
     def _store_failed(self, operation: str, exc: Exception) -> None:
         self.on_store_failure(operation)
