@@ -10,7 +10,6 @@ One SQLite file serves one process; replicas share limits through Redis instead.
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -298,7 +297,7 @@ class SqliteKeyStore:
         key.revoked_at = at
         await self.db.arun(
             "UPDATE keys SET revoked_at=?, body=? WHERE secret_sha256=?",
-            (at, json.dumps(key.model_dump(mode="json")), key.secret_sha256),
+            (at, key.model_dump_json(), key.secret_sha256),
         )
         return True
 

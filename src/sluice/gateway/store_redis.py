@@ -14,7 +14,6 @@ closed. redis-py reconnects by itself on the next call once Redis is back.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -324,7 +323,8 @@ class RedisKeyStore:
             self.store.client.hgetall(self.KEYS)  # type: ignore[arg-type]
         )
         keys = [StoredKey.model_validate_json(b) for b in bodies.values()]
-        return sorted(keys, key=lambda k: (k.name, k.revoked_at or time.time()))
+        # As SQLite orders them: by name, the live key first, then revoked ones by date.
+        return sorted(keys, key=lambda k: (k.name, k.revoked_at is not None, k.revoked_at or 0))
 
     async def revoke(self, name: str, at: float) -> bool:
         digest: str | None = await self.store.call(
