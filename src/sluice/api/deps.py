@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -56,3 +57,19 @@ LifecycleDep = Annotated[Lifecycle, Depends(_lifecycle)]
 RunnerDep = Annotated[JobRunner, Depends(_runner)]
 GatewayDep = Annotated[Gateway, Depends(_gateway)]
 PrincipalDep = Annotated[Principal, Depends(_principal)]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Everything a generation route needs, resolved once (the key before the body)."""
+
+    request: Request
+    principal: PrincipalDep
+    settings: SettingsDep
+    engine: EngineDep
+    lifecycle: LifecycleDep
+    runner: RunnerDep
+    gateway: GatewayDep
+
+
+GenerationDep = Annotated[Generation, Depends()]

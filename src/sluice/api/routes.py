@@ -13,22 +13,20 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from sluice.api.deps import (
     EngineDep,
-    GatewayDep,
+    Generation,
+    GenerationDep,
     LifecycleDep,
     PrincipalDep,
-    RunnerDep,
     SettingsDep,
 )
 from sluice.api.plan import GenerationJob, plan_chat, plan_completion
-from sluice.api.run import CLIENT_CLOSED_REQUEST, JobRunner
+from sluice.api.run import CLIENT_CLOSED_REQUEST
 from sluice.api.schemas import ChatCompletionRequest, CompletionRequest
 from sluice.api.streaming import SSEResponse, cancel_on_disconnect
 from sluice.engine.protocol import Engine, ModelCard
 from sluice.errors import ModelLoading, ModelNotFound, Unauthenticated
-from sluice.gateway.auth import Principal
 from sluice.gateway.guards import Caps
-from sluice.gateway.service import Gateway
-from sluice.lifecycle import DRAINING_RETRY_AFTER_S, LOADING_RETRY_AFTER_S, Lifecycle, Phase
+from sluice.lifecycle import DRAINING_RETRY_AFTER_S, LOADING_RETRY_AFTER_S, Phase
 from sluice.telemetry.record import record_of
 
 router = APIRouter()
@@ -41,16 +39,13 @@ def _prompt_text(body: CompletionRequest | ChatCompletionRequest) -> str:
 
 
 async def _serve(
-    request: Request,
-    lifecycle: Lifecycle,
-    gateway: Gateway,
-    principal: Principal,
-    runner: JobRunner,
+    generation: Generation,
     plan: Callable[[Caps], GenerationJob],
     body: CompletionRequest | ChatCompletionRequest,
-    log_prompts: bool,
 ) -> Response:
     """Admit, plan, reserve, run; the slot and the reservation are released exactly once."""
+    request, principal, gateway = generation.request, generation.principal, generation.gateway
+    lifecycle, runner = generation.lifecycle, generation.runner
     record = record_of(request.scope)
     lifecycle.admit()
     try:
@@ -73,7 +68,7 @@ async def _serve(
     if record is not None:
         record.model = job.model
         record.prompt_tokens = job.prompt_tokens
-        if log_prompts:
+        if generation.settings.telemetry.log_prompts:
             record.prompt_text = _prompt_text(body)
             record.output_text = []
     if job.stream:
@@ -95,49 +90,19 @@ async def _serve(
 
 
 @router.post("/v1/completions")
-async def create_completion(
-    body: CompletionRequest,
-    request: Request,
-    engine: EngineDep,
-    settings: SettingsDep,
-    lifecycle: LifecycleDep,
-    runner: RunnerDep,
-    gateway: GatewayDep,
-    principal: PrincipalDep,
-) -> Response:
+async def create_completion(body: CompletionRequest, generation: GenerationDep) -> Response:
+    engine, settings = generation.engine, generation.settings
     return await _serve(
-        request,
-        lifecycle,
-        gateway,
-        principal,
-        runner,
-        lambda caps: plan_completion(body, engine, settings, caps),
-        body,
-        settings.telemetry.log_prompts,
+        generation, lambda caps: plan_completion(body, engine, settings, caps), body
     )
 
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(
-    body: ChatCompletionRequest,
-    request: Request,
-    engine: EngineDep,
-    settings: SettingsDep,
-    lifecycle: LifecycleDep,
-    runner: RunnerDep,
-    gateway: GatewayDep,
-    principal: PrincipalDep,
+    body: ChatCompletionRequest, generation: GenerationDep
 ) -> Response:
-    return await _serve(
-        request,
-        lifecycle,
-        gateway,
-        principal,
-        runner,
-        lambda caps: plan_chat(body, engine, settings, caps),
-        body,
-        settings.telemetry.log_prompts,
-    )
+    engine, settings = generation.engine, generation.settings
+    return await _serve(generation, lambda caps: plan_chat(body, engine, settings, caps), body)
 
 
 def _card(engine: Engine) -> ModelCard:
