@@ -26,6 +26,10 @@ class Caps:
         policy = self.principal.policy
         return policy.max_tokens if policy is not None else None
 
+    def clamped(self, max_tokens: int) -> int:
+        """`max_tokens` lowered to the gate's clamp, if the gate is closed."""
+        return max_tokens if self.clamp is None else min(max_tokens, self.clamp)
+
 
 NO_CAPS = Caps()
 
@@ -78,22 +82,6 @@ def resolve_max_tokens(
     `ContextLengthExceeded` when prompt plus completion cannot fit the model's context. The
     admission gate's clamp lowers the result without refusing.
     """
-    resolved = _resolve(
-        prompt_tokens, requested, default, card, limits, prompt_param, max_tokens_param, caps
-    )
-    return resolved if caps.clamp is None else min(resolved, caps.clamp)
-
-
-def _resolve(
-    prompt_tokens: int,
-    requested: int | None,
-    default: int | None,
-    card: ModelCard,
-    limits: LimitSettings,
-    prompt_param: str,
-    max_tokens_param: str,
-    caps: Caps,
-) -> int:
     key_cap = caps.key_max_tokens
     if requested is not None and key_cap is not None and requested > key_cap:
         raise InvalidRequest(
@@ -118,7 +106,7 @@ def _resolve(
                 param=prompt_param,
             )
         wanted = default if default is not None else room
-        return max(1, min(wanted, room, cap))
+        return caps.clamped(max(1, min(wanted, room, cap)))
     if prompt_tokens + requested > card.max_model_len:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {card.max_model_len} tokens. However, you "
@@ -127,4 +115,4 @@ def _resolve(
             "length.",
             param=prompt_param,
         )
-    return requested
+    return caps.clamped(requested)
