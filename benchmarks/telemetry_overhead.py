@@ -3,21 +3,21 @@ sampling, exported over OTLP to a local receiver) against sluice with telemetry 
 
     .venv/bin/python benchmarks/telemetry_overhead.py --rounds 3
 
+Every argument goes to `sluice bench` (default load: 16 concurrent streaming chats of up to
+64 output tokens, 48 requests per run, 3 rounds).
+
 Both servers run the default model with the same settings; only `SLUICE_TELEMETRY__*` and
 the OTLP endpoint differ. Goal: telemetry costs at most 3% of throughput.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from sluice.bench.compare import Target, add_load_arguments, compare, free_port
+from sluice.bench.compare import SERVING_LOAD, Target, compare, free_port
 from sluice.config import DEFAULT_MODEL_NAME
-
-PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
 
 class _Sink(BaseHTTPRequestHandler):
@@ -37,10 +37,6 @@ class _Sink(BaseHTTPRequestHandler):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_load_arguments(parser)
-    args = parser.parse_args()
-
     sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     on_port, off_port = free_port(), free_port()
@@ -60,8 +56,9 @@ def main() -> None:
         ),
         Target("telemetry-off", serve(off_port), off_port, {"SLUICE_TELEMETRY__ENABLED": "false"}),
     ]
-    compare(targets, args, model=DEFAULT_MODEL_NAME, prompt=PROMPT)
+    code = compare(targets, ["--model", DEFAULT_MODEL_NAME, *SERVING_LOAD, *sys.argv[1:]])
     print(f"\nOTLP exports received from telemetry-on: {_Sink.exports}")
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,17 @@
-"""Side-by-side comparison of OpenAI-compatible servers started as local processes.
+"""Side-by-side comparisons of servers started here as local processes (the scripts in
+`benchmarks/` and the end-to-end tests use it).
 
-Each target is started once; then the same load runs against them in turns (A B A B …),
-so drift on a noisy machine hits every target alike. Medians over rounds and ratios against
-the first target are printed.
+Each target is started once and stays up; `compare` then hands them all to `sluice bench`,
+which runs the same load against them in turns (A B A B …), so drift on a noisy machine hits
+every target alike.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import os
 import socket
-import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,9 +21,9 @@ from pathlib import Path
 
 import httpx
 
-from sluice.bench.load import LoadResult, run_load
-
 START_TIMEOUT_S = 300.0
+# The load the serving comparisons default to (arguments of `sluice bench`).
+SERVING_LOAD = ["--concurrency", "16", "--requests", "48", "--max-tokens", "64", "--rounds", "3"]
 
 
 def free_port() -> int:
@@ -99,98 +98,31 @@ def _wait_up(target: Target, process: subprocess.Popen[bytes], log_dir: Path) ->
         raise SystemExit(f"{target.name} did not start; see {log_dir / target.name}.log")
 
 
-def alternate(
-    targets: list[Target],
-    *,
-    model: str,
-    rounds: int,
-    concurrency: int,
-    requests: int,
-    max_tokens: int,
-    prompt: str,
-) -> dict[str, list[LoadResult]]:
-    """Warm each target up, then run `rounds` rounds of the same load in turns."""
-    for target in targets:
-        asyncio.run(
-            run_load(
-                target.api,
-                model,
-                concurrency=min(4, concurrency),
-                requests=4,
-                max_tokens=8,
-                prompt=prompt,
-            )
-        )
-    results: dict[str, list[LoadResult]] = {t.name: [] for t in targets}
-    for round_no in range(1, rounds + 1):
-        for target in targets:
-            result = asyncio.run(
-                run_load(
-                    target.api,
-                    model,
-                    concurrency=concurrency,
-                    requests=requests,
-                    max_tokens=max_tokens,
-                    prompt=prompt,
-                )
-            )
-            results[target.name].append(result)
-            failed = len(result.records) - len(result.ok)
-            print(
-                f"round {round_no} {target.name:14s} {result.output_tokens_per_s:7.1f} tok/s"
-                f"  TTFT p50 {result.ttft(50):5.2f} s  p95 {result.ttft(95):5.2f} s"
-                f"  failed {failed}",
-                flush=True,
-            )
-    return results
+def synthetic_server(port: int, tokens_per_s: int = 2000) -> list[str]:
+    """The command of a quiet sluice process on the synthetic engine."""
+    return [
+        sys.executable,
+        "-m",
+        "sluice",
+        "serve",
+        "--port",
+        str(port),
+        "--engine",
+        "synthetic",
+        "--synthetic-tokens-per-s",
+        str(tokens_per_s),
+        "--log-level",
+        "warning",
+    ]
 
 
-def add_load_arguments(parser: argparse.ArgumentParser) -> None:
-    """The load options every comparison script takes."""
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=48, help="requests per run")
-    parser.add_argument("--max-tokens", type=int, default=64)
+def compare(targets: list[Target], bench_argv: list[str]) -> int:
+    """Start `targets`, then run `sluice bench` on all of them in turns with `bench_argv`
+    (load, sweep, rounds, objective, --out …); returns its exit code."""
+    from sluice.cli import main as sluice_main
 
-
-def compare(targets: list[Target], args: argparse.Namespace, *, model: str, prompt: str) -> None:
-    """Start `targets`, run the load of `args` on them in turns, print the comparison."""
     log_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    print(
-        f"logs in {log_dir}; load: {args.concurrency} concurrent streaming chat requests, "
-        f"{args.max_tokens} output tokens, {args.requests} requests per run",
-        flush=True,
-    )
+    print(f"server logs in {log_dir}", flush=True)
+    urls = [arg for t in targets for arg in ("--url", f"{t.name}={t.api}")]
     with running(targets, log_dir):
-        results = alternate(
-            targets,
-            model=model,
-            rounds=args.rounds,
-            concurrency=args.concurrency,
-            requests=args.requests,
-            max_tokens=args.max_tokens,
-            prompt=prompt,
-        )
-    report(results)
-
-
-def report(results: dict[str, list[LoadResult]]) -> None:
-    """Medians over rounds, then every target's ratios to the first."""
-    medians = {
-        name: (
-            statistics.median(r.output_tokens_per_s for r in runs),
-            statistics.median(r.ttft(50) for r in runs),
-            statistics.median(r.ttft(95) for r in runs),
-        )
-        for name, runs in results.items()
-    }
-    print("\nmedian over rounds")
-    print(f"{'target':14s} {'tok/s':>8s} {'TTFT p50':>9s} {'TTFT p95':>9s}")
-    for name, (tps, p50, p95) in medians.items():
-        print(f"{name:14s} {tps:8.1f} {p50:8.2f}s {p95:8.2f}s")
-    (base_name, base), *others = medians.items()
-    for name, (tps, p50, p95) in others:
-        print(
-            f"\n{base_name} / {name}: throughput {base[0] / tps:.2f}x, "
-            f"TTFT p50 {base[1] / p50:.2f}x, TTFT p95 {base[2] / p95:.2f}x"
-        )
+        return sluice_main(["bench", *urls, *bench_argv])

@@ -1,10 +1,10 @@
-"""A bounded closed-loop load generator for OpenAI-compatible servers.
+"""A bounded load generator for OpenAI-compatible servers.
 
-`run_spec` keeps `concurrency` requests (chat or completions, streamed or not) in flight
-until `requests` have been sent or `timeout_s` has passed, recording per request the time to
-first token, the arrival time of every content chunk and the server-reported token counts
-(`stream_options.include_usage`). It talks plain HTTP with httpx so it measures any
-OpenAI-compatible server the same way.
+`run_spec` sends a list of requests (chat or completions, streamed or not) at a fixed
+concurrency or at an open-loop arrival rate, until all have been sent or `timeout_s` has
+passed, recording per request the time to first token, the arrival time of every content
+chunk and the server-reported token counts (`stream_options.include_usage`). It talks plain
+HTTP with httpx so it measures any OpenAI-compatible server the same way.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from sluice.bench.stats import inter_token_latencies, percentile
+from sluice.bench.workload import Arrival, Shape
 
 
 @dataclass
@@ -33,6 +34,7 @@ class RequestRecord:
     completion_tokens: int = 0
     chunk_times: list[float] = field(default_factory=list)
     error: str | None = None
+    sent_at: float = 0.0
 
 
 @dataclass
@@ -92,27 +94,24 @@ class LoadResult:
 
 @dataclass(frozen=True)
 class LoadSpec:
-    """What each request of a run looks like."""
+    """What every request of a run has in common."""
 
     model: str
-    max_tokens: int
-    prompts: tuple[str, ...]
     endpoint: str = "chat"  # "chat" or "completions"
     stream: bool = True
     api_key: str | None = None
 
-    def body(self, index: int) -> dict[str, object]:
-        prompt = self.prompts[index % len(self.prompts)]
+    def body(self, shape: Shape) -> dict[str, object]:
         body: dict[str, object] = {
             "model": self.model,
-            "max_tokens": self.max_tokens,
+            "max_tokens": shape.max_tokens,
             "temperature": 0,
             "stream": self.stream,
         }
         if self.endpoint == "chat":
-            body["messages"] = [{"role": "user", "content": prompt}]
+            body["messages"] = [{"role": "user", "content": shape.prompt}]
         else:
-            body["prompt"] = prompt
+            body["prompt"] = shape.prompt
         if self.stream:
             body["stream_options"] = {"include_usage": True}
         return body
@@ -120,6 +119,10 @@ class LoadSpec:
     @property
     def path(self) -> str:
         return "/chat/completions" if self.endpoint == "chat" else "/completions"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
 def _note_usage(record: RequestRecord, usage: dict[str, Any] | None) -> None:
@@ -136,7 +139,7 @@ async def _one(
     client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
 ) -> RequestRecord:
     started = time.perf_counter()
-    record = RequestRecord(status=0)
+    record = RequestRecord(status=0, sent_at=started)
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
             record.status = response.status_code
@@ -169,35 +172,51 @@ async def _one(
 async def run_spec(
     base_url: str,
     spec: LoadSpec,
+    shapes: Sequence[Shape],
+    arrival: Arrival,
     *,
-    concurrency: int,
-    requests: int,
     timeout_s: float = 600.0,
+    seed: int = 0,
     on_done: Callable[[RequestRecord], None] | None = None,
 ) -> LoadResult:
-    """Send `requests` requests of `spec`, `concurrency` at a time; bounded by count and time.
+    """Send one request per shape, arriving as `arrival` says; bounded by count and time.
 
+    Closed loop keeps `arrival.concurrency` requests in flight; open loop sends each request
+    at its drawn offset (at most `arrival.concurrency` in flight when set, the rest wait).
     Requests still running at `timeout_s` are cancelled and not recorded.
     """
     url = base_url.rstrip("/") + spec.path
-    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(requests):
-        queue.put_nowait(i)
+    offsets = arrival.offsets(len(shapes), seed)
+    in_flight = arrival.concurrency or len(shapes) or 1
+    slots = asyncio.Semaphore(in_flight)
     records: list[RequestRecord] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-
-        async def worker() -> None:
-            while not queue.empty():
-                record = await _one(client, url, spec.body(queue.get_nowait()), headers)
-                records.append(record)
-                if on_done is not None:
-                    on_done(record)
-
         started = time.perf_counter()
-        workers = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
-        done, pending = await asyncio.wait(workers, timeout=timeout_s)
+
+        async def send(index: int) -> None:
+            delay = started + offsets[index] - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            async with slots:
+                record = await _one(client, url, spec.body(shapes[index]), spec.headers)
+            record.sent_at -= started
+            records.append(record)
+            if on_done is not None:
+                on_done(record)
+
+        if arrival.rate is None:
+            # Closed loop: `in_flight` workers take the next request as each one finishes.
+            queue = iter(range(len(shapes)))
+
+            async def worker() -> None:
+                for index in queue:
+                    await send(index)
+
+            tasks = [asyncio.ensure_future(worker()) for _ in range(in_flight)]
+        else:
+            tasks = [asyncio.ensure_future(send(i)) for i in range(len(shapes))]
+        done, pending = await asyncio.wait(tasks, timeout=timeout_s)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -205,21 +224,3 @@ async def run_spec(
             task.result()
         wall = time.perf_counter() - started
     return LoadResult(records=records, wall_s=wall)
-
-
-async def run_load(
-    base_url: str,
-    model: str,
-    *,
-    concurrency: int,
-    requests: int,
-    max_tokens: int,
-    prompt: str,
-    api_key: str | None = None,
-    timeout_s: float = 600.0,
-) -> LoadResult:
-    """Streaming chat requests with one prompt (what the side-by-side benchmarks use)."""
-    spec = LoadSpec(model=model, max_tokens=max_tokens, prompts=(prompt,), api_key=api_key)
-    return await run_spec(
-        base_url, spec, concurrency=concurrency, requests=requests, timeout_s=timeout_s
-    )
