@@ -15,15 +15,18 @@ of throughput.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import httpx
-
-from sluice.bench.compare import Target, free_port, running, synthetic_server
+from sluice.bench.compare import (
+    Target,
+    bench_key,
+    free_port,
+    gateway_on_redis,
+    running,
+    synthetic_server,
+)
 from sluice.cli import main as sluice_main
 
 MODEL = "synthetic"
@@ -35,46 +38,19 @@ LOAD = ["--no-stream", "--concurrency", "16", "--requests", "2000", "--max-token
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sluice-gateway-bench-"))
-    redis_port = free_port()
-    redis_server = shutil.which("redis-server")
-    if redis_server is None:
-        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    redis = subprocess.Popen(
-        [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""],
-        stdout=subprocess.DEVNULL,
-        cwd=work,
-    )
     on_port, off_port = free_port(), free_port()
-    targets = [
-        Target(
-            "gateway-on",
-            synthetic_server(on_port),
-            on_port,
-            {
-                "SLUICE_GATEWAY__STORE": "redis",
-                "SLUICE_GATEWAY__REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                "SLUICE_GATEWAY__ADMIN_KEY": ADMIN,
-                "SLUICE_PRICING__DEFAULT__INPUT_USD_PER_MTOK": "0.5",
-                "SLUICE_PRICING__DEFAULT__OUTPUT_USD_PER_MTOK": "1.5",
-            },
-        ),
-        Target(
-            "gateway-off", synthetic_server(off_port), off_port, {"SLUICE_CACHE_DIR": str(work)}
-        ),
-    ]
-    try:
+    with gateway_on_redis(work) as gateway_env:
+        targets = [
+            Target("gateway-on", synthetic_server(on_port), on_port, gateway_env),
+            Target(
+                "gateway-off",
+                synthetic_server(off_port),
+                off_port,
+                {"SLUICE_CACHE_DIR": str(work)},
+            ),
+        ]
         with running(targets, work):
-            key = httpx.post(
-                f"http://127.0.0.1:{on_port}/admin/keys",
-                json={
-                    "name": "bench",
-                    "rpm": 10_000_000,
-                    "tpm": 1_000_000_000,
-                    "budget_tokens": 1_000_000_000,
-                    "budget_usd": 1_000_000,
-                },
-                headers={"Authorization": f"Bearer {ADMIN}"},
-            ).json()["secret"]
+            key = bench_key(targets[0].api)
             # The open server ignores the key; the gateway-on server checks it every time.
             code = sluice_main(
                 [
@@ -90,9 +66,6 @@ def main() -> None:
                     *sys.argv[1:],
                 ]
             )
-    finally:
-        redis.terminate()
-        redis.wait(10)
     raise SystemExit(code)
 
 

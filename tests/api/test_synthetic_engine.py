@@ -83,3 +83,37 @@ async def test_synthetic_engine_queues_beyond_max_num_seqs_and_aborts() -> None:
     assert (engine.stats().running, engine.stats().waiting) == (1, 0)
     await second.aclose()
     assert (engine.stats().running, engine.stats().waiting) == (0, 0)
+
+
+async def test_a_consumer_that_lags_gets_the_tokens_made_meanwhile_in_one_delta() -> None:
+    import asyncio
+
+    from sluice.engine.protocol import GenerationRequest, SamplingOptions
+    from sluice.engine.synthetic import SyntheticEngine
+
+    engine = SyntheticEngine(synthetic_settings(synthetic_tokens_per_s=1000))
+    await engine.start()
+    stream = engine.generate(GenerationRequest("a", (1,), SamplingOptions(max_tokens=300)))
+    first = await anext(stream)
+    await asyncio.sleep(0.1)  # about 100 tokens are made meanwhile
+    merged = await anext(stream)
+    rest = [delta async for delta in stream]
+    assert first.token_count == 1
+    assert 50 <= merged.token_count <= 200
+    assert len(merged.text.split()) == merged.token_count
+    deltas = [first, merged, *rest]
+    assert sum(d.token_count for d in deltas) == 300
+    assert [d.finish_reason for d in deltas][-1] == "length"
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    words = "".join(d.text for d in deltas).split()
+    assert words[:9] == [
+        "lorem",
+        "ipsum",
+        "dolor",
+        "sit",
+        "amet",
+        "consectetur",
+        "adipiscing",
+        "elit",
+        "lorem",
+    ]

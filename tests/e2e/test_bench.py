@@ -87,7 +87,7 @@ def test_compare_sweep_writes_every_report_file(
             assert record["status"] == 200
             assert record["error"] is None
             assert record["completion_tokens"] == 8
-            assert len(record["chunk_times"]) == 8
+            assert 1 <= len(record["chunk_times"]) <= 8  # a lagging reader gets merged chunks
             assert 4 <= record["prompt_tokens"] - 2 <= 12  # the chat template adds 2 words
             assert record["ttft"] <= record["latency"]
 

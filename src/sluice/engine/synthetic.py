@@ -2,10 +2,11 @@
 
 Never the default; chosen with `sluice serve --engine synthetic`. It exists to measure the
 gateway alone (HTTP, validation, SSE framing, metrics, tracing) at token rates a CPU-bound
-model cannot reach. Its output is meaningless filler. Each sequence emits
+model cannot reach. Its output is meaningless filler. Each sequence makes
 `synthetic_tokens_per_s` tokens per second up to `max_tokens` (stop strings are honoured);
-`max_num_seqs`, when set, caps concurrent sequences and the rest wait, as in a real engine.
-Tokenisation is one token per whitespace-separated word.
+a consumer that lags gets every token made since its last pull in one delta, as vLLM's
+output collector does; `max_num_seqs`, when set, caps concurrent sequences and the rest
+wait, as in a real engine. Tokenisation is one token per whitespace-separated word.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import zlib
 from collections.abc import AsyncGenerator, Sequence
 
 from sluice.config import Settings
-from sluice.engine.protocol import Delta, EngineStats, GenerationRequest, ModelCard
+from sluice.engine.protocol import Delta, EngineStats, FinishReason, GenerationRequest, ModelCard
 
 DEFAULT_CONTEXT = 8192
 WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
@@ -81,31 +82,43 @@ class SyntheticEngine:
                 self._slots.release()
 
     async def _emit(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        """Tokens are made on the clock whether or not the consumer took the last ones; each
+        pull returns every token made since the previous pull, one `Delta` per choice (as
+        vLLM's per-request output collector merges deltas for a consumer that lags)."""
         sampling = request.sampling
-        interval = 1.0 / self.tokens_per_s
+        rate = self.tokens_per_s
         texts = ["" for _ in range(sampling.n)]
         done = [False for _ in range(sampling.n)]
         started = time.monotonic()
-        for step in range(sampling.max_tokens):
-            # Sleep to the schedule, not by a fixed amount, so timer overhead does not drift.
-            delay = started + (step + 1) * interval - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        made = 0
+        while made < sampling.max_tokens:
+            due = min(sampling.max_tokens, int((time.monotonic() - started) * rate))
+            if due <= made:
+                # Sleep to the schedule, not by a fixed amount, so timer overhead cannot drift.
+                await asyncio.sleep(max(0.0, started + (made + 1) / rate - time.monotonic()))
+                continue
             if request.request_id in self._aborted:
                 return
-            last = step == sampling.max_tokens - 1
+            last = due == sampling.max_tokens
             for index in range(sampling.n):
                 if done[index]:
                     continue
-                piece = " " + WORDS[(step + index) % len(WORDS)]
-                texts[index] += piece
-                hit = next((s for s in sampling.stop if s in texts[index]), None)
-                if hit is not None:
-                    cut = len(texts[index]) - texts[index].index(hit)
-                    done[index] = True
-                    yield Delta(index, piece[: max(0, len(piece) - cut)], 1, "stop")
-                else:
-                    yield Delta(index, piece, 1, "length" if last else None)
+                pieces = []
+                for step in range(made, due):
+                    piece = " " + WORDS[(step + index) % len(WORDS)]
+                    texts[index] += piece
+                    hit = next((s for s in sampling.stop if s in texts[index]), None)
+                    if hit is not None:
+                        cut = len(texts[index]) - texts[index].index(hit)
+                        pieces.append(piece[: max(0, len(piece) - cut)])
+                        done[index] = True
+                        break
+                    pieces.append(piece)
+                reason: FinishReason | None = (
+                    "stop" if done[index] else ("length" if last else None)
+                )
+                yield Delta(index, "".join(pieces), len(pieces), reason)
+            made = due
             if all(done):
                 return
 
