@@ -19,7 +19,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     echo "note: install Debian's ${missing[*]} to run the Prometheus and Redis tests" >&2
   fi
 fi
-.venv/bin/ruff check src tests benchmarks
-.venv/bin/ruff format --check src tests benchmarks
+.venv/bin/ruff check src tests benchmarks deploy
+.venv/bin/ruff format --check src tests benchmarks deploy
 .venv/bin/mypy
 exec .venv/bin/pytest "$@"
