@@ -30,7 +30,6 @@ from sluice.bench.compare import (
 from sluice.cli import main as sluice_main
 
 MODEL = "synthetic"
-ADMIN = "bench-admin"
 
 
 LOAD = ["--no-stream", "--concurrency", "16", "--requests", "2000", "--max-tokens", "16"]
