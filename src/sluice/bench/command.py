@@ -219,7 +219,7 @@ def measure(
 
 
 def print_report(console: Console, report: Report, *, axis_name: str) -> None:
-    medians, ratios = report.medians(), report.ratios()
+    medians, ratios = report.medians, report.ratios
     for setting in report.settings:
         console.print(table(report.labels[setting], medians[setting]))
         for pair, pair_ratios in ratios[setting].items():
@@ -230,7 +230,7 @@ def print_report(console: Console, report: Report, *, axis_name: str) -> None:
                 )
             )
     if report.objective.given:
-        for target, (best, miss) in report.capacities().items():
+        for target, (best, miss) in report.capacities.items():
             if best is None:
                 found = "no setting meets it"
             else:

@@ -71,7 +71,7 @@ def latency_plot(report: Report, path: Path) -> Path:
 
 
 def sweep_plot(report: Report, path: Path, *, axis_name: str) -> Path:
-    medians = report.medians()
+    medians = report.medians
     objective = report.objective
     key = f"p{objective.percentile:g}"
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -15,6 +15,7 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -218,37 +219,44 @@ class Report:
     settings: list[float]
     labels: dict[float, str]
 
-    def summaries(self, target: str, setting: float) -> list[dict[str, Any]]:
-        return [
-            summarise(run.result, self.objective, PERCENTILES)
-            for run in self.runs
-            if run.target == target and run.setting == setting
-        ]
+    @cached_property
+    def summaries(self) -> dict[tuple[str, float], list[dict[str, Any]]]:
+        """Each run summarised once, grouped by (target, setting) in round order."""
+        grouped: dict[tuple[str, float], list[dict[str, Any]]] = {}
+        for run in self.runs:
+            summary = summarise(run.result, self.objective, PERCENTILES)
+            grouped.setdefault((run.target, run.setting), []).append(summary)
+        return grouped
 
+    @cached_property
     def medians(self) -> dict[float, dict[str, dict[str, Any]]]:
         return {
             setting: {
-                target: median_summary(self.summaries(target, setting))
+                target: median_summary(self.summaries[target, setting])
                 for target in self.targets
-                if self.summaries(target, setting)
+                if (target, setting) in self.summaries
             }
             for setting in self.settings
         }
 
+    @cached_property
     def ratios(self) -> dict[float, dict[str, list[Ratio]]]:
+        def of(target: str, setting: float) -> list[dict[str, Any]]:
+            return self.summaries.get((target, setting), [])
+
         return {
             setting: {
-                f"{a} / {b}": paired_ratios(self.summaries(a, setting), self.summaries(b, setting))
+                f"{a} / {b}": paired_ratios(of(a, setting), of(b, setting))
                 for a, b in itertools.combinations(self.targets, 2)
             }
             for setting in self.settings
         }
 
+    @cached_property
     def capacities(self) -> dict[str, tuple[float | None, float | None]]:
-        medians = self.medians()
         return {
             target: capacity(
-                {s: by[target] for s, by in medians.items() if target in by}, self.objective
+                {s: by[target] for s, by in self.medians.items() if target in by}, self.objective
             )
             for target in self.targets
         }
@@ -291,15 +299,15 @@ class Report:
                                 "targets": by_target,
                                 "ratios": {
                                     pair: [dataclasses.asdict(r) for r in ratios]
-                                    for pair, ratios in self.ratios()[setting].items()
+                                    for pair, ratios in self.ratios[setting].items()
                                 },
                             }
-                            for setting, by_target in self.medians().items()
+                            for setting, by_target in self.medians.items()
                         ],
                         "capacity": (
                             {
                                 target: {"largest_meeting": best, "first_missing": miss}
-                                for target, (best, miss) in self.capacities().items()
+                                for target, (best, miss) in self.capacities.items()
                             }
                             if self.objective.given
                             else None
