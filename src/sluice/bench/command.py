@@ -24,7 +24,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-from sluice.bench.load import LoadSpec, RequestRecord, run_spec
+from sluice.bench.load import LoadSpec, RequestRecord, bearer, run_spec
 from sluice.bench.report import Objective, Report, Run, table
 from sluice.bench.workload import Arrival, Lengths, Shape, WorkloadError, shapes
 
@@ -121,9 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model(url: str, api_key: str | None) -> str:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        listed = httpx.get(f"{url}/models", headers=headers, timeout=10)
+        listed = httpx.get(f"{url}/models", headers=bearer(api_key), timeout=10)
         model: str = listed.json()["data"][0]["id"]
     except (httpx.HTTPError, ValueError, KeyError, IndexError):
         raise BenchError(

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import httpx
 
+from sluice.bench.load import bearer
+
 START_TIMEOUT_S = 300.0
 # The load the serving comparisons default to (arguments of `sluice bench`).
 SERVING_LOAD = ["--concurrency", "16", "--requests", "48", "--max-tokens", "64", "--rounds", "3"]
@@ -141,7 +143,7 @@ def bench_key(api: str) -> str:
             "budget_tokens": 1_000_000_000,
             "budget_usd": 1_000_000,
         },
-        headers={"Authorization": f"Bearer {BENCH_ADMIN}"},
+        headers=bearer(BENCH_ADMIN),
     )
     response.raise_for_status()
     secret: str = response.json()["secret"]

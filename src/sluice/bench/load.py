@@ -126,7 +126,12 @@ class LoadSpec:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return bearer(self.api_key)
+
+
+def bearer(api_key: str | None) -> dict[str, str]:
+    """The Authorization header for `api_key` (none without a key)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def _note_usage(record: RequestRecord, usage: dict[str, Any] | None) -> None:
