@@ -172,6 +172,18 @@ def k8s_object(kind: str, name: str) -> dict[str, Any]:
     raise AssertionError(f"no {kind} {name} under deploy/k8s")
 
 
+def pod_spec() -> dict[str, Any]:
+    """The pod spec of the sluice Deployment."""
+    spec: dict[str, Any] = k8s_object("Deployment", "sluice")["spec"]["template"]["spec"]
+    return spec
+
+
+def sluice_container() -> dict[str, Any]:
+    """The sluice Deployment's one container."""
+    (found,) = pod_spec()["containers"]
+    return dict(found)
+
+
 def configmap_entry(key: str) -> str:
     entry: str = k8s_object("ConfigMap", "sluice-config")["data"][key]
     return entry

@@ -41,10 +41,12 @@ from tests.deploy.files import (
     healthcheck_path,
     image_env,
     k8s_object,
+    pod_spec,
     render_env,
     render_service,
     seconds,
     settings_path,
+    sluice_container,
     stage_chain,
 )
 from tests.fake_engine import FakeEngine
@@ -80,15 +82,15 @@ class Platform:
 
 
 def _k8s_grace() -> float:
-    spec = k8s_object("Deployment", "sluice")["spec"]["template"]["spec"]
-    (container,) = spec["containers"]
+    spec = pod_spec()
+    container = sluice_container()
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     return float(spec["terminationGracePeriodSeconds"]) - float(command[1])
 
 
 def _k8s_startup() -> float:
-    (container,) = k8s_object("Deployment", "sluice")["spec"]["template"]["spec"]["containers"]
+    container = sluice_container()
     probe = container["startupProbe"]
     return float(
         probe.get("initialDelaySeconds", 0) + probe["periodSeconds"] * probe["failureThreshold"]
@@ -96,7 +98,7 @@ def _k8s_startup() -> float:
 
 
 def _k8s_env() -> dict[str, str]:
-    (container,) = k8s_object("Deployment", "sluice")["spec"]["template"]["spec"]["containers"]
+    container = sluice_container()
     env = image_env(container["image"].rsplit("-", 1)[-1])
     env.update({e["name"]: e["value"] for e in container["env"]})
     secret = k8s_object("Secret", container["envFrom"][0]["secretRef"]["name"])
@@ -266,7 +268,7 @@ def test_every_port_is_the_server_port(settings_of: SettingsOf) -> None:
     assert [int(e.args) for s in dockerfile_stages() for e in s.all("EXPOSE")] == [port]
     for service in ("sluice", "sluice-gpu"):
         assert [int(p.rsplit(":", 1)[1]) for p in compose()["services"][service]["ports"]] == [port]
-    (container,) = k8s_object("Deployment", "sluice")["spec"]["template"]["spec"]["containers"]
+    container = sluice_container()
     assert [p["containerPort"] for p in container["ports"]] == [port]
     assert k8s_object("Service", "sluice")["spec"]["ports"][0]["port"] == port
     config = fly()

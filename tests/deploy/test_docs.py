@@ -15,6 +15,7 @@ from tests.deploy.files import (
     configmap_entry,
     fly,
     k8s_object,
+    pod_spec,
     render_env,
 )
 
@@ -56,7 +57,7 @@ def test_the_guide_quotes_the_files_numbers() -> None:
     assert f"idle_timeout = {fly()['http_service']['http_options']['idle_timeout']}" in text
     grace = compose()["services"]["sluice"]["stop_grace_period"]
     assert f"stop_grace_period: {grace}" in text
-    spec = k8s_object("Deployment", "sluice")["spec"]["template"]["spec"]
+    spec = pod_spec()
     assert f"terminationGracePeriodSeconds: {spec['terminationGracePeriodSeconds']}" in text
     probe = spec["containers"][0]["startupProbe"]
     assert f"{probe['failureThreshold']} checks {probe['periodSeconds']} s apart" in text

@@ -16,20 +16,18 @@ import pytest
 import yaml
 
 from sluice.gateway.auth import load_keys_file
-from tests.deploy.files import K8S, configmap_entry, image_env, k8s_documents, k8s_object
+from tests.deploy.files import (
+    K8S,
+    configmap_entry,
+    image_env,
+    k8s_documents,
+    k8s_object,
+    pod_spec,
+    sluice_container,
+)
 
 # The newest schemas bundled, and the oldest Kubernetes release still commonly run.
 VERSIONS = (kubernetes_validate.latest_version(), "1.30.0")
-
-
-def container() -> dict[str, Any]:
-    (found,) = k8s_object("Deployment", "sluice")["spec"]["template"]["spec"]["containers"]
-    return dict(found)
-
-
-def pod_spec() -> dict[str, Any]:
-    spec: dict[str, Any] = k8s_object("Deployment", "sluice")["spec"]["template"]["spec"]
-    return spec
 
 
 def sluice_yaml() -> dict[str, Any]:
@@ -65,8 +63,8 @@ def test_cpu_overlay_patches_what_exists() -> None:
     overlay = yaml.safe_load((K8S / "cpu" / "kustomization.yaml").read_text())
     assert overlay["resources"] == [".."]
     (image,) = overlay["images"]
-    assert image["name"] == container()["image"].split(":")[0]
-    assert image["newTag"].endswith("-cpu") and container()["image"].endswith("-gpu")
+    assert image["name"] == sluice_container()["image"].split(":")[0]
+    assert image["newTag"].endswith("-cpu") and sluice_container()["image"].endswith("-gpu")
     deployment = k8s_object("Deployment", "sluice")
     (patch,) = overlay["patches"]
     for operation in yaml.safe_load(patch["patch"]):
@@ -78,7 +76,7 @@ def test_cpu_overlay_patches_what_exists() -> None:
 
 
 def test_probes() -> None:
-    spec = container()
+    spec = sluice_container()
     assert spec["startupProbe"]["httpGet"]["path"] == "/readyz"
     assert spec["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert spec["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -88,14 +86,14 @@ def test_probes() -> None:
 
 
 def test_gpu_request_covers_tensor_parallelism() -> None:
-    resources = container()["resources"]
+    resources = sluice_container()["resources"]
     gpus = int(resources["limits"]["nvidia.com/gpu"])
     assert int(resources["requests"]["nvidia.com/gpu"]) == gpus
     assert gpus >= sluice_yaml()["engine"]["tensor_parallel_size"]
 
 
 def test_non_root_read_only_with_writable_cache_tmp_and_shm() -> None:
-    pod, spec = pod_spec(), container()
+    pod, spec = pod_spec(), sluice_container()
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 10001
     assert spec["securityContext"]["readOnlyRootFilesystem"] is True
@@ -110,7 +108,7 @@ def test_non_root_read_only_with_writable_cache_tmp_and_shm() -> None:
 def test_configuration_from_the_configmap_and_keys_from_the_secret(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    spec, pod = container(), pod_spec()
+    spec, pod = sluice_container(), pod_spec()
     env = {e["name"]: e["value"] for e in spec["env"]}
     config_file = Path(env["SLUICE_CONFIG_FILE"])
     mount = next(m for m in spec["volumeMounts"] if m["mountPath"] == str(config_file.parent))
@@ -137,7 +135,7 @@ def test_configuration_from_the_configmap_and_keys_from_the_secret(
 def test_service_reaches_the_container_port() -> None:
     service = k8s_object("Service", "sluice")
     (port,) = service["spec"]["ports"]
-    named = {p["name"]: p["containerPort"] for p in container()["ports"]}
+    named = {p["name"]: p["containerPort"] for p in sluice_container()["ports"]}
     assert port["targetPort"] in named and port["port"] == named[port["targetPort"]]
     labels = k8s_object("Deployment", "sluice")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
@@ -194,4 +192,4 @@ def test_adapter_rule_serves_the_hpa_metric_from_labels_the_scrape_sets() -> Non
     assert set(overrides) <= produced
     annotations = k8s_object("Deployment", "sluice")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert int(annotations["prometheus.io/port"]) == container()["ports"][0]["containerPort"]
+    assert int(annotations["prometheus.io/port"]) == sluice_container()["ports"][0]["containerPort"]
