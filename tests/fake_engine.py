@@ -1,130 +1,117 @@
-"""A fake `Engine` for API tests: whitespace tokens, scripted output, no model.
+"""A fake engine for API tests: vLLM's real front end over a scripted synthetic core.
 
-It records what it was asked (requests, aborts) and can be told to be slow, to fail, or to
-hold requests in a queue, so tests can check the gateway's behaviour without vLLM.
+Everything above the engine core is real (the default model's tokenizer and chat template,
+vLLM's request validation, output processor and OpenAI serving layer); the core emits
+scripted text (default: filler words) as fast as asked, records what it was given (requests,
+aborts), can hold requests in a queue, die mid-generation or be slow to start.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any
 
-from sluice.engine.protocol import (
-    Delta,
-    EngineFailure,
-    EngineStats,
-    GenerationRequest,
-    ModelCard,
-    TokenLogprob,
-)
+from sluice.config import DEFAULT_MODEL_NAME, default_cache_dir
+from sluice.engine.args import engine_namespace
+from sluice.engine.models import default_model_dir
+from sluice.engine.synthetic import SyntheticCore, SyntheticEngine, SyntheticSequence
 
 MODEL_ID = "fake-model"
+Script = Callable[[Any], str | None]  # an EngineCoreRequest -> the text to answer, or filler
 
 
-@dataclass
-class FakeEngine:
-    max_model_len: int = 256
-    token_delay_s: float = 0.0
-    fail_after_tokens: int | None = None
-    start_delay_s: float = 0.0
-    max_running: int | None = None  # beyond this, requests wait (for queue tests)
-    ready: bool = False
-    requests: list[GenerationRequest] = field(default_factory=list)
-    aborted: list[str] = field(default_factory=list)
-    active: set[str] = field(default_factory=set)
-    healthy: bool = True
-    _slots: asyncio.Semaphore | None = None
-    waiting: int = 0
+# Read at import, before tests point SLUICE_CACHE_DIR at temporary folders.
+MODEL_FOLDER = default_model_dir(default_cache_dir())
+
+
+def model_folder() -> str:
+    """The default model's folder (its tokenizer and config; `sluice model pull` made it)."""
+    folder = MODEL_FOLDER
+    if not (folder / "config.json").is_file():
+        raise RuntimeError(f"{DEFAULT_MODEL_NAME} is not pulled: run `sluice model pull`")
+    return str(folder)
+
+
+class ScriptedCore(SyntheticCore):
+    """A synthetic core that answers scripts, records requests and can fail."""
+
+    def __init__(
+        self,
+        tokens_per_s: float = 5000.0,
+        max_num_seqs: int | None = None,
+        script: Script | None = None,
+        fail_after_tokens: int | None = None,
+    ) -> None:
+        super().__init__(tokens_per_s, max_num_seqs)
+        self.script = script
+        self.fail_after_tokens = fail_after_tokens
+        self.tokenizer: Any = None
+        self.requests: list[Any] = []
+        self.aborted: list[str] = []
+        self.emitted = 0
+        self._scripted: dict[str, list[int]] = {}
+
+    async def add_request_async(self, request: Any) -> None:
+        self.requests.append(request)
+        await super().add_request_async(request)
+
+    async def abort_requests_async(self, request_ids: list[str]) -> None:
+        self.aborted.extend(request_ids)
+        await super().abort_requests_async(request_ids)
+
+    @property
+    def active(self) -> set[str]:
+        return set(self.running) | set(self.waiting)
+
+    def next_token(self, sequence: SyntheticSequence) -> int:
+        request = sequence.request
+        if request.request_id not in self._scripted:
+            text = self.script(request) if self.script is not None else None
+            self._scripted[request.request_id] = (
+                [] if text is None else self.tokenizer.encode(text, add_special_tokens=False)
+            )
+        ids = self._scripted[request.request_id]
+        if not ids:  # filler from the first word, whatever the prompt: " one two three ..."
+            return self.filler_ids[sequence.made % len(self.filler_ids)]
+        if sequence.made < len(ids):
+            return int(ids[sequence.made])
+        return int(self.tokenizer.eos_token_id)
+
+    def step(self, sequence: SyntheticSequence, output_type: Any) -> Any:
+        if self.fail_after_tokens is not None and self.emitted >= self.fail_after_tokens:
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            self.resources.engine_dead = True
+            raise EngineDeadError()
+        self.emitted += 1
+        return super().step(sequence, output_type)
+
+
+class FakeEngine(SyntheticEngine):
+    """`SyntheticEngine` with a `ScriptedCore`, served as `fake-model`."""
+
+    def __init__(
+        self,
+        core: ScriptedCore | None = None,
+        *,
+        cli_args: tuple[str, ...] = ("--max-model-len", "512"),
+        start_delay_s: float = 0.0,
+        start_error: Exception | None = None,
+    ) -> None:
+        args = engine_namespace(model_folder(), served_model_names=[MODEL_ID], cli_args=cli_args)
+        self.core: ScriptedCore = core or ScriptedCore()
+        super().__init__(args, self.core.step_s and 1 / self.core.step_s, core=self.core)
+        self.start_delay_s = start_delay_s
+        self.start_error = start_error
 
     async def start(self) -> None:
         await asyncio.sleep(self.start_delay_s)
-        if self.max_running:
-            self._slots = asyncio.Semaphore(self.max_running)
-        self.ready = True
+        if self.start_error is not None:
+            raise self.start_error
+        await super().start()
+        self.core.tokenizer = self.client.renderer.get_tokenizer()
 
-    async def shutdown(self) -> None:
-        self.ready = False
-
-    async def check_health(self) -> None:
-        if not self.healthy:
-            raise EngineFailure("fake engine is dead")
-
-    def model_card(self) -> ModelCard:
-        return ModelCard(id=MODEL_ID, max_model_len=self.max_model_len, created=0)
-
-    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return [len(word) for word in text.split()]
-
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
-
-    def _script(self, request: GenerationRequest, index: int) -> list[str]:
-        structured = request.sampling.structured
-        if structured is not None:
-            return [json.dumps({"city": "Paris"})]
-        return [f" w{index}_{i}" for i in range(request.sampling.max_tokens)]
-
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
-        self.requests.append(request)
-        self.active.add(request.request_id)
-        try:
-            if self._slots is not None:
-                self.waiting += 1
-                try:
-                    await self._slots.acquire()
-                finally:
-                    self.waiting -= 1
-            try:
-                async for delta in self._run(request):
-                    yield delta
-            finally:
-                if self._slots is not None:
-                    self._slots.release()
-        finally:
-            self.active.discard(request.request_id)
-
-    async def _run(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        sampling = request.sampling
-        scripts = [self._script(request, j) for j in range(sampling.n)]
-        texts = ["" for _ in scripts]
-        done = [False for _ in scripts]
-        emitted = 0
-        for step in range(max(len(s) for s in scripts)):
-            for j, script in enumerate(scripts):
-                if done[j]:
-                    continue
-                if self.fail_after_tokens is not None and emitted >= self.fail_after_tokens:
-                    self.healthy = False
-                    raise EngineFailure("fake engine died mid-generation")
-                if self.token_delay_s:
-                    await asyncio.sleep(self.token_delay_s)
-                piece = script[step]
-                emitted += 1
-                texts[j] += piece
-                finish = None
-                hit = next((s for s in sampling.stop if s in texts[j]), None)
-                if hit is not None:
-                    piece = piece[: len(piece) - (len(texts[j]) - texts[j].index(hit))]
-                    finish = "stop"
-                elif step == len(script) - 1:
-                    finish = "length" if sampling.structured is None else "stop"
-                logprobs = ()
-                if sampling.logprobs is not None:
-                    top = tuple((f"alt{k}", -1.0 - k) for k in range(sampling.logprobs))
-                    logprobs = (TokenLogprob(token=piece, logprob=-0.5, top=top),)
-                yield Delta(
-                    index=j, text=piece, token_count=1, finish_reason=finish, logprobs=logprobs
-                )
-                if finish is not None:
-                    done[j] = True
-            if all(done):
-                return
-
-    async def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
-
-    def stats(self) -> EngineStats:
-        waiting = self.waiting
-        return EngineStats(running=len(self.active) - waiting, waiting=waiting, kv_cache_usage=0.0)
+    def kill(self) -> None:
+        """The engine core dies (health checks fail from now on)."""
+        self.core.resources.engine_dead = True

@@ -1,9 +1,11 @@
 """The app factory: `create_app(settings, engine=None)` builds a FastAPI app whose lifespan
-puts everything on `app.state` (settings, engine, lifecycle, job runner).
+puts everything on `app.state` (settings, engine, lifecycle, gateway, tracer, and vLLM's
+serving objects once the engine is up).
 
 The engine loads in a background task so `/healthz` answers and `/readyz` says 503 while the
-model loads; a watchdog turns an engine failure into a dead lifecycle (503 everywhere and a
-non-zero exit, so a supervisor restarts the process).
+model loads; then vLLM's OpenAI serving layer is built on it (api/serving.py). A watchdog
+turns an engine failure into a dead lifecycle (503 everywhere and a non-zero exit, so a
+supervisor restarts the process).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -29,8 +32,9 @@ from sluice.api.middleware import (
     RequestIdMiddleware,
 )
 from sluice.api.routes import router
-from sluice.api.run import JobRunner
+from sluice.api.serving import Serving
 from sluice.config import DEFAULT_MODEL_NAME, Settings
+from sluice.engine.models import default_model_dir
 from sluice.engine.protocol import Engine
 from sluice.errors import install_error_handlers
 from sluice.gateway.admission import Admission
@@ -45,25 +49,82 @@ logger = logging.getLogger(__name__)
 HEALTH_CHECK_INTERVAL_S = 1.0
 
 
-def build_engine(settings: Settings) -> Engine:
-    """The engine `settings` ask for (imported lazily: vLLM is heavy)."""
-    if settings.engine.kind == "synthetic":
+# Set before vLLM starts, only where the user has not set them.
+PROCESS_ENV = {
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+CPU_DEFAULT_KV_CACHE_GIB = 1
+SYNTHETIC_MODEL_NAME = "synthetic"
+# The default model has no tool format of its own: serve it with a Hermes-style template and
+# vLLM's hermes parser, so tool-calling clients (instructor, pydantic-ai, LangChain) work.
+DEFAULT_MODEL_TOOLS = [
+    "--enable-auto-tool-choice",
+    "--tool-call-parser",
+    "hermes",
+    "--chat-template",
+    str(Path(__file__).parent / "engine" / "templates" / "smollm2_tools.jinja"),
+]
+
+
+def build_engine(settings: Settings, cli_args: Sequence[str] = ()) -> Engine:
+    """The engine `settings` ask for, with vLLM's options from the `vllm:` settings and
+    `cli_args` (engine/args.py). `settings.model=None` means the packaged default model (its
+    folder must have been pulled): served as `SmolLM2-135M-Instruct`, offline.
+
+    Raises `EngineArgumentError` for options vLLM refuses. Imports vLLM (seconds).
+    """
+    from vllm.platforms import current_platform
+
+    from sluice.engine.args import engine_namespace
+
+    for name, value in PROCESS_ENV.items():
+        os.environ.setdefault(name, value)
+    on_cpu = bool(current_platform.is_cpu())
+    if on_cpu:
+        # vLLM's CPU backend sizes its KV cache from this variable; its default asks for more
+        # memory than the NUMA node reports and start-up fails (DESIGN.md).
+        gib = settings.engine.kv_cache_gib or CPU_DEFAULT_KV_CACHE_GIB
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(gib))))
+    synthetic = settings.engine.kind == "synthetic"
+    names: list[str] = []
+    defaults: list[str] = []
+    if settings.model is None:
+        model = str(default_model_dir(settings.cache_dir))
+        names = [DEFAULT_MODEL_NAME]
+        defaults = DEFAULT_MODEL_TOOLS
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the packaged model needs no hub
+    else:
+        model = settings.model
+    if synthetic:
+        names = [SYNTHETIC_MODEL_NAME]
+    args = engine_namespace(
+        model,
+        served_model_names=names,
+        defaults=defaults,
+        options=settings.vllm,
+        cli_args=cli_args,
+        on_cpu=on_cpu,
+    )
+    if synthetic:
         from sluice.engine.synthetic import SyntheticEngine
 
-        return SyntheticEngine(settings)
+        return SyntheticEngine(args, settings.engine.synthetic_tokens_per_s)
     from sluice.engine.vllm import VllmEngine
 
-    return VllmEngine(settings)
+    return VllmEngine(args)
 
 
-async def _load(
-    engine: Engine, lifecycle: Lifecycle, metrics: Metrics, tracer: trace.Tracer
-) -> None:
+async def _load(app: FastAPI, engine: Engine, metrics: Metrics, tracer: trace.Tracer) -> None:
+    lifecycle: Lifecycle = app.state.lifecycle
+    model = engine.served_model_names[0]
     started = time.monotonic()
     with tracer.start_as_current_span("load_model") as span:
         span.add_event("start_load_model")
         try:
             await engine.start()
+            app.state.serving = await Serving.build(engine)
         except Exception as exc:
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, "engine start-up failed"))
@@ -71,11 +132,11 @@ async def _load(
             lifecycle.fail(f"engine start-up failed: {exc}")
             return
         span.add_event("end_load_model")
-        span.set_attribute("gen_ai.request.model", engine.model_card().id)
+        span.set_attribute("gen_ai.request.model", model)
     seconds = time.monotonic() - started
     lifecycle.loaded(seconds)
-    metrics.model_load.labels(engine.model_card().id).set(seconds)
-    logger.info("model %s loaded in %.1fs (cold start)", engine.model_card().id, seconds)
+    metrics.model_load.labels(model).set(seconds)
+    logger.info("model %s loaded in %.1fs (cold start)", model, seconds)
 
 
 async def _watch_health(engine: Engine, lifecycle: Lifecycle) -> None:
@@ -106,27 +167,20 @@ async def _announce_auth(gateway: Gateway, settings: Settings) -> None:
         )
 
 
-def served_model_name(settings: Settings) -> str:
-    """The model id clients will use, known before the engine loads."""
-    if settings.served_model_name:
-        return settings.served_model_name
-    if settings.engine.kind == "synthetic":
-        return "synthetic"
-    return Path(settings.model).name if settings.model else DEFAULT_MODEL_NAME
-
-
 def create_app(
     settings: Settings,
     engine: Engine | None = None,
     *,
     span_exporter: SpanExporter | None = None,
 ) -> FastAPI:
-    """A sluice app for `settings`; pass `engine` to use one other than vLLM (tests), and
+    """A sluice app for `settings`; `engine` defaults to `build_engine(settings)`; pass
     `span_exporter` to receive spans without OTLP (tests)."""
+    the_engine = engine if engine is not None else build_engine(settings)
+    model = the_engine.served_model_names[0]
     telemetry = settings.telemetry
     errors = ErrorRateWindow(telemetry.error_window_s)
     tracer_provider = build_tracer_provider(
-        model=served_model_name(settings),
+        model=model,
         sampler=ErrorBiasedSampler(
             telemetry.trace_sample_ratio,
             errors,
@@ -143,14 +197,12 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        the_engine = engine if engine is not None else build_engine(settings)
         lifecycle = Lifecycle()
         app.state.settings = settings
         app.state.engine = the_engine
         app.state.lifecycle = lifecycle
-        app.state.runner = JobRunner(
-            the_engine, lifecycle, settings.limits.request_timeout_s, tracer=tracer
-        )
+        app.state.tracer = tracer
+        app.state.serving = None
         engine_stats = lambda: the_engine.stats() if the_engine.ready else None  # noqa: E731
         admission = Admission(settings.admission, engine_stats)
         gateway = Gateway.build(
@@ -162,9 +214,9 @@ def create_app(
         metrics.admission_load.set_function(admission.load)
         await _announce_auth(gateway, settings)
         metrics.in_flight.set_function(lambda: lifecycle.in_flight)
-        metrics.watch_engine(engine_stats, lambda: the_engine.model_card().id)
+        metrics.watch_engine(engine_stats, lambda: model)
         tasks = [
-            asyncio.create_task(_load(the_engine, lifecycle, metrics, tracer), name="sluice-load"),
+            asyncio.create_task(_load(app, the_engine, metrics, tracer), name="sluice-load"),
             asyncio.create_task(_watch_health(the_engine, lifecycle), name="sluice-health"),
         ]
         try:

@@ -23,6 +23,7 @@ from sluice.config import DEFAULT_MODEL_NAME, Settings
 from sluice.engine.models import (
     ModelProvisionError,
     check_hf_folder,
+    check_hub_model,
     default_model_dir,
     ensure_default_model,
     pull_default_model,
@@ -33,11 +34,11 @@ from sluice.gateway.command import add_arguments as add_keys_arguments
 from sluice.gateway.command import keys, open_bind_refusal
 from sluice.gateway.store_redis import StoreFailure
 
-# flag -> (dotted settings path, argparse options)
+# flag -> (dotted settings path, argparse options). Any other flag of `sluice serve` is one of
+# vLLM's `vllm serve` flags and goes to vLLM's own parser (engine/args.py).
 SERVE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--config": ("config_file", {"type": Path, "help": "YAML settings file"}),
-    "--model": ("model", {"help": "Hugging Face folder or hub id (default: SmolLM2-135M)"}),
-    "--served-model-name": ("served_model_name", {"help": "model id clients use"}),
+    "--config": ("config_file", {"type": Path, "help": "sluice's YAML settings file"}),
+    "--model": ("model", {"help": "hub id or model folder (or give it first, positionally)"}),
     "--host": ("host", {"help": "address to bind (default 127.0.0.1)"}),
     "--port": ("port", {"type": int, "help": "port (default 8000)"}),
     "--cache-dir": ("cache_dir", {"type": Path, "help": "where models are cached"}),
@@ -46,27 +47,14 @@ SERVE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--drain-timeout": ("drain_timeout_s", {"type": float, "help": "seconds SIGTERM waits"}),
     "--engine": (
         "engine.kind",
-        {"choices": ["vllm", "synthetic"], "help": "synthetic: load testing without a model"},
+        {"choices": ["vllm", "synthetic"], "help": "synthetic: load testing without weights"},
     ),
     "--synthetic-tokens-per-s": ("engine.synthetic_tokens_per_s", {"type": float}),
-    "--dtype": ("engine.dtype", {"help": "auto, float32, bfloat16, float16"}),
-    "--max-model-len": ("engine.max_model_len", {"type": int, "help": "context length"}),
-    "--kv-cache-gib": ("engine.kv_cache_gib", {"type": float, "help": "KV-cache size in GiB"}),
-    "--gpu-memory-utilization": ("engine.gpu_memory_utilization", {"type": float}),
-    "--max-num-seqs": ("engine.max_num_seqs", {"type": int, "help": "max concurrent sequences"}),
-    "--max-num-batched-tokens": ("engine.max_num_batched_tokens", {"type": int}),
-    "--enable-prefix-caching": (
-        "engine.enable_prefix_caching",
-        {"action": argparse.BooleanOptionalAction},
-    ),
-    "--enforce-eager": ("engine.enforce_eager", {"action": argparse.BooleanOptionalAction}),
-    "--tensor-parallel-size": ("engine.tensor_parallel_size", {"type": int}),
-    "--seed": ("engine.seed", {"type": int}),
+    "--kv-cache-gib": ("engine.kv_cache_gib", {"type": float, "help": "CPU KV cache, GiB"}),
     "--request-timeout": ("limits.request_timeout_s", {"type": float, "help": "seconds"}),
     "--max-tokens-cap": ("limits.max_tokens_cap", {"type": int}),
     "--max-n": ("limits.max_n", {"type": int}),
     "--max-body-bytes": ("limits.max_body_bytes", {"type": int}),
-    "--scheduling-policy": ("engine.scheduling_policy", {"choices": ["priority", "fcfs"]}),
     "--store": (
         "gateway.store",
         {"choices": ["embedded", "redis"], "help": "where keys, limits and spend live"},
@@ -93,7 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the OpenAI-compatible server")
+    serve = commands.add_parser(
+        "serve",
+        help="run the OpenAI-compatible server",
+        usage="sluice serve [MODEL] [sluice options] [vllm serve options]",
+        epilog="Every other option is vLLM's (`vllm serve --help`): it goes to vLLM's own "
+        "parser, as do the settings file's `vllm:` section and SLUICE_VLLM__* variables.",
+    )
     for flag, (_path, options) in SERVE_FLAGS.items():
         serve.add_argument(flag, dest=flag[2:].replace("-", "_"), default=None, **options)
 
@@ -166,25 +160,23 @@ def _say(message: str) -> None:
 
 
 def _resolve_model(settings: Settings) -> Settings:
-    """Settings whose `model` is a concrete folder or hub id (the default pulled if needed)."""
+    """Settings whose model can be served: the default model pulled if it is the one (also
+    for the synthetic engine, which needs its tokenizer), a folder checked, a hub id checked
+    against the hub or its cache."""
     if settings.model is None:
-        folder = ensure_default_model(settings.cache_dir, progress=_say)
-        return settings.model_copy(
-            update={
-                "model": str(folder),
-                "served_model_name": settings.served_model_name or DEFAULT_MODEL_NAME,
-            }
-        )
+        ensure_default_model(settings.cache_dir, progress=_say)
+        return settings
     candidate = Path(settings.model).expanduser()
-    looks_local = candidate.exists() or settings.model.startswith((".", "/", "~"))
-    if looks_local:
+    if candidate.exists() or settings.model.startswith((".", "/", "~")):
         check_hf_folder(candidate)
-        return settings.model_copy(update={"model": str(candidate.resolve())})
+        return settings
+    check_hub_model(settings.model, revision=settings.vllm.get("revision"))
     return settings
 
 
-def serve(settings: Settings) -> int:
-    from sluice.app import create_app
+def serve(settings: Settings, vllm_args: list[str]) -> int:
+    from sluice.app import build_engine, create_app
+    from sluice.engine.args import EngineArgumentError, model_in
     from sluice.server import run
     from sluice.telemetry.logging import configure_logging
 
@@ -192,18 +184,25 @@ def serve(settings: Settings) -> int:
     refusal = open_bind_refusal(settings)
     if refusal is not None:
         return _fail(refusal, 2)
+    try:
+        model, vllm_args = model_in(vllm_args)
+        if model is not None:
+            if settings.model is not None and settings.model != model:
+                return _fail(f"two models given: '{model}' and --model '{settings.model}'", 2)
+            settings = settings.model_copy(update={"model": model})
+        settings = _resolve_model(settings)
+        engine = build_engine(settings, vllm_args)
+    except ModelProvisionError as exc:
+        return _fail(str(exc), 1)
+    except EngineArgumentError as exc:
+        return _fail(str(exc), 2)
     if settings.engine.kind == "synthetic":
         logging.getLogger(__name__).warning(
             "serving the SYNTHETIC engine: filler text at %.0f tokens/s per sequence, for "
             "load-testing the gateway only",
             settings.engine.synthetic_tokens_per_s,
         )
-    else:
-        try:
-            settings = _resolve_model(settings)
-        except ModelProvisionError as exc:
-            return _fail(str(exc), 1)
-    app = create_app(settings)
+    app = create_app(settings, engine)
     return run(app, settings.host, settings.port, settings.drain_timeout_s, settings.log_level)
 
 
@@ -270,10 +269,13 @@ def estimate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "serve":
-            return serve(settings_from_args(args))
+            return serve(settings_from_args(args), extra)
         if args.command == "estimate":
             return estimate(args)
         if args.command == "bench":

@@ -34,33 +34,21 @@ def default_cache_dir() -> Path:
 
 
 class EngineSettings(BaseModel):
-    """Options passed to vLLM. `None` means "vLLM's default for this platform"."""
+    """Which engine serves, and sluice's own engine options. vLLM's engine options (dtype,
+    context length, parallelism, ...) go in the `vllm:` section, unmapped."""
 
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["vllm", "synthetic"] = Field(
-        "vllm", description="synthetic: a load-testing engine without a model (never default)"
+        "vllm", description="synthetic: vLLM's front end over a fake core (load tests only)"
     )
     synthetic_tokens_per_s: float = Field(
         50.0, gt=0, description="per-sequence token rate of the synthetic engine"
     )
-    dtype: str = Field("auto", description="auto = float32 on CPU, the model's dtype on GPU")
-    max_model_len: int | None = Field(None, ge=16, description="context length; None = model's")
     kv_cache_gib: float | None = Field(
         None,
         gt=0,
-        description="KV-cache size in GiB (CPU default 1); on GPU, None = use "
-        "gpu_memory_utilization",
-    )
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    max_num_seqs: int | None = Field(None, ge=1, description="max concurrent sequences")
-    max_num_batched_tokens: int | None = Field(None, ge=1)
-    enable_prefix_caching: bool | None = None
-    enforce_eager: bool | None = Field(None, description="None = True on CPU")
-    tensor_parallel_size: int = Field(1, ge=1)
-    seed: int = 0
-    scheduling_policy: Literal["priority", "fcfs"] = Field(
-        "priority", description="priority: keys' high/normal/low priority orders vLLM's queue"
+        description="CPU only: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE; default 1)",
     )
 
 
@@ -220,8 +208,9 @@ class Settings(BaseSettings):
     )
 
     config_file: Path | None = Field(None, description="YAML file with any of these settings")
-    model: str | None = Field(None, description="HF folder or hub id; None = default model")
-    served_model_name: str | None = Field(None, description="id clients use; None = derived")
+    model: str | None = Field(
+        None, description="hub id or model folder, as vllm serve takes it; None = default model"
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     cache_dir: Path = Field(default_factory=default_cache_dir)
@@ -233,18 +222,16 @@ class Settings(BaseSettings):
     pricing: PricingSettings = Field(default_factory=PricingSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    vllm: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM's serve options by name (as in vLLM's --config YAML), passed to "
+        "vLLM's own parser",
+    )
 
     @property
     def database_path(self) -> Path:
         """The SQLite file of the embedded store."""
         return self.gateway.database or self.cache_dir / "sluice.db"
-
-    @field_validator("served_model_name")
-    @classmethod
-    def _non_empty(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("must not be empty")
-        return value
 
     @classmethod
     def settings_customise_sources(

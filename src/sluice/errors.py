@@ -4,7 +4,8 @@ Code anywhere in sluice raises a `SluiceError` subclass; only this module knows 
 
     SluiceError
     ├── InvalidRequest            400 invalid_request_error (with `param`)
-    │   └── ContextLengthExceeded 400 code=context_length_exceeded
+    │   ├── ContextLengthExceeded 400 code=context_length_exceeded
+    │   └── NotSupported          400 code=not_supported (the loaded model cannot do this)
     ├── Unauthenticated           401 code=invalid_api_key
     ├── PermissionDenied          403 code=model_not_allowed | key_disabled | admin_only
     ├── ModelNotFound             404 code=model_not_found
@@ -22,23 +23,34 @@ Code anywhere in sluice raises a `SluiceError` subclass; only this module knows 
     └── InternalError             500 server_error
 
 Every body is `{"error": {"message", "type", "param", "code"}}` with all four keys.
+
+vLLM's serving layer reports errors its own way (an `ErrorResponse` whose `code` is the HTTP
+status as an integer, or an exception); `from_vllm` and `from_exception` turn those into the
+classes above, so clients see one shape whichever layer refused.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sluice.telemetry.record import record_of
 
 logger = logging.getLogger(__name__)
+
+UNION_MEMBER = re.compile(r"[A-Z\[\]-]")
+# vLLM's validation errors end with "(parameter=NAME, value=...)"
+VLLM_PARAMETER = re.compile(r"\(parameter=([A-Za-z_][\w.]*)")
 
 
 class SluiceError(Exception):
@@ -69,6 +81,11 @@ class InvalidRequest(SluiceError):
 
 class ContextLengthExceeded(InvalidRequest):
     """Prompt plus requested completion does not fit the model's context."""
+
+
+class NotSupported(InvalidRequest):
+    """The endpoint or feature exists, but not for the loaded model (chat on an embedding
+    model, embeddings on a generative one)."""
 
 
 class Unauthenticated(SluiceError):
@@ -140,6 +157,7 @@ class ErrorSpec:
 
 ERROR_TABLE: dict[type[SluiceError], ErrorSpec] = {
     ContextLengthExceeded: ErrorSpec(400, "invalid_request_error", "context_length_exceeded"),
+    NotSupported: ErrorSpec(400, "invalid_request_error", "not_supported"),
     InvalidRequest: ErrorSpec(400, "invalid_request_error", None),
     Unauthenticated: ErrorSpec(401, "invalid_request_error", "invalid_api_key"),
     PermissionDenied: ErrorSpec(403, "invalid_request_error", "model_not_allowed"),
@@ -186,13 +204,21 @@ def error_body(exc: SluiceError) -> dict[str, Any]:
     }
 
 
+class ErrorJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error message may quote the client's
+    input, and input that is not valid Unicode (a lone surrogate) must still render."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(exc: SluiceError) -> JSONResponse:
     """The HTTP response for `exc`, with `Retry-After` where the client should retry."""
     spec = spec_for(exc)
     headers = dict(exc.headers)
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-    return JSONResponse(error_body(exc), status_code=spec.status, headers=headers)
+    return ErrorJSONResponse(error_body(exc), status_code=spec.status, headers=headers)
 
 
 def as_sluice_error(exc: BaseException) -> SluiceError:
@@ -201,6 +227,52 @@ def as_sluice_error(exc: BaseException) -> SluiceError:
         return exc
     logger.error("unexpected error", exc_info=exc)
     return InternalError("The server had an error while processing your request.")
+
+
+def from_vllm(status: int, message: str, param: str | None = None) -> SluiceError:
+    """The sluice error for an error vLLM's serving layer reported with HTTP `status`."""
+    if param is None and (named := VLLM_PARAMETER.search(message)) is not None:
+        param = named.group(1)
+    if status == 400 or status == 422:
+        if "maximum context length" in message or "longer than the maximum model length" in (
+            message
+        ):
+            return ContextLengthExceeded(message, param=param or "messages")
+        return InvalidRequest(message, param=param)
+    if status == 404:
+        if param == "model" or "model" in message.lower():
+            return ModelNotFound(message, param="model")
+        return NotFound(message, param=param)
+    if status == 501:
+        return NotSupported(message, param=param)
+    if status == 503:
+        return ServiceUnavailable(message, retry_after_s=1)
+    logger.error("vLLM reported an internal error (%d): %s", status, message)
+    return InternalError("The server had an error while processing your request.")
+
+
+def from_exception(exc: BaseException) -> SluiceError:
+    """A sluice error for any exception, classified as vLLM's own server would
+    (`vllm.entrypoints.serve.create_error_response`); internals are logged, not sent."""
+    if isinstance(exc, SluiceError):
+        return exc
+    if type(exc).__name__ == "EngineDeadError":
+        return EngineDead(
+            "The inference engine has failed and the server is restarting.", retry_after_s=10
+        )
+    try:
+        from vllm.entrypoints.serve import create_error_response
+    except ImportError:  # pragma: no cover - vLLM is always there when it raised
+        return as_sluice_error(exc)
+    if not isinstance(exc, Exception):
+        return as_sluice_error(exc)
+    if isinstance(exc, ValidationError):
+        # vLLM validates parts of a request (message content parts) with pydantic itself
+        return validation_error(RequestValidationError(exc.errors(include_url=False)))
+    error = create_error_response(exc).error
+    if error.code >= 500:
+        logger.error("unexpected error", exc_info=exc)
+    return from_vllm(error.code, error.message, error.param)
 
 
 def validation_error(exc: RequestValidationError) -> InvalidRequest:
@@ -215,9 +287,11 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
             "JSON payload."
         )
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    # Union members add their type name to the location ("prompt.str"); drop those.
-    loc = [part for part in loc if not part.startswith(("list[", "function-"))]
-    loc = [part for part in loc if part not in {"str", "int", "float", "bool", "dict"}]
+    # Union members add their type's name to the location ("prompt.str",
+    # "messages.0.ChatCompletionUserMessageParam.content", "prompt.list[constrained-int]");
+    # field names are snake_case, so drop the parts that are not.
+    loc = [part for part in loc if not UNION_MEMBER.search(part)]
+    loc = [part for part in loc if part not in {"str", "int", "float", "bool", "dict", "list"}]
     param = ".".join(loc) or None
     if first.get("type") == "missing":
         if param is None:
@@ -260,12 +334,19 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             body = error_body(InvalidRequest(str(exc.detail)))
         body["error"]["code"] = body["error"]["code"] or f"http_{exc.status_code}"
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return ErrorJSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return respond(request, as_sluice_error(exc))
+        return respond(request, from_exception(exc))
 
     app.add_exception_handler(SluiceError, on_sluice_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    # vLLM's request models raise its own errors from their validators (not pydantic's), and
+    # its serving layer raises these for bad input: handled as vLLM's server registers them
+    # (vllm/entrypoints/serve/exception_handling/register.py), inside the middleware stack.
+    from vllm.exceptions import VLLMError
+
+    for kind in (VLLMError, ValueError, TypeError, OverflowError, NotImplementedError):
+        app.add_exception_handler(kind, on_unexpected)
     app.add_exception_handler(Exception, on_unexpected)

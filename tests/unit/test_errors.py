@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
 from sluice import errors
-from sluice.api.schemas import ChatCompletionRequest, CompletionRequest
+from sluice.api.requests import ChatCompletionRequest, CompletionRequest
 from sluice.errors import (
     ERROR_TABLE,
     Conflict,
@@ -22,6 +22,7 @@ from sluice.errors import (
     ModelLoading,
     ModelNotFound,
     NotFound,
+    NotSupported,
     PayloadTooLarge,
     PermissionDenied,
     QuotaExceeded,
@@ -34,6 +35,8 @@ from sluice.errors import (
     as_sluice_error,
     error_body,
     error_response,
+    from_exception,
+    from_vllm,
     spec_for,
     validation_error,
 )
@@ -41,6 +44,7 @@ from sluice.errors import (
 EXPECTED = [
     (InvalidRequest, 400, "invalid_request_error", None),
     (ContextLengthExceeded, 400, "invalid_request_error", "context_length_exceeded"),
+    (NotSupported, 400, "invalid_request_error", "not_supported"),
     (Unauthenticated, 401, "invalid_request_error", "invalid_api_key"),
     (PermissionDenied, 403, "invalid_request_error", "model_not_allowed"),
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
@@ -159,29 +163,22 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 @pytest.mark.parametrize(
     ("model", "body", "param"),
     [
-        (CompletionRequest, {**COMPLETION, "max_tokens": "5"}, "max_tokens"),
-        (CompletionRequest, {**COMPLETION, "max_tokens": 0}, "max_tokens"),
-        (CompletionRequest, {**COMPLETION, "temperature": 3}, "temperature"),
-        (CompletionRequest, {**COMPLETION, "top_p": 0}, "top_p"),
+        (CompletionRequest, {**COMPLETION, "max_tokens": "five"}, "max_tokens"),
+        (CompletionRequest, {**COMPLETION, "temperature": "hot"}, "temperature"),
         (CompletionRequest, {**COMPLETION, "prompt": 5}, "prompt"),  # union member dropped
-        (CompletionRequest, {**COMPLETION, "prompt": []}, "prompt"),
-        (CompletionRequest, {**COMPLETION, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        (CompletionRequest, {**COMPLETION, "stop": [1, 2]}, "stop"),
+        (CompletionRequest, {**COMPLETION, "seed": 2**64}, "seed"),
         (
             CompletionRequest,
-            {**COMPLETION, "stream_options": {"include_usage": 1}},
+            {**COMPLETION, "stream": True, "stream_options": {"include_usage": "maybe"}},
             "stream_options.include_usage",
-        ),
-        (
-            ChatCompletionRequest,
-            {**CHAT, "messages": [{"role": "tool", "content": "x"}]},
-            "messages.0.role",
         ),
         (
             ChatCompletionRequest,
             {**CHAT, "messages": [{"role": "user", "content": 5}]},
             "messages.0.content",
         ),
-        (ChatCompletionRequest, {**CHAT, "max_completion_tokens": -1}, "max_completion_tokens"),
+        (ChatCompletionRequest, {**CHAT, "logprobs": "maybe"}, "logprobs"),
     ],
 )
 def test_validation_error_names_the_field(model: type[Any], body: Any, param: str) -> None:
@@ -193,9 +190,9 @@ def test_validation_error_names_the_field(model: type[Any], body: Any, param: st
 
 
 def test_missing_field() -> None:
-    exc = validation_error(fastapi_error(CompletionRequest, {"prompt": "hi"}))
-    assert exc.param == "model"
-    assert exc.message == "Missing required parameter: 'model'."
+    exc = validation_error(fastapi_error(ChatCompletionRequest, {"model": "m"}))
+    assert exc.param == "messages"
+    assert exc.message == "Missing required parameter: 'messages'."
 
 
 def test_body_not_an_object() -> None:
@@ -215,13 +212,6 @@ def test_body_not_an_object() -> None:
     assert exc.message == (
         "The request body must be a JSON object sent with 'Content-Type: application/json'."
     )
-
-
-def test_unsupported_field_names_its_param_without_pydantic_prefix() -> None:
-    exc = validation_error(fastapi_error(ChatCompletionRequest, {**CHAT, "tools": [{}]}))
-    assert exc.param == "tools"
-    assert exc.message.startswith("Invalid value for 'tools': tool")
-    assert "tool and function calling are not supported" in exc.message
 
 
 def test_invalid_json() -> None:
@@ -264,3 +254,62 @@ def test_an_instance_may_name_its_type_and_add_headers() -> None:
     assert response.headers["retry-after"] == "2"
     assert response.headers["x-ratelimit-limit-tokens"] == "10"
     assert json.loads(response.body)["error"]["type"] == "tokens"
+
+
+# --- vLLM's errors -> the table ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "param", "cls"),
+    [
+        (400, "bad", "temperature", InvalidRequest),
+        (422, "bad", None, InvalidRequest),
+        (
+            400,
+            "This model's maximum context length is 8192 tokens. However, you requested 9000",
+            None,
+            ContextLengthExceeded,
+        ),
+        (
+            400,
+            "The decoder prompt (length 9000) is longer than the maximum model length",
+            None,
+            ContextLengthExceeded,
+        ),
+        (404, "The model `x` does not exist.", "model", ModelNotFound),
+        (404, "The lora adapter 'a' cannot be found.", None, NotFound),
+        (501, "The model does not support Chat Completions API", None, NotSupported),
+        (503, "queue full", None, ServiceUnavailable),
+        (500, "secret internals", None, InternalError),
+    ],
+)
+def test_from_vllm(status: int, message: str, param: str | None, cls: type[SluiceError]) -> None:
+    error = from_vllm(status, message, param)
+    assert type(error) is cls
+    if cls is InternalError:
+        assert "secret" not in error.message
+    else:
+        assert error.message == message
+
+
+def test_from_exception_classifies_as_vllms_server_does() -> None:
+    from vllm.exceptions import VLLMValidationError
+
+    error = from_exception(VLLMValidationError("n must be 1", parameter="n"))
+    assert (type(error), error.param) == (InvalidRequest, "n")
+    assert type(from_exception(ValueError("bad value"))) is InvalidRequest
+    assert type(from_exception(NotImplementedError("no"))) is NotSupported
+    assert type(from_exception(KeyError("internal"))) is InternalError
+
+
+def test_from_exception_engine_dead_and_sluice_errors() -> None:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    assert type(from_exception(EngineDeadError())) is EngineDead
+    original = Draining("Bye.")
+    assert from_exception(original) is original
+
+
+def test_error_response_renders_input_that_is_not_unicode() -> None:
+    response = error_response(InvalidRequest("model '\ud800' is odd"))
+    assert json.loads(response.body)["error"]["message"] == "model '\ud800' is odd"

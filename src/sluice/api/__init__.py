@@ -1,1 +1,2 @@
-"""The HTTP API: OpenAI request schemas, routes, SSE framing and the plumbing around them."""
+"""The HTTP API: routes around vLLM's OpenAI serving layer, the request's exchange with the
+gateway, SSE, middleware and the admin API."""

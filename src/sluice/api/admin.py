@@ -1,4 +1,7 @@
-"""Admin HTTP API: `/admin/keys` to create, list, revoke keys and read their usage.
+"""Admin HTTP API: `/admin/keys` to create, list, revoke keys and read their usage;
+`/admin/lora` to list, load and unload LoRA adapters at run time (vLLM's own
+`load_lora_adapter`/`unload_lora_adapter`, here behind the admin key instead of vLLM's
+`VLLM_ALLOW_RUNTIME_LORA_UPDATING` switch).
 
 Enabled by `gateway.admin_key`; every call needs `Authorization: Bearer <admin key>`
 (compared in constant time). Without an admin key configured the routes answer 403.
@@ -10,14 +13,16 @@ import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
-from sluice.api.deps import GatewayDep, SettingsDep
-from sluice.errors import PermissionDenied, Unauthenticated
+from sluice.api.deps import GatewayDep, ServingDep, SettingsDep
+from sluice.errors import PermissionDenied, Unauthenticated, from_vllm
 from sluice.gateway.keyadmin import KeyAdmin, describe, describe_usage
 from sluice.gateway.keys import KeyPolicy
 
 
-def _admin(request: Request, settings: SettingsDep, gateway: GatewayDep) -> KeyAdmin:
+def _check_admin(request: Request, settings: SettingsDep) -> None:
     admin_key = settings.gateway.admin_key
     if admin_key is None:
         raise PermissionDenied(
@@ -28,6 +33,9 @@ def _admin(request: Request, settings: SettingsDep, gateway: GatewayDep) -> KeyA
     expected = f"Bearer {admin_key.get_secret_value()}"
     if not hmac.compare_digest(sent.encode(), expected.encode()):
         raise Unauthenticated("The admin API needs 'Authorization: Bearer <admin key>'.")
+
+
+def _admin(gateway: GatewayDep, _: Annotated[None, Depends(_check_admin)]) -> KeyAdmin:
     return KeyAdmin(gateway.keys, gateway.quota)
 
 
@@ -56,3 +64,33 @@ async def revoke_key(name: str, admin: AdminDep) -> dict[str, Any]:
 @router.get("/keys/{name}/usage")
 async def key_usage(name: str, admin: AdminDep) -> dict[str, Any]:
     return describe_usage(await admin.usage(name))
+
+
+@router.get("/lora", dependencies=[Depends(_check_admin)])
+async def list_lora_adapters(serving: ServingDep) -> dict[str, Any]:
+    """The LoRA adapters loaded now: their names (model ids) and where they came from."""
+    adapters = serving.models.lora_requests.values()
+    return {
+        "object": "list",
+        "data": [{"name": a.lora_name, "path": a.lora_path} for a in adapters],
+    }
+
+
+@router.post("/lora/load", dependencies=[Depends(_check_admin)])
+async def load_lora_adapter(body: LoadLoRAAdapterRequest, serving: ServingDep) -> dict[str, Any]:
+    """Load an adapter from a folder on the server; it is then a model id (keys' model
+    allowlists apply to it by name)."""
+    result = await serving.models.load_lora_adapter(body)
+    if isinstance(result, ErrorResponse):
+        raise from_vllm(result.error.code, result.error.message, result.error.param)
+    return {"name": body.lora_name, "loaded": True, "message": result}
+
+
+@router.post("/lora/unload", dependencies=[Depends(_check_admin)])
+async def unload_lora_adapter(
+    body: UnloadLoRAAdapterRequest, serving: ServingDep
+) -> dict[str, Any]:
+    result = await serving.models.unload_lora_adapter(body)
+    if isinstance(result, ErrorResponse):
+        raise from_vllm(result.error.code, result.error.message, result.error.param)
+    return {"name": body.lora_name, "unloaded": True, "message": result}

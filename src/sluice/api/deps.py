@@ -1,18 +1,19 @@
-"""`Annotated` dependency aliases: what routes may ask for, all read off `app.state`."""
+"""`Annotated` dependency aliases: what routes may ask for, all read off the app's state."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from opentelemetry import trace
 
-from sluice.api.run import JobRunner
+from sluice.api.serving import Serving
 from sluice.config import Settings
 from sluice.engine.protocol import Engine
+from sluice.errors import EngineDead, ModelLoading
 from sluice.gateway.auth import Principal
 from sluice.gateway.service import Gateway
-from sluice.lifecycle import Lifecycle
+from sluice.lifecycle import LOADING_RETRY_AFTER_S, Lifecycle, Phase
 from sluice.telemetry.record import record_of
 
 
@@ -31,14 +32,30 @@ def _lifecycle(request: Request) -> Lifecycle:
     return lifecycle
 
 
-def _runner(request: Request) -> JobRunner:
-    runner: JobRunner = request.app.state.runner
-    return runner
-
-
 def _gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
+
+
+def _tracer(request: Request) -> trace.Tracer:
+    tracer: trace.Tracer = request.app.state.tracer
+    return tracer
+
+
+def _serving(request: Request) -> Serving:
+    """vLLM's serving objects; 503 until the engine has loaded (or after it died)."""
+    serving: Serving | None = request.app.state.serving
+    if serving is None:
+        lifecycle: Lifecycle = request.app.state.lifecycle
+        if lifecycle.phase is Phase.DEAD:
+            raise EngineDead(
+                "The inference engine has failed and the server is restarting.",
+                retry_after_s=LOADING_RETRY_AFTER_S,
+            )
+        raise ModelLoading(
+            "The model is still loading. Retry shortly.", retry_after_s=LOADING_RETRY_AFTER_S
+        )
+    return serving
 
 
 async def _principal(request: Request) -> Principal:
@@ -54,22 +71,7 @@ async def _principal(request: Request) -> Principal:
 SettingsDep = Annotated[Settings, Depends(_settings)]
 EngineDep = Annotated[Engine, Depends(_engine)]
 LifecycleDep = Annotated[Lifecycle, Depends(_lifecycle)]
-RunnerDep = Annotated[JobRunner, Depends(_runner)]
 GatewayDep = Annotated[Gateway, Depends(_gateway)]
+TracerDep = Annotated[trace.Tracer, Depends(_tracer)]
+ServingDep = Annotated[Serving, Depends(_serving)]
 PrincipalDep = Annotated[Principal, Depends(_principal)]
-
-
-@dataclass(frozen=True)
-class Generation:
-    """Everything a generation route needs, resolved once (the key before the body)."""
-
-    request: Request
-    principal: PrincipalDep
-    settings: SettingsDep
-    engine: EngineDep
-    lifecycle: LifecycleDep
-    runner: RunnerDep
-    gateway: GatewayDep
-
-
-GenerationDep = Annotated[Generation, Depends()]

@@ -1,5 +1,5 @@
 """ASGI middleware: request ids, the per-request record (metrics and log line), and the
-request-body size limit.
+request body's size limit and text validity.
 
 Pure ASGI (no BaseHTTPMiddleware) so streaming responses and disconnect messages pass through
 untouched.
@@ -7,6 +7,8 @@ untouched.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 
@@ -14,13 +16,25 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sluice.errors import PayloadTooLarge, error_response
+from sluice.errors import InvalidRequest, PayloadTooLarge, SluiceError, error_response
 from sluice.telemetry.logging import log_request
 from sluice.telemetry.metrics import Metrics
 from sluice.telemetry.record import SCOPE_KEY, RequestRecord, record_of
 from sluice.telemetry.tracing import ErrorRateWindow
 
-KNOWN_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
+KNOWN_ENDPOINTS = frozenset(
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/responses",
+        "/v1/embeddings",
+        "/v1/models",
+        "/tokenize",
+        "/detokenize",
+    }
+)
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff); pairs are fine, lone ones are not text.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 REQUEST_ID_HEADER = b"x-request-id"
 
@@ -51,8 +65,35 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+def text_error(body: bytes) -> InvalidRequest | None:
+    """Why `body` is not valid Unicode text, if it is not: invalid UTF-8, or a lone UTF-16
+    surrogate written as a JSON escape (which Python's JSON parser accepts, but which no
+    tokenizer, log line or response can carry)."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return InvalidRequest(
+            f"The request body is not valid UTF-8 (byte {exc.start}); send UTF-8 JSON."
+        )
+    if SURROGATE_ESCAPE.search(body) is None:
+        return None
+    # Rare (non-ASCII escaped by the client): parsing joins surrogate pairs into characters,
+    # so what cannot be encoded afterwards is a lone surrogate.
+    try:
+        json.dumps(json.loads(body), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return InvalidRequest(
+            "The request body contains a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
+            "which is not valid Unicode text."
+        )
+    except ValueError:
+        return None  # not JSON: the route reports that
+    return None
+
+
 class BodyLimitMiddleware:
-    """Refuse request bodies over `max_bytes` with 413, whether or not they declare a length.
+    """Refuse request bodies over `max_bytes` with 413, whether or not they declare a length,
+    and bodies that are not valid Unicode text with 400.
 
     The body is read here, up to the limit, and replayed to the app; later `receive` calls
     go to the server, so disconnect detection still works.
@@ -87,22 +128,29 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        body = b"".join(chunks)
+        invalid = text_error(body)
+        if invalid is not None:
+            await self._refuse(invalid, scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)
 
     @staticmethod
-    async def _refuse(error: PayloadTooLarge, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(error: SluiceError, scope: Scope, receive: Receive, send: Send) -> None:
         record = record_of(scope)
         if record is not None:
-            record.fail(413, "request_too_large")
+            from sluice.errors import error_code, spec_for
+
+            record.fail(spec_for(error).status, error_code(error))
         await error_response(error)(scope, receive, send)
 
 
@@ -110,7 +158,7 @@ class ObservabilityMiddleware:
     """Give each request a `RequestRecord`; when its response is done, record the metrics and
     write its one log line. Probes and `/metrics` are not counted."""
 
-    UNTRACKED = frozenset({"/healthz", "/readyz", "/metrics"})
+    UNTRACKED = frozenset({"/healthz", "/health", "/readyz", "/metrics", "/version"})
 
     def __init__(self, app: ASGIApp, metrics: Metrics, errors: ErrorRateWindow) -> None:
         self.app = app

@@ -1,139 +1,146 @@
-"""Routes: OpenAI's `/v1/*` endpoints and the health probes. Thin: parse, plan, run."""
+"""Routes: vLLM's OpenAI endpoints behind the gateway, model listing, tokenizing, probes.
+
+Each generating route is as thin as vLLM's own: it names the body's vLLM request model and
+hands vLLM's serving call to `Generation.serve` (api/generation.py), which owns the rest.
+"""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from vllm.entrypoints.openai.responses.api_router import _convert_stream_to_sse_events
+from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 
-from sluice.api.deps import (
-    EngineDep,
-    Generation,
-    GenerationDep,
-    LifecycleDep,
-    PrincipalDep,
-    SettingsDep,
-)
-from sluice.api.plan import GenerationJob, plan_chat, plan_completion
-from sluice.api.run import CLIENT_CLOSED_REQUEST
-from sluice.api.schemas import ChatCompletionRequest, CompletionRequest
-from sluice.api.streaming import SSEResponse, cancel_on_disconnect
-from sluice.engine.protocol import Engine, ModelCard
-from sluice.errors import ModelLoading, ModelNotFound, Unauthenticated
-from sluice.gateway.guards import Caps
+from sluice import __version__
+from sluice.api.deps import EngineDep, LifecycleDep, PrincipalDep, ServingDep, SettingsDep
+from sluice.api.generation import GenerationDep, Shape, prompt_count
+from sluice.api.requests import ChatCompletionRequest, CompletionRequest, check_fields
+from sluice.api.serving import Serving
+from sluice.errors import ModelNotFound, Unauthenticated, from_vllm
+from sluice.gateway.auth import Principal
+from sluice.gateway.guards import check_allowed
 from sluice.lifecycle import DRAINING_RETRY_AFTER_S, LOADING_RETRY_AFTER_S, Phase
-from sluice.telemetry.record import record_of
 
 router = APIRouter()
-
-
-def _prompt_text(body: CompletionRequest | ChatCompletionRequest) -> str:
-    if isinstance(body, CompletionRequest):
-        return "\n".join(body.prompts())
-    return "\n".join(f"{m.role}: {m.text()}" for m in body.messages)
-
-
-async def _serve(
-    generation: Generation,
-    plan: Callable[[Caps], GenerationJob],
-    body: CompletionRequest | ChatCompletionRequest,
-) -> Response:
-    """Admit, plan, reserve, run; the slot and the reservation are released exactly once."""
-    request, principal, gateway = generation.request, generation.principal, generation.gateway
-    lifecycle, runner = generation.lifecycle, generation.runner
-    record = record_of(request.scope)
-    lifecycle.admit()
-    try:
-        clamp = gateway.admit(principal)  # shed before any tokenising
-        job = plan(Caps(principal, clamp))
-        ticket = await gateway.reserve(
-            principal, job.model, job.prompt_tokens, job.max_output_tokens
-        )
-    except BaseException:
-        lifecycle.release()
-        raise
-
-    async def close() -> None:
-        lifecycle.release()
-        await gateway.settle(ticket)
-
-    def on_tokens(count: int) -> None:
-        gateway.on_tokens(ticket, count)
-
-    if record is not None:
-        record.model = job.model
-        record.prompt_tokens = job.prompt_tokens
-        if generation.settings.telemetry.log_prompts:
-            record.prompt_text = _prompt_text(body)
-            record.output_text = []
-    if job.stream:
-        return SSEResponse(
-            runner.sse_events(job, record, on_tokens), on_close=close, headers=ticket.headers
-        )
-    try:
-        finished, result = await cancel_on_disconnect(
-            request, runner.collect(job, record, on_tokens)
-        )
-    finally:
-        with anyio.CancelScope(shield=True):
-            await close()
-    if not finished:
-        if record is not None:
-            record.fail(CLIENT_CLOSED_REQUEST, "client_closed_request")
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return JSONResponse(result, headers=ticket.headers)
-
-
-@router.post("/v1/completions")
-async def create_completion(body: CompletionRequest, generation: GenerationDep) -> Response:
-    engine, settings = generation.engine, generation.settings
-    return await _serve(
-        generation, lambda caps: plan_completion(body, engine, settings, caps), body
-    )
 
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(
     body: ChatCompletionRequest, generation: GenerationDep
 ) -> Response:
-    engine, settings = generation.engine, generation.settings
-    return await _serve(generation, lambda caps: plan_chat(body, engine, settings, caps), body)
+    named = body.max_completion_tokens is not None
+    shape = Shape(
+        # past pydantic's descriptor: vLLM marks `max_tokens` deprecated (as OpenAI does)
+        max_tokens=body.max_completion_tokens if named else vars(body)["max_tokens"],
+        max_tokens_param="max_completion_tokens" if named else "max_tokens",
+        n=body.n,
+    )
+    chat = generation.serving.chat
+    return await generation.serve(
+        body, "chat", lambda: chat.create_chat_completion(body, generation.request), shape
+    )
 
 
-def _card(engine: Engine) -> ModelCard:
-    if not engine.ready:
-        raise ModelLoading(
-            "The model is still loading. Retry shortly.", retry_after_s=LOADING_RETRY_AFTER_S
-        )
-    return engine.model_card()
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, generation: GenerationDep) -> Response:
+    if body.prompt is None and body.prompt_embeds is None:
+        # OpenAI: no prompt means "from the start of a new document" (its <|endoftext|>).
+        tokenizer = generation.serving.models.engine_client.renderer.get_tokenizer()
+        start = tokenizer.bos_token_id
+        body.prompt = [start if start is not None else tokenizer.eos_token_id]
+    shape = Shape(max_tokens=body.max_tokens, n=body.n, prompts=prompt_count(body.prompt))
+    completion = generation.serving.completion
+    return await generation.serve(
+        body,
+        "text_completion",
+        lambda: completion.create_completion(body, generation.request),
+        shape,
+    )
 
 
-def _model_object(card: ModelCard) -> dict[str, Any]:
-    return {
-        "id": card.id,
-        "object": "model",
-        "created": card.created,
-        "owned_by": card.owned_by,
-        "max_model_len": card.max_model_len,
-    }
+@router.post("/v1/responses")
+async def create_response(body: ResponsesRequest, generation: GenerationDep) -> Response:
+    responses = generation.serving.responses
+
+    async def call() -> Any:
+        result = await responses.create_responses(body, generation.request)
+        if hasattr(result, "__anext__"):
+            return _convert_stream_to_sse_events(result)
+        return result
+
+    shape = Shape(max_tokens=body.max_output_tokens, max_tokens_param="max_output_tokens")
+    return await generation.serve(body, "generate_content", call, shape)
+
+
+@router.post("/v1/embeddings")
+async def create_embedding(body: EmbeddingRequest, generation: GenerationDep) -> Response:
+    embedding = generation.serving.embedding
+    shape = Shape(prompts=prompt_count(getattr(body, "input", None)))
+    return await generation.serve(
+        body, "embeddings", lambda: embedding(body, generation.request), shape
+    )
+
+
+def _tokenizing(body: Any, principal: Principal, serving: Serving) -> None:
+    check_fields(body)
+    check_allowed(body.model or serving.models.base_model_paths[0].name, principal)
+
+
+def _json(result: Any) -> Response:
+    if isinstance(result, ErrorResponse):
+        raise from_vllm(result.error.code, result.error.message, result.error.param)
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
+@router.post("/tokenize")
+async def tokenize(
+    body: TokenizeRequest, request: Request, principal: PrincipalDep, serving: ServingDep
+) -> Response:
+    """vLLM's tokenizer endpoint: token ids of a prompt or of chat messages."""
+    _tokenizing(body, principal, serving)
+    return _json(await serving.tokenization.create_tokenize(body, request))
+
+
+@router.post("/detokenize")
+async def detokenize(
+    body: DetokenizeRequest, request: Request, principal: PrincipalDep, serving: ServingDep
+) -> Response:
+    """vLLM's detokenizer endpoint: the text of token ids."""
+    _tokenizing(body, principal, serving)
+    return _json(await serving.tokenization.create_detokenize(body, request))
+
+
+async def _models(serving: Serving, principal: Principal) -> list[dict[str, Any]]:
+    """The base model's names and LoRA adapters this key may use, as OpenAI model objects."""
+    listing = await serving.models.show_available_models()
+    policy = principal.policy
+    return [
+        card.model_dump() for card in listing.data if policy is None or policy.allows_model(card.id)
+    ]
 
 
 @router.get("/v1/models")
-async def list_models(engine: EngineDep, _: PrincipalDep) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_object(_card(engine))]}
+async def list_models(serving: ServingDep, principal: PrincipalDep) -> dict[str, Any]:
+    return {"object": "list", "data": await _models(serving, principal)}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, engine: EngineDep, _: PrincipalDep) -> dict[str, Any]:
-    card = _card(engine)
-    if model_id != card.id:
-        raise ModelNotFound(f"The model '{model_id}' does not exist on this server.", param="model")
-    return _model_object(card)
+async def retrieve_model(
+    model_id: str, serving: ServingDep, principal: PrincipalDep
+) -> dict[str, Any]:
+    for card in await _models(serving, principal):
+        if card["id"] == model_id:
+            return card
+    raise ModelNotFound(
+        f"The model '{model_id}' does not exist or you do not have access to it.", param="model"
+    )
 
 
 @router.get("/metrics")
@@ -150,11 +157,21 @@ async def metrics(request: Request, settings: SettingsDep) -> Response:
 
 
 @router.get("/healthz")
+@router.get("/health")
 async def healthz(lifecycle: LifecycleDep) -> JSONResponse:
-    """Liveness: the process answers; 503 only once the engine has failed."""
+    """Liveness (`/health` is vLLM's name for it): the process answers; 503 only once the
+    engine has failed."""
     if lifecycle.phase is Phase.DEAD:
         return JSONResponse({"status": "dead", "reason": lifecycle.failure}, status_code=503)
     return JSONResponse({"status": "ok"})
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    """vLLM's version (as vLLM's own server answers) and sluice's."""
+    from vllm import __version__ as vllm_version
+
+    return {"version": vllm_version, "sluice_version": __version__}
 
 
 @router.get("/readyz")

@@ -1,25 +1,20 @@
-"""Engines behind the narrow `Engine` protocol (engine/protocol.py)."""
+"""Engines behind the narrow `Engine` protocol (engine/protocol.py): vLLM's `AsyncLLM` with its
+engine core, or the same front end over the synthetic core."""
 
 from sluice.engine.protocol import (
-    Delta,
+    REQUEST_OBSERVER,
     Engine,
     EngineFailure,
     EngineStats,
-    GenerationRequest,
-    ModelCard,
-    SamplingOptions,
-    StructuredOutput,
-    TokenLogprob,
+    RequestObserver,
+    Submission,
 )
 
 __all__ = [
-    "Delta",
+    "REQUEST_OBSERVER",
     "Engine",
     "EngineFailure",
     "EngineStats",
-    "GenerationRequest",
-    "ModelCard",
-    "SamplingOptions",
-    "StructuredOutput",
-    "TokenLogprob",
+    "RequestObserver",
+    "Submission",
 ]

@@ -57,6 +57,60 @@ def check_hf_folder(folder: Path) -> None:
         )
 
 
+def check_hub_model(repo_id: str, revision: str | None = None) -> None:
+    """Refuse, in one sentence, a hub id vLLM could not load: not a valid id, not in the
+    Hugging Face cache while offline, the hub unreachable, a repository or revision that does
+    not exist, a gated repository without a token. Fetches (or finds in the cache)
+    `config.json` the way vLLM will, so `HF_TOKEN`, `HF_HOME` and `HF_HUB_OFFLINE` apply."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f" at revision '{revision}'" if revision else ""
+    try:
+        hf_hub_download(repo_id, "config.json", revision=revision)
+    except GatedRepoError as exc:
+        raise ModelProvisionError(
+            f"The model '{repo_id}' is gated: accept its terms on huggingface.co and set "
+            "HF_TOKEN to a token that has access."
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise ModelProvisionError(
+            f"The model '{repo_id}' has no revision '{revision}'; pass an existing branch, tag "
+            "or commit with --revision."
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelProvisionError(
+            f"The model '{repo_id}' does not exist on the Hugging Face hub, or it is private "
+            "and HF_TOKEN is missing or has no access to it."
+        ) from exc
+    except EntryNotFoundError:
+        return  # no config.json (e.g. a Mistral-format repository): vLLM decides
+    except LocalEntryNotFoundError as exc:
+        if constants.HF_HUB_OFFLINE:
+            raise ModelProvisionError(
+                f"The model '{repo_id}'{at} is not in the Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; download it first "
+                "(hf download) or unset HF_HUB_OFFLINE."
+            ) from exc
+        raise ModelProvisionError(
+            f"The Hugging Face hub could not be reached to fetch '{repo_id}'{at} and it is not "
+            f"in the cache ({constants.HF_HUB_CACHE}); check the network (HF_ENDPOINT, "
+            "proxies), or pass a local folder."
+        ) from exc
+    except HFValidationError as exc:
+        raise ModelProvisionError(
+            f"'{repo_id}' is neither an existing folder nor a Hugging Face model id "
+            "(organisation/name)."
+        ) from exc
+
+
 def ensure_default_model(cache_dir: Path, progress: Progress | None = None) -> Path:
     """The default model's folder, pulling it first if it is not cached yet."""
     folder = default_model_dir(cache_dir)

@@ -1,81 +1,28 @@
-"""The narrow engine boundary: the Protocol routes depend on and the frozen types crossing it.
+"""The engine boundary: what the app needs from an inference engine, and the one hook through
+which the gateway sees every engine request.
 
-Nothing here imports vLLM. `VllmEngine` (engine/vllm.py) implements this over `AsyncLLM`;
-tests implement it with a fake. An engine takes token ids, never raw HTTP bodies, so the
-gateway tokenises once and counts exactly what the engine will see.
+An `Engine` owns a vLLM `EngineClient` (`client`) and the argument namespace vLLM's own
+`vllm serve` parser produced (`args`). vLLM's OpenAI serving layer runs on that client
+(api/serving.py): sluice never builds sampling parameters or response bodies itself.
+`VllmEngine` (engine/vllm.py) is a real `AsyncLLM` with its engine core in child processes;
+`SyntheticEngine` (engine/synthetic.py) is the same `AsyncLLM` front end over a core that
+makes filler tokens on a timer, for load tests and fast API tests.
+
+The hook: while the gateway serves an HTTP request it sets `REQUEST_OBSERVER` to that
+request's `RequestObserver`. Every engine request vLLM's serving layer starts in that
+context (`generate` or `encode`) is reported to it when it is created (`submitted`, which
+may lower `max_tokens` and returns the scheduling priority), waits for `before_engine`
+(where the gateway reserves quota), is reported `accepted` once vLLM validated and queued it,
+streams its outputs through `on_output`, and ends with `finished` (or `failed`). Nothing
+here imports vLLM.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
-
-FinishReason = Literal["stop", "length"]
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What the gateway needs to know about the loaded model."""
-
-    id: str
-    max_model_len: int
-    created: int
-    owned_by: str = "sluice"
-
-
-@dataclass(frozen=True)
-class StructuredOutput:
-    """Constrain output to JSON: any object (`schema is None`) or one JSON schema."""
-
-    json_schema: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """Sampling settings, already validated and defaulted by the API layer."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: int | None = None  # number of top alternatives per token; None = off
-    structured: StructuredOutput | None = None
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One prompt to generate `sampling.n` completions for."""
-
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
-    sampling: SamplingOptions
-    priority: int = 0
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A sampled token, its log-probability and the top alternatives at that position."""
-
-    token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class Delta:
-    """New output of one choice: text, how many tokens it holds, and maybe the end."""
-
-    index: int
-    text: str
-    token_count: int
-    finish_reason: FinishReason | None = None
-    logprobs: tuple[TokenLogprob, ...] = field(default=())
-    queue_s: float | None = None  # time the request waited in the engine's queue, once known
+from argparse import Namespace
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -87,13 +34,89 @@ class EngineStats:
     kv_cache_usage: float
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One engine request as vLLM's serving layer created it.
+
+    `prompt_tokens` is what the engine will see (after chat templates and truncation);
+    `max_tokens` is per choice (0 for pooling requests), `n` the number of choices.
+    """
+
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    n: int
+    temperature: float | None = None
+    top_p: float | None = None
+
+    @property
+    def max_total_tokens(self) -> int:
+        """The most this submission can cost: its prompt once plus `max_tokens` per choice."""
+        return self.prompt_tokens + self.max_tokens * self.n
+
+
+class RequestObserver(Protocol):
+    """The gateway's view of the engine requests of one HTTP request."""
+
+    def submitted(self, submission: Submission, priority: int) -> tuple[int | None, int]:
+        """A new engine request: returns `(max_tokens or None to keep it, priority)`.
+
+        Called synchronously when vLLM creates the request, before any engine work. Raises
+        to refuse it.
+        """
+        ...
+
+    async def before_engine(self) -> None:
+        """Awaited before the first submission reaches the engine (quota is reserved here);
+        raising stops the request before the engine sees it."""
+        ...
+
+    def accepted(self, request_id: str) -> None:
+        """vLLM validated the request and queued it in the engine."""
+        ...
+
+    def on_output(self, output: Any, new_tokens: int, queue_s: float | None) -> None:
+        """vLLM's `output` arrived with `new_tokens` generated tokens; `queue_s` once the
+        engine reports how long the request waited to be scheduled."""
+        ...
+
+    def failed(self, error: BaseException) -> None:
+        """The engine request failed with `error` (vLLM's exception, or the observer's own
+        from `before_engine`)."""
+        ...
+
+    def finished(self, request_id: str) -> None:
+        """The engine request ended (every choice has a finish reason)."""
+        ...
+
+
+REQUEST_OBSERVER: ContextVar[RequestObserver | None] = ContextVar(
+    "sluice_request_observer", default=None
+)
+
+
 @runtime_checkable
 class Engine(Protocol):
-    """What the gateway needs from an inference engine."""
+    """What the app needs from an inference engine."""
 
     @property
     def ready(self) -> bool:
-        """True once the model is loaded and the engine can take requests."""
+        """True once the model is loaded and `client` can take requests."""
+        ...
+
+    @property
+    def client(self) -> Any:
+        """The vLLM `EngineClient` (an `AsyncLLM`); only valid once `ready`."""
+        ...
+
+    @property
+    def args(self) -> Namespace:
+        """vLLM's `serve` argument namespace (engine and frontend options)."""
+        ...
+
+    @property
+    def served_model_names(self) -> list[str]:
+        """The ids clients use for the base model, first one canonical; known before start."""
         ...
 
     async def start(self) -> None:
@@ -105,27 +128,7 @@ class Engine(Protocol):
         ...
 
     async def check_health(self) -> None:
-        """Raise if the engine has failed."""
-        ...
-
-    def model_card(self) -> ModelCard:
-        """The loaded model's id and context length."""
-        ...
-
-    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; a rendered chat template already holds its special tokens."""
-        ...
-
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        """The model's chat template applied to `messages`, with the generation prompt."""
-        ...
-
-    def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
-        """Stream deltas of all `n` choices, interleaved, until each has a finish reason."""
-        ...
-
-    async def abort(self, request_id: str) -> None:
-        """Stop a request and free its resources; a no-op for unknown ids."""
+        """Raise `EngineFailure` if the engine has failed."""
         ...
 
     def stats(self) -> EngineStats:

@@ -1,129 +1,241 @@
-"""`SyntheticEngine`: a load-testing engine that emits tokens at a set rate, with no model.
+"""`SyntheticEngine`: vLLM's real front end over an engine core that makes filler tokens on a
+timer, with no weights and no accelerator.
 
-Never the default; chosen with `sluice serve --engine synthetic`. It exists to measure the
-gateway alone (HTTP, validation, SSE framing, metrics, tracing) at token rates a CPU-bound
-model cannot reach. Its output is meaningless filler. Each sequence makes
-`synthetic_tokens_per_s` tokens per second up to `max_tokens` (stop strings are honoured);
-a consumer that lags gets every token made since its last pull in one delta, as vLLM's
-output collector does; `max_num_seqs`, when set, caps concurrent sequences and the rest
-wait, as in a real engine. Tokenisation is one token per whitespace-separated word.
+Never the default; chosen with `sluice serve --engine synthetic`. It exists to measure
+sluice's own process (HTTP, the gateway, vLLM's serving layer, tokenising, detokenising,
+SSE, metrics, tracing) at token rates a CPU-bound model cannot reach. Everything above the
+engine core is the code that serves the real model: the chat template, the tokenizer, vLLM's
+request validation, its output processor (stop strings, detokenisation, merging the tokens a
+slow reader missed into one delta) and its OpenAI layer. Only sampling is fake: each running
+sequence gets one filler token every `1 / tokens_per_s` seconds (all running sequences step
+together, as in continuous batching) until `max_tokens`; `max_num_seqs` caps the running
+ones and the rest wait, as in a real scheduler. Structured-output constraints do not apply
+to filler text. The model folder provides the tokenizer and config only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-import zlib
-from collections.abc import AsyncGenerator, Sequence
+from argparse import Namespace
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from sluice.config import Settings
-from sluice.engine.protocol import Delta, EngineStats, FinishReason, GenerationRequest, ModelCard
+from sluice.engine.protocol import EngineFailure, EngineStats
 
-DEFAULT_CONTEXT = 8192
-WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
+logger = logging.getLogger(__name__)
+
+# Ten words that are one token each in common tokenizers (SmolLM2's, GPT-2's).
+FILLER_TEXT = " one two three four five six seven eight nine ten"
+# What a synthetic logprob looks like: the sampled token and `k` alternatives below it.
+SAMPLED_LOGPROB = -0.5
+
+
+@dataclass
+class SyntheticSequence:
+    """One engine request the synthetic core is running."""
+
+    request: Any  # vllm.v1.engine.EngineCoreRequest
+    made: int = 0
+
+
+class _Resources:
+    engine_dead = False
+
+
+class SyntheticCore:
+    """Stands in for vLLM's engine-core client (`vllm.v1.engine.core_client`): takes
+    `EngineCoreRequest`s, returns `EngineCoreOutputs` one engine step at a time."""
+
+    engine_ranks_managed = (0,)
+
+    def __init__(self, tokens_per_s: float, max_num_seqs: int | None = None) -> None:
+        from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+        from vllm.v1.metrics.stats import SchedulerStats
+
+        self._types = (EngineCoreOutput, EngineCoreOutputs, FinishReason, SchedulerStats)
+        self.step_s = 1.0 / tokens_per_s
+        self.max_num_seqs = max_num_seqs
+        self.filler_ids: Sequence[int] = (0,)
+        self.resources = _Resources()
+        self.running: dict[str, SyntheticSequence] = {}
+        self.waiting: dict[str, SyntheticSequence] = {}
+        self.loras: set[int] = set()
+        self._wake = asyncio.Event()
+        self._next_step = 0.0
+
+    # -- what AsyncLLM calls -------------------------------------------------------------
+    async def get_supported_tasks_async(self) -> tuple[str, ...]:
+        return ("generate",)
+
+    async def add_request_async(self, request: Any) -> None:
+        self.waiting[request.request_id] = SyntheticSequence(request)
+        self._schedule()
+        self._wake.set()
+
+    async def abort_requests_async(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.running.pop(request_id, None)
+            self.waiting.pop(request_id, None)
+        self._schedule()
+
+    async def get_output_async(self) -> Any:
+        """The next engine step's outputs, on the clock (waits while nothing runs)."""
+        engine_core_output, engine_core_outputs, _, scheduler_stats = self._types
+        while not self.running:
+            self._wake.clear()
+            await self._wake.wait()
+            self._next_step = time.monotonic() + self.step_s
+        # Sleep to the schedule rather than a fixed amount, so step overhead cannot drift.
+        await asyncio.sleep(max(0.0, self._next_step - time.monotonic()))
+        self._next_step = max(self._next_step + self.step_s, time.monotonic() - self.step_s)
+        if self.resources.engine_dead:
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            raise EngineDeadError()
+        outputs = [self.step(sequence, engine_core_output) for sequence in self.running.values()]
+        for output in outputs:
+            if output.finish_reason is not None:
+                del self.running[output.request_id]
+        self._schedule()
+        stats = scheduler_stats(
+            num_running_reqs=len(self.running), num_waiting_reqs=len(self.waiting)
+        )
+        return engine_core_outputs(outputs=outputs, scheduler_stats=stats)
+
+    async def add_lora_async(self, lora_request: Any) -> bool:
+        self.loras.add(lora_request.lora_int_id)
+        return True
+
+    async def remove_lora_async(self, lora_id: int) -> bool:
+        self.loras.discard(lora_id)
+        return True
+
+    async def list_loras_async(self) -> set[int]:
+        return set(self.loras)
+
+    async def pin_lora_async(self, lora_id: int) -> bool:
+        return lora_id in self.loras
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        self.running.clear()
+        self.waiting.clear()
+
+    # -- the fake sampler -----------------------------------------------------------------
+    def next_token(self, sequence: SyntheticSequence) -> int:
+        """The token `sequence` samples next: filler words, shifted by the prompt (so equal
+        prompts get equal answers, as greedy sampling would)."""
+        offset = sum(sequence.request.prompt_token_ids or ())
+        return self.filler_ids[(sequence.made + offset) % len(self.filler_ids)]
+
+    def step(self, sequence: SyntheticSequence, output_type: Any) -> Any:
+        """One token for `sequence`, with its finish reason when it is done."""
+        _, _, finish_reason, _ = self._types
+        params = sequence.request.sampling_params
+        token = self.next_token(sequence)
+        sequence.made += 1
+        reason = None
+        stop_reason = None
+        ignored = params.ignore_eos and token == params.eos_token_id
+        if (
+            token in params.all_stop_token_ids
+            and sequence.made >= params.min_tokens
+            and not ignored
+        ):
+            reason = finish_reason.STOP
+            stop_reason = token if token in params.stop_token_ids else None
+        if reason is None and sequence.made >= (params.max_tokens or 1):
+            reason = finish_reason.LENGTH
+        return output_type(
+            request_id=sequence.request.request_id,
+            new_token_ids=[token],
+            new_logprobs=_logprobs(token, params.logprobs, self.filler_ids),
+            finish_reason=reason,
+            stop_reason=stop_reason,
+        )
+
+    def _schedule(self) -> None:
+        while self.waiting and (self.max_num_seqs is None or len(self.running) < self.max_num_seqs):
+            request_id, sequence = next(iter(self.waiting.items()))
+            del self.waiting[request_id]
+            self.running[request_id] = sequence
+
+
+def _logprobs(token: int, count: int | None, filler: Sequence[int]) -> Any:
+    """vLLM's per-step logprobs rows for one sampled token: itself, then `count` others."""
+    if count is None:
+        return None
+    import numpy as np
+    from vllm.v1.outputs import LogprobsLists
+
+    others = [t for t in filler if t != token][: max(count, 0)]
+    ids = [token, *others]
+    logprobs = [SAMPLED_LOGPROB - i for i in range(len(ids))]
+    return LogprobsLists(
+        np.array([ids], dtype=np.int64),
+        np.array([logprobs], dtype=np.float32),
+        np.array([0], dtype=np.int64),
+    )
 
 
 class SyntheticEngine:
-    """Engine protocol implementation that generates filler text on a timer."""
+    """The `Engine` protocol over `SyntheticCore` (see module docstring)."""
 
-    def __init__(self, settings: Settings) -> None:
-        options = settings.engine
-        self.tokens_per_s = options.synthetic_tokens_per_s
-        self.card = ModelCard(
-            id=settings.served_model_name or "synthetic",
-            max_model_len=options.max_model_len or DEFAULT_CONTEXT,
-            created=int(time.time()),
-            owned_by="sluice-synthetic",
-        )
-        self._slots = asyncio.Semaphore(options.max_num_seqs) if options.max_num_seqs else None
-        self._running = 0
-        self._waiting = 0
-        self._aborted: set[str] = set()
-        self._ready = False
+    def __init__(
+        self, args: Namespace, tokens_per_s: float, core: SyntheticCore | None = None
+    ) -> None:
+        self._args = args
+        self.core = core or SyntheticCore(tokens_per_s, args.max_num_seqs)
+        self._llm: Any = None
+        self._snapshot: Any = None
+
+    @property
+    def args(self) -> Namespace:
+        return self._args
+
+    @property
+    def served_model_names(self) -> list[str]:
+        names: list[str] = self._args.served_model_name or [self._args.model]
+        return names
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self._llm is not None
+
+    @property
+    def client(self) -> Any:
+        return self._llm
 
     async def start(self) -> None:
-        self._ready = True
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+
+        from sluice.engine.frontend import build_llm
+
+        def config() -> Any:
+            engine_args = AsyncEngineArgs.from_cli_args(self._args)
+            return engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+
+        vllm_config = await asyncio.to_thread(config)
+        llm, self._snapshot = build_llm(vllm_config, core=self.core, default_loggers=False)
+        tokenizer = llm.renderer.get_tokenizer()
+        self.core.filler_ids = tuple(tokenizer.encode(FILLER_TEXT, add_special_tokens=False))
+        self._llm = llm
 
     async def shutdown(self) -> None:
-        self._ready = False
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
 
     async def check_health(self) -> None:
-        return None
-
-    def model_card(self) -> ModelCard:
-        return self.card
-
-    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return [zlib.crc32(word.encode()) % 50_000 for word in text.split()]
-
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        turns = "".join(f"<|{m['role']}|> {m['content']} " for m in messages)
-        return turns + "<|assistant|>"
-
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
-        if self._slots is not None:
-            self._waiting += 1
-            try:
-                await self._slots.acquire()
-            finally:
-                self._waiting -= 1
-        self._running += request.sampling.n
-        try:
-            async for delta in self._emit(request):
-                yield delta
-        finally:
-            self._running -= request.sampling.n
-            self._aborted.discard(request.request_id)
-            if self._slots is not None:
-                self._slots.release()
-
-    async def _emit(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
-        """Tokens are made on the clock whether or not the consumer took the last ones; each
-        pull returns every token made since the previous pull, one `Delta` per choice (as
-        vLLM's per-request output collector merges deltas for a consumer that lags)."""
-        sampling = request.sampling
-        rate = self.tokens_per_s
-        texts = ["" for _ in range(sampling.n)]
-        done = [False for _ in range(sampling.n)]
-        started = time.monotonic()
-        made = 0
-        while made < sampling.max_tokens:
-            due = min(sampling.max_tokens, int((time.monotonic() - started) * rate))
-            if due <= made:
-                # Sleep to the schedule, not by a fixed amount, so timer overhead cannot drift.
-                await asyncio.sleep(max(0.0, started + (made + 1) / rate - time.monotonic()))
-                continue
-            if request.request_id in self._aborted:
-                return
-            last = due == sampling.max_tokens
-            for index in range(sampling.n):
-                if done[index]:
-                    continue
-                pieces = []
-                for step in range(made, due):
-                    piece = " " + WORDS[(step + index) % len(WORDS)]
-                    texts[index] += piece
-                    hit = next((s for s in sampling.stop if s in texts[index]), None)
-                    if hit is not None:
-                        cut = len(texts[index]) - texts[index].index(hit)
-                        pieces.append(piece[: max(0, len(piece) - cut)])
-                        done[index] = True
-                        break
-                    pieces.append(piece)
-                reason: FinishReason | None = (
-                    "stop" if done[index] else ("length" if last else None)
-                )
-                yield Delta(index, "".join(pieces), len(pieces), reason)
-            made = due
-            if all(done):
-                return
-
-    async def abort(self, request_id: str) -> None:
-        self._aborted.add(request_id)
+        if self.core.resources.engine_dead:
+            raise EngineFailure("the synthetic engine core was stopped")
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=self._running, waiting=self._waiting, kv_cache_usage=0.0)
+        if self._llm is None:
+            return EngineStats(running=0, waiting=0, kv_cache_usage=0.0)
+        from sluice.engine.frontend import engine_stats
+
+        return engine_stats(self._llm, self._snapshot)

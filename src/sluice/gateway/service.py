@@ -196,8 +196,10 @@ class Gateway:
         ticket.output_tokens += count
         self.admission.generated(count)
 
-    async def settle(self, ticket: Ticket) -> None:
-        """Replace the reservation by what was used; runs once, never raises."""
+    async def settle(self, ticket: Ticket, prompt_tokens: int | None = None) -> None:
+        """Replace the reservation by what was used: `prompt_tokens` (default: all the
+        reserved prompt tokens; fewer when some never reached the engine) plus the generated
+        tokens. Runs once, never raises."""
         if ticket.settled:
             return
         ticket.settled = True
@@ -207,16 +209,19 @@ class Gateway:
         grant = ticket.grant
         if grant is None:
             return
+        if prompt_tokens is not None:
+            ticket.prompt_tokens = prompt_tokens
         used = ticket.prompt_tokens + ticket.output_tokens
+        usd = ticket.usd
         if grant.local:
-            await self.fallback.settle(grant, used, ticket.usd)
+            await self.fallback.settle(grant, used, usd)
             return
         try:
-            await self.quota.settle(grant, used, ticket.usd)
+            await self.quota.settle(grant, used, usd)
         except StoreFailure as exc:
             self._store_failed("settle", exc)
             if len(self._pending) < MAX_PENDING_SETTLEMENTS:
-                self._pending.append((grant, used, ticket.usd))
+                self._pending.append((grant, used, usd))
         except Exception:
             logger.exception("settlement of %s failed", grant.reservation_id)
 

@@ -1,0 +1,163 @@
+"""Request bodies: vLLM's own request models, with what an OpenAI-compatible gateway adds.
+
+Each route parses its body with vLLM's pydantic model (every vLLM field, vLLM's own
+validation), through the subclasses here where sluice differs:
+
+- `n > 1` with greedy sampling is accepted, as OpenAI does; vLLM refuses it, so
+  `to_sampling_params` builds the params for one choice and sets `n` afterwards, which
+  `ObservedAsyncLLM` runs as `n` single greedy requests (engine/observed.py).
+- Fields that OpenAI's API description marks nullable accept `null` (clients that serialise
+  unset fields as null); vLLM declares a few of them non-nullable.
+
+`check_fields` refuses what vLLM would ignore without a word: a top-level field no model
+declares is a 400 naming it (OpenAI's own wording), except OpenAI's fields that do not change
+the answer (`metadata`, `store: false`, ...), which are accepted, and those that would change it
+(`audio`, `web_search_options`, ...), which are refused unless unset. Beam search is refused:
+the gateway cannot price it before it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, field_validator, model_validator
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionRequest as VllmChatCompletionRequest,
+)
+from vllm.entrypoints.openai.completion.protocol import (
+    CompletionRequest as VllmCompletionRequest,
+)
+
+from sluice.errors import InvalidRequest
+
+GREEDY_TEMPERATURE = 1e-5
+
+
+def _greedy_fan_out(
+    request: VllmChatCompletionRequest | VllmCompletionRequest,
+    build: Callable[[Any], Any],
+) -> Any:
+    """`build(request)`, except that `n > 1` with greedy sampling gets params for one choice
+    with `n` set afterwards (vLLM's constructor refuses the combination)."""
+    n = request.n or 1
+    if n == 1:
+        return build(request)
+    params = build(request.model_copy(update={"n": 1}))
+    if params.temperature >= GREEDY_TEMPERATURE:
+        return build(request)
+    params.n = n
+    return params
+
+
+class ChatCompletionRequest(VllmChatCompletionRequest):  # type: ignore[misc]
+    """`POST /v1/chat/completions`: vLLM's model (see module docstring for the changes)."""
+
+    def to_sampling_params(self, max_tokens: int, default_sampling_params: dict[str, Any]) -> Any:
+        return _greedy_fan_out(
+            self,
+            lambda request: VllmChatCompletionRequest.to_sampling_params(
+                request, max_tokens, default_sampling_params
+            ),
+        )
+
+
+class CompletionRequest(VllmCompletionRequest):  # type: ignore[misc]
+    """`POST /v1/completions`: vLLM's model with `n` nullable (OpenAI: `n` is nullable)."""
+
+    n: int | None = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def validate_prompt_and_prompt_embeds(cls, data: Any) -> Any:
+        """vLLM's check, except that `"prompt": null` is allowed: OpenAI reads it as "from
+        the start of a new document" (the route gives the model's start token)."""
+        explicit_null = isinstance(data, dict) and "prompt" in data and data["prompt"] is None
+        if explicit_null and data.get("prompt_embeds") is None:
+            return data
+        parent: Any = VllmCompletionRequest
+        return parent.validate_prompt_and_prompt_embeds(data)
+
+    @field_validator("n", mode="after")
+    @classmethod
+    def _default_n(cls, value: int | None) -> int:
+        return 1 if value is None else value
+
+    def to_sampling_params(
+        self, max_tokens: int, default_sampling_params: dict[str, Any] | None = None
+    ) -> Any:
+        return _greedy_fan_out(
+            self,
+            lambda request: VllmCompletionRequest.to_sampling_params(
+                request, max_tokens, default_sampling_params
+            ),
+        )
+
+
+def _unset(value: Any) -> bool:
+    return value is None
+
+
+def _is(*allowed: Any) -> Callable[[Any], bool]:
+    return lambda value: value is None or value in allowed
+
+
+# OpenAI fields vLLM's models do not declare: accepted when the check passes. Source:
+# ../shared/openai-openapi/openapi.yaml (CreateChatCompletionRequest, CreateCompletionRequest,
+# CreateResponse) against vLLM 0.32's models.
+OPENAI_ONLY_FIELDS: dict[str, Callable[[Any], bool]] = {
+    # Metadata and hints that do not change the answer.
+    "metadata": lambda value: True,
+    "safety_identifier": lambda value: True,
+    "prompt_cache_key": lambda value: True,  # vLLM's prefix cache needs no key
+    "prompt_cache_retention": lambda value: True,
+    "prompt_cache_options": lambda value: True,
+    "prediction": lambda value: True,  # predicted outputs only speed up; answers are the same
+    "stream_options": lambda value: True,  # /v1/responses: include_obfuscation only
+    "service_tier": _is("auto", "default"),
+    "store": _is(False),  # nothing is stored for later retrieval
+    "modalities": lambda value: value is None or list(value) == ["text"],
+    "verbosity": _is("medium"),
+    "best_of": lambda value: value is None or value == 1,
+    # Features this server does not have.
+    "audio": _unset,
+    "web_search_options": _unset,
+    "functions": _unset,
+    "function_call": _unset,
+    "moderation": _unset,
+    "conversation": _unset,
+    "context_management": _unset,
+}
+
+REFUSAL_HINTS = {
+    "functions": "use 'tools' instead",
+    "function_call": "use 'tool_choice' instead",
+    "store": "this server stores no completions",
+    "best_of": "use 'n' instead",
+}
+
+
+def check_fields(body: BaseModel) -> None:
+    """Refuse fields vLLM would ignore, and beam search (see module docstring)."""
+    for name, value in (body.model_extra or {}).items():
+        accept = OPENAI_ONLY_FIELDS.get(name)
+        if accept is None:
+            raise InvalidRequest(
+                f"Unrecognized request argument supplied: {name}",
+                param=name,
+                code="unknown_parameter",
+            )
+        if not accept(value):
+            hint = REFUSAL_HINTS.get(name, "this server does not support it")
+            raise InvalidRequest(
+                f"'{name}' = {value!r} is not supported: {hint}.",
+                param=name,
+                code="unsupported_value",
+            )
+    if getattr(body, "use_beam_search", False):
+        raise InvalidRequest(
+            "'use_beam_search' is not supported: the gateway cannot price beam search before "
+            "it runs.",
+            param="use_beam_search",
+            code="unsupported_value",
+        )

@@ -1,0 +1,219 @@
+"""`SSEResponse`: a stream of vLLM's SSE frames sent to the client under the exchange's rules.
+
+vLLM's serving layer returns an async generator of ready-made `data: ...` frames. Sending
+them is the one place that decides:
+
+- **when the stream starts.** The HTTP status is held until the engine has accepted every
+  engine request (vLLM validated and queued them: `Exchange.acceptance`), or the stream ended
+  or failed first. A request that is invalid (vLLM's validation in `add_request`, the
+  gateway's reservation) is refused with its status and OpenAI's error body, never a 200
+  with an error event. Frames produced before acceptance (none for chat and completions)
+  are held and sent after the status.
+- **errors inside the stream.** vLLM reports them as an `{"error": ...}` frame in its own
+  shape; each is rewritten in OpenAI's (errors.py), using the exchange's own reason when it
+  stopped the request. The stream still ends with `data: [DONE]`.
+- **the time limit and disconnects.** Past the exchange's deadline the stream gets a 504
+  error frame and `[DONE]`; a client that goes away cancels the stream, which aborts the
+  engine requests (vLLM's generator and `Exchange.close`). The exchange closes exactly once
+  when the response ends, whatever ended it.
+- **keep-alive comments**, when vLLM's `--sse-keep-alive-interval` asks for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import anyio
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from sluice.api.exchange import Exchange
+from sluice.engine.protocol import REQUEST_OBSERVER
+from sluice.errors import (
+    RequestTimedOut,
+    SluiceError,
+    error_body,
+    error_code,
+    error_response,
+    from_vllm,
+    spec_for,
+)
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+ERROR_PREFIX = 'data: {"error"'
+DONE = b"data: [DONE]\n\n"
+# Not a status a client ever reads (it has gone); it marks the request in logs and metrics.
+CLIENT_CLOSED_REQUEST = 499
+
+
+class SSEResponse(Response):
+    """The ASGI response for one exchange's stream of vLLM frames (module docstring)."""
+
+    def __init__(
+        self,
+        frames: AsyncGenerator[str, None],
+        exchange: Exchange,
+        keep_alive_s: float = 0.0,
+    ) -> None:
+        super().__init__(media_type="text/event-stream")
+        self.frames = frames
+        self.exchange = exchange
+        self.keep_alive_s = keep_alive_s
+        self.started = False
+        self.disconnected = False
+        self._pull: asyncio.Future[str] | None = None  # an advance of `frames` under way
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        REQUEST_OBSERVER.set(self.exchange)  # engine requests the stream starts are observed
+        error: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._watch_disconnect, receive, group.cancel_scope)
+                with anyio.CancelScope(deadline=self.exchange.deadline) as limit:
+                    await self._stream(scope, receive, send)
+                if limit.cancel_called and not self.disconnected:
+                    error = self._timed_out()
+                    await self._fail(error, scope, receive, send)
+                group.cancel_scope.cancel()
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                if self._pull is not None and not self._pull.done():
+                    self._pull.cancel()
+                    with contextlib.suppress(BaseException):
+                        await self._pull
+                await self.frames.aclose()
+                if self.disconnected:
+                    self._note(CLIENT_CLOSED_REQUEST, "client_closed_request")
+                await self.exchange.close(error)
+
+    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected = True
+        scope.cancel()
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        held, pending, refused = await self._until_accepted()
+        if refused is not None:
+            await self._fail(refused, scope, receive, send)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    *SSE_HEADERS,
+                    *((k.encode(), v.encode()) for k, v in self.exchange.headers.items()),
+                ],
+            }
+        )
+        self.started = True
+        for frame in held:
+            await self._send_frame(frame, send)
+        if pending is not None:
+            try:
+                await self._send_frame(await pending, send)
+            except StopAsyncIteration:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+        frames: AsyncGenerator[str, None] = self.frames
+        if self.keep_alive_s > 0:
+            from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
+
+            frames = with_sse_keep_alive(frames, self.keep_alive_s)
+        async for frame in frames:
+            await self._send_frame(frame, send)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_frame(self, frame: str, send: Send) -> None:
+        if frame.startswith(ERROR_PREFIX):
+            frame = self._openai_error_frame(frame)
+        await send({"type": "http.response.body", "body": frame.encode(), "more_body": True})
+
+    async def _until_accepted(
+        self,
+    ) -> tuple[list[str], asyncio.Future[str] | None, SluiceError | None]:
+        """Pull frames until the engine accepted the request: `(held frames, the pull still
+        under way, None)`, or `(…, …, error)` when the stream failed before that."""
+        held: list[str] = []
+        exchange = self.exchange
+        while True:
+            pull: asyncio.Future[str] = asyncio.ensure_future(anext(self.frames))
+            self._pull = pull
+            accepted: asyncio.Future[Any] = asyncio.ensure_future(exchange.acceptance.wait())
+            waiting: list[asyncio.Future[Any]] = [pull, accepted]
+            try:
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                accepted.cancel()
+            if not pull.done():
+                return held, pull, None
+            try:
+                frame = pull.result()
+            except StopAsyncIteration:
+                return held, None, exchange.error
+            if frame.startswith(ERROR_PREFIX):
+                return held, None, exchange.error or _vllm_error(frame)
+            held.append(frame)
+            if exchange.acceptance.is_set():
+                return held, None, None
+
+    def _openai_error_frame(self, frame: str) -> str:
+        error = self.exchange.error or _vllm_error(frame)
+        self._note(spec_for(error).status, error_code(error))
+        return _frame(error_body(error))
+
+    def _timed_out(self) -> RequestTimedOut:
+        return RequestTimedOut(
+            "The request ran past this server's time limit and was stopped.",
+        )
+
+    async def _fail(self, error: SluiceError, scope: Scope, receive: Receive, send: Send) -> None:
+        self._note(spec_for(error).status, error_code(error))
+        if not self.started:
+            await error_response(error)(scope, receive, send)
+            return
+        with contextlib.suppress(OSError):
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": _frame(error_body(error)).encode(),
+                    "more_body": True,
+                }
+            )
+            await send({"type": "http.response.body", "body": DONE, "more_body": False})
+
+    def _note(self, status: int, code: str) -> None:
+        record = self.exchange.record
+        if record is not None and record.status is None:
+            record.fail(status, code)
+
+
+def _frame(obj: dict[str, Any]) -> str:
+    return "data: " + json.dumps(obj, separators=(",", ":")) + "\n\n"
+
+
+def _vllm_error(frame: str) -> SluiceError:
+    """The sluice error for one of vLLM's `data: {"error": ...}` frames."""
+    error = json.loads(frame.removeprefix("data: "))["error"]
+    code = error.get("code")
+    status = code if isinstance(code, int) else 500
+    return from_vllm(status, str(error.get("message", "")), error.get("param"))
+
+
+async def until_disconnected(receive: Receive) -> None:
+    """Return when the client has gone away (the request body was already read)."""
+    message: Message = await receive()
+    while message["type"] != "http.disconnect":
+        message = await receive()
