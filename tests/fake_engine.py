@@ -95,12 +95,21 @@ class FakeEngine(SyntheticEngine):
         self,
         core: ScriptedCore | None = None,
         *,
+        token_delay_s: float | None = None,
+        max_running: int | None = None,
+        fail_after_tokens: int | None = None,
+        script: Script | None = None,
         cli_args: tuple[str, ...] = ("--max-model-len", "512"),
         start_delay_s: float = 0.0,
         start_error: Exception | None = None,
     ) -> None:
         args = engine_namespace(model_folder(), served_model_names=[MODEL_ID], cli_args=cli_args)
-        self.core: ScriptedCore = core or ScriptedCore()
+        self.core: ScriptedCore = core or ScriptedCore(
+            tokens_per_s=1 / token_delay_s if token_delay_s else 5000.0,
+            max_num_seqs=max_running,
+            script=script,
+            fail_after_tokens=fail_after_tokens,
+        )
         super().__init__(args, self.core.step_s and 1 / self.core.step_s, core=self.core)
         self.start_delay_s = start_delay_s
         self.start_error = start_error
@@ -111,6 +120,16 @@ class FakeEngine(SyntheticEngine):
             raise self.start_error
         await super().start()
         self.core.tokenizer = self.client.renderer.get_tokenizer()
+
+    @property
+    def requests(self) -> list[Any]:
+        """The `EngineCoreRequest`s the core was given, in order."""
+        return self.core.requests
+
+    @property
+    def aborted(self) -> list[str]:
+        """The request ids the core was told to abort, in order."""
+        return self.core.aborted
 
     def kill(self) -> None:
         """The engine core dies (health checks fail from now on)."""

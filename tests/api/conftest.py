@@ -3,7 +3,9 @@ tests/fake_engine.py), through Starlette's TestClient."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ from sluice.config import Settings
 from sluice.gateway.service import Gateway
 from sluice.lifecycle import Lifecycle
 from tests.api.openai_schema import assert_matches
-from tests.fake_engine import MODEL_ID, FakeEngine
+from tests.fake_engine import MODEL_ID, FakeEngine, ScriptedCore
 
 API_LIMITS = {"max_tokens_cap": 64, "max_n": 4, "max_body_bytes": 4096}
 
@@ -41,6 +43,35 @@ def _no_sluice_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture
 def engine() -> FakeEngine:
     return FakeEngine()
+
+
+@pytest.fixture
+def engine_slow_keep_alive() -> FakeEngine:
+    """A fake engine making a token every 1.5 s, with vLLM's 1 s SSE keep-alive."""
+    return FakeEngine(
+        ScriptedCore(tokens_per_s=1 / 1.5),
+        cli_args=("--max-model-len", "512", "--sse-keep-alive-interval", "1"),
+    )
+
+
+@pytest.fixture(scope="module")
+def module_engine() -> FakeEngine:
+    """One fake engine for a whole module (for modules whose tests leave no state behind)."""
+    return FakeEngine()
+
+
+@pytest.fixture(scope="module")
+def module_client(
+    module_engine: FakeEngine, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TestClient]:
+    """One app for a whole module, on `module_engine`, with the API limits."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith("SLUICE_"):
+                patch.delenv(name)
+        patch.setenv("SLUICE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        with app_client(module_engine, make_settings(limits=dict(API_LIMITS))) as test_client:
+            yield test_client
 
 
 TOOL_TEMPLATE = Path(sluice.__file__).parent / "engine/templates/smollm2_tools.jinja"
@@ -110,6 +141,8 @@ def assert_settled(test_client: TestClient, engine: FakeEngine) -> None:
     assert lifecycle_of(test_client).in_flight == 0
     gateway: Gateway = test_client.app.state.gateway  # type: ignore[attr-defined]
     assert gateway.admission.queued_tokens == 0
+    if engine.core.resources.engine_dead:
+        return  # a dead core keeps what it held; nothing is sent to it any more
     assert engine.core.active == set()
     assert engine.client.get_num_unfinished_requests() == 0
 
@@ -163,3 +196,56 @@ def assert_error(
     assert error["param"] == param
     assert error["code"] == code
     return error
+
+
+async def disconnect_during(
+    test_client: TestClient,
+    path: str,
+    body: dict[str, Any],
+    *,
+    after_chunks: int | None = 1,
+    engine: FakeEngine | None = None,
+) -> list[dict[str, Any]]:
+    """Send `body` to the app at the ASGI level and go away: after `after_chunks` body chunks
+    of a stream, or (`after_chunks=None`) as soon as `engine` holds the request. Run it on the
+    app's loop: `test_client.portal.call(disconnect_during, ...)`. Returns what was sent."""
+    raw = json.dumps(body).encode()
+    held = len(engine.core.requests) if engine is not None else 0
+    pending = [{"type": "http.request", "body": raw, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+    leave = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if pending:
+            return pending.pop(0)
+        if after_chunks is None:
+            assert engine is not None
+            while len(engine.core.requests) <= held:
+                await asyncio.sleep(0.005)
+            leave.set()
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        chunks = [m for m in sent if m["type"] == "http.response.body" and m.get("body")]
+        if after_chunks is not None and len(chunks) >= after_chunks:
+            leave.set()
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(raw))],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
+    await test_client.app(scope, receive, send)  # type: ignore[arg-type]
+    return sent

@@ -14,9 +14,10 @@ LIMIT = 4096
 
 
 def body_of_size(size: int) -> bytes:
-    """A valid completion request of exactly `size` bytes (the prompt is one long word)."""
-    empty = json.dumps(completion_body(prompt="", max_tokens=1)).encode()
-    raw = json.dumps(completion_body(prompt="x" * (size - len(empty)), max_tokens=1)).encode()
+    """A valid completion request of exactly `size` bytes (padded with the `user` field,
+    which is not tokenised)."""
+    empty = json.dumps(completion_body(user="", max_tokens=1)).encode()
+    raw = json.dumps(completion_body(user="x" * (size - len(empty)), max_tokens=1)).encode()
     assert len(raw) == size
     return raw
 

@@ -3,34 +3,45 @@ work, and the same answer whether or not the request asked for a stream."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import assert_error, chat_body, completion_body
+from tests.api.conftest import assert_error, assert_settled, chat_body, completion_body
 from tests.api.openai_schema import _document
 from tests.fake_engine import FakeEngine
 
 LONG_PROMPT = " ".join(["w"] * 520)  # over the fake's 512-token context
 
 
+@pytest.fixture
+def engine(module_engine: FakeEngine) -> FakeEngine:
+    return module_engine
+
+
+@pytest.fixture
+def client(module_client: TestClient, module_engine: FakeEngine) -> Iterator[TestClient]:
+    """One app for the module: these tests leave nothing behind, as each checks."""
+    yield module_client
+    assert_settled(module_client, module_engine)
+
+
+@pytest.fixture
+def refusal(engine: FakeEngine) -> Iterator[None]:
+    """The test's requests are refused before the engine core sees them."""
+    seen = len(engine.core.requests)
+    yield
+    assert len(engine.core.requests) == seen
+
+
 def post(client: TestClient, path: str, body: Any) -> Any:
     return client.post(path, json=body)
 
 
-@pytest.fixture(autouse=True)
-def _no_engine_work(engine: FakeEngine) -> Any:
-    """Every request in this module is refused before the engine runs anything."""
-    yield
-    assert engine.core.running == {} and engine.core.waiting == {}
-    assert all(
-        r.sampling_params is None or r.request_id in engine.core.aborted or True
-        for r in engine.core.requests
-    )
-
-
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/responses"])
+@pytest.mark.usefixtures("refusal")
 def test_malformed_json_is_400_not_422(client: TestClient, path: str) -> None:
     response = client.post(
         path, content=b'{"model": "fake-model", ', headers={"content-type": "application/json"}
@@ -39,6 +50,7 @@ def test_malformed_json_is_400_not_422(client: TestClient, path: str) -> None:
     assert error["message"].startswith("We could not parse the JSON body of your request.")
 
 
+@pytest.mark.usefixtures("refusal")
 def test_missing_prompt(client: TestClient) -> None:
     error = assert_error(
         post(client, "/v1/completions", {"model": "fake-model"}), 400, param="prompt"
@@ -54,6 +66,7 @@ def test_missing_prompt(client: TestClient) -> None:
         ("/v1/responses", {"model": "fake-model"}, "input"),
     ],
 )
+@pytest.mark.usefixtures("refusal")
 def test_missing_field(client: TestClient, path: str, body: Any, param: str) -> None:
     error = assert_error(post(client, path, body), 400, param=param)
     assert error["message"] == f"Missing required parameter: '{param}'."
@@ -101,6 +114,7 @@ INVALID = [
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize(("path", "body", "param"), INVALID)
+@pytest.mark.usefixtures("refusal")
 def test_invalid_value(
     client: TestClient, path: str, body: Any, param: str | None, stream: bool
 ) -> None:
@@ -120,6 +134,7 @@ def test_invalid_value(
         ),
     ],
 )
+@pytest.mark.usefixtures("refusal")
 def test_context_overflow(client: TestClient, path: str, body: Any, stream: bool) -> None:
     body = {**body, "stream": stream}
     error = assert_error(
@@ -137,6 +152,7 @@ def test_context_overflow(client: TestClient, path: str, body: Any, stream: bool
         ("/tokenize", {"model": "fake-model", "prompt": "hi", "frobnicate": 1}),
     ],
 )
+@pytest.mark.usefixtures("refusal")
 def test_unknown_fields_are_refused_by_name(client: TestClient, path: str, body: Any) -> None:
     error = assert_error(
         post(client, path, body), 400, param="frobnicate", code="unknown_parameter"
@@ -157,6 +173,7 @@ def test_unknown_fields_are_refused_by_name(client: TestClient, path: str, body:
         ("use_beam_search", True),
     ],
 )
+@pytest.mark.usefixtures("refusal")
 def test_features_this_server_lacks_are_refused(client: TestClient, field: str, value: Any) -> None:
     error = assert_error(
         post(client, "/v1/chat/completions", chat_body(**{field: value})),
@@ -260,12 +277,14 @@ def test_surrogate_pairs_are_text(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize("body", [[1, 2], "text", 5], ids=["array", "string", "number"])
+@pytest.mark.usefixtures("refusal")
 def test_body_that_is_not_an_object(client: TestClient, body: Any) -> None:
     error = assert_error(post(client, "/v1/completions", body), 400)
     assert "JSON object" in error["message"]
 
 
 @pytest.mark.parametrize("content", [b"", b"null"], ids=["empty", "null"])
+@pytest.mark.usefixtures("refusal")
 def test_missing_body_is_400(client: TestClient, content: bytes) -> None:
     response = client.post(
         "/v1/completions", content=content, headers={"content-type": "application/json"}
@@ -276,6 +295,7 @@ def test_missing_body_is_400(client: TestClient, content: bytes) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.usefixtures("refusal")
 def test_unknown_model(client: TestClient, path: str, stream: bool) -> None:
     body = completion_body(model="gpt-4") if "chat" not in path else chat_body(model="gpt-4")
     body["stream"] = stream
@@ -285,12 +305,14 @@ def test_unknown_model(client: TestClient, path: str, stream: bool) -> None:
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.usefixtures("refusal")
 def test_n_over_cap(client: TestClient, path: str) -> None:
     body = completion_body(n=5) if "chat" not in path else chat_body(n=5)
     error = assert_error(post(client, path, body), 400, param="n")
     assert "n=5" in error["message"]
 
 
+@pytest.mark.usefixtures("refusal")
 def test_too_many_prompts(client: TestClient) -> None:
     body = completion_body(prompt=["a"] * 17)
     assert_error(post(client, "/v1/completions", body), 400, param="prompt")
@@ -305,6 +327,7 @@ def test_too_many_prompts(client: TestClient) -> None:
         ("/v1/responses", "max_output_tokens"),
     ],
 )
+@pytest.mark.usefixtures("refusal")
 def test_max_tokens_over_cap(client: TestClient, path: str, field: str) -> None:
     body: dict[str, Any] = (
         completion_body()
@@ -318,6 +341,7 @@ def test_max_tokens_over_cap(client: TestClient, path: str, field: str) -> None:
     assert "(64)" in error["message"]
 
 
+@pytest.mark.usefixtures("refusal")
 def test_embeddings_on_a_generative_model(client: TestClient) -> None:
     response = post(client, "/v1/embeddings", {"model": "fake-model", "input": "hi"})
     assert_error(response, 400, code="not_supported")

@@ -135,7 +135,7 @@ def test_the_keys_max_tokens_cap_applies(keyed: TestClient, engine: FakeEngine) 
     del body["max_tokens"]
     response = keyed.post("/v1/chat/completions", json=body, headers=auth("capped"))
     assert response.status_code == 200
-    assert engine.requests[-1].sampling.max_tokens == 4  # default: rest of context, capped
+    assert engine.requests[-1].sampling_params.max_tokens == 4  # default: rest, capped
 
 
 def test_rpm_admits_the_limit_then_429_with_headers(keyed: TestClient) -> None:
@@ -155,7 +155,7 @@ def test_rpm_admits_the_limit_then_429_with_headers(keyed: TestClient) -> None:
 
 def test_tpm_reserves_the_worst_case_and_settles_to_what_was_used(keyed: TestClient) -> None:
     # 3 prompt tokens + max_tokens 10 reserves 13 of 20; the stop ends it after 2 tokens.
-    body = completion_body(max_tokens=10, stop=["w0_1"])
+    body = completion_body(max_tokens=10, stop=[" two"])
     first = keyed.post("/v1/completions", json=body, headers=auth("tokens"))
     assert first.status_code == 200
     assert first.headers["x-ratelimit-remaining-tokens"] == "7"
@@ -202,7 +202,7 @@ def test_a_burst_of_concurrent_requests_admits_exactly_the_limit(
     engine: FakeEngine, tmp_path: Path
 ) -> None:
     settings = gateway_settings(tmp_path, {"burst": {"rpm": 10}})
-    engine.token_delay_s = 0.01
+    engine = FakeEngine(token_delay_s=0.01)
     with app_client(engine, settings) as client:
         start = threading.Barrier(40)
 
@@ -243,9 +243,8 @@ def _hold_queue(client: TestClient, engine: FakeEngine, count: int) -> list[Any]
     return futures
 
 
-def test_shedding_by_priority_before_any_tokenising(engine: FakeEngine, tmp_path: Path) -> None:
-    engine.max_running = 1
-    engine.token_delay_s = 0.02
+def test_shedding_by_priority_before_any_tokenising(tmp_path: Path) -> None:
+    engine = FakeEngine(max_running=1, token_delay_s=0.02)
     settings = gateway_settings(
         tmp_path,
         {"high": {"priority": "high"}, "plain": {}, "low": {"priority": "low"}},
@@ -303,9 +302,10 @@ def test_a_usd_budget_uses_the_price_table(engine: FakeEngine, tmp_path: Path) -
         assert cost == pytest.approx(0.018)
 
 
-def test_redis_down_fails_open_or_closed(engine: FakeEngine, tmp_path: Path) -> None:
+def test_redis_down_fails_open_or_closed(tmp_path: Path) -> None:
     dead = "redis://127.0.0.1:9/0"  # the discard port: nothing answers
     for mode, status in (("open", 200), ("closed", 503)):
+        engine = FakeEngine()
         settings = gateway_settings(
             tmp_path,
             {"limited": {"rpm": 2}},

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from fastapi.testclient import TestClient
 
 from sluice.config import Settings
@@ -55,14 +53,8 @@ def test_becomes_ready(settings: Settings) -> None:
         assert client.post("/v1/completions", json=completion_body()).status_code == 200
 
 
-@dataclass
-class BrokenEngine(FakeEngine):
-    async def start(self) -> None:
-        raise RuntimeError("no GPU found")
-
-
 def test_engine_that_cannot_start(settings: Settings) -> None:
-    engine = BrokenEngine()
+    engine = FakeEngine(start_error=RuntimeError("no GPU found"))
     with app_client(engine, settings, wait=False) as client:
         lifecycle = lifecycle_of(client)
         for _ in range(100):
@@ -96,12 +88,16 @@ def test_healthy_app_probes(client: TestClient) -> None:
 
 
 def test_models(client: TestClient) -> None:
-    model = {
+    listing = client.get("/v1/models").json()
+    assert listing["object"] == "list"
+    (model,) = listing["data"]
+    assert {k: model[k] for k in ("id", "object", "owned_by", "max_model_len")} == {
         "id": "fake-model",
         "object": "model",
-        "created": 0,
-        "owned_by": "sluice",
-        "max_model_len": 256,
+        "owned_by": "vllm",
+        "max_model_len": 512,
     }
-    assert client.get("/v1/models").json() == {"object": "list", "data": [model]}
-    assert client.get("/v1/models/fake-model").json() == model
+    assert isinstance(model["created"], int)
+    retrieved = client.get("/v1/models/fake-model").json()
+    assert retrieved["id"] == model["id"]
+    assert retrieved["max_model_len"] == model["max_model_len"]

@@ -37,7 +37,7 @@ def test_successful_completion_is_counted_everywhere(client: TestClient) -> None
     assert response.status_code == 200
     ok = {"model": MODEL_ID, "endpoint": "/v1/completions", "status": "200"}
     assert sample(client, "sluice_requests_total", **ok) == 1
-    assert sample(client, "sluice_prompt_tokens_total", model=MODEL_ID) == 3
+    assert sample(client, "sluice_prompt_tokens_total", model=MODEL_ID) == 3  # "one two three"
     assert sample(client, "sluice_generation_tokens_total", model=MODEL_ID) == 4
     assert sample(client, "sluice_time_to_first_token_seconds_count", model=MODEL_ID) == 1
     # four tokens arrive one by one: three gaps between them
@@ -64,7 +64,7 @@ def test_stream_is_counted_with_its_tokens(client: TestClient) -> None:
 def test_refusals_are_counted_by_reason_with_bounded_labels(client: TestClient) -> None:
     client.post("/v1/completions", json=completion_body(model="nope"))
     client.post("/v1/completions", json=completion_body(temperature=7))
-    long_prompt = " ".join(["word"] * 250)  # plus 60 is over the fake's context of 256
+    long_prompt = " ".join(["word"] * 520)  # over the fake's context of 512
     client.post("/v1/completions", json=completion_body(prompt=long_prompt, max_tokens=60))
     assert sample(client, "sluice_rejections_total", reason="model_not_found") == 1
     assert sample(client, "sluice_rejections_total", reason="invalid_request_error") == 1

@@ -28,7 +28,7 @@ def test_id_is_generated_when_absent(client: TestClient) -> None:
 def test_id_on_streams_and_errors(client: TestClient) -> None:
     headers = {"x-request-id": "req-7"}
     stream = client.post("/v1/completions", json=completion_body(stream=True), headers=headers)
-    invalid = client.post("/v1/completions", json={"prompt": "x"}, headers=headers)
+    invalid = client.post("/v1/completions", json={"model": "fake-model"}, headers=headers)
     missing = client.get("/nope", headers=headers)
     assert [r.status_code for r in (stream, invalid, missing)] == [200, 400, 404]
     assert [r.headers["x-request-id"] for r in (stream, invalid, missing)] == ["req-7"] * 3

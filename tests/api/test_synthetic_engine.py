@@ -1,19 +1,30 @@
-"""The synthetic load-testing engine behind the real app (no fake engine involved)."""
+"""The synthetic load-testing engine behind the real app: vLLM's real front end over the
+timer-driven core (no scripted fake involved)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi.testclient import TestClient
 
 from sluice.app import create_app
 from sluice.config import Settings
+from sluice.engine.synthetic import FILLER_TEXT, SyntheticEngine
 from tests.api.conftest import wait_ready
 from tests.api.sse import sse_json
+from tests.fake_engine import MODEL_FOLDER
+
+WORDS = FILLER_TEXT.split()
 
 
-def synthetic_settings(**engine: object) -> Settings:
-    return Settings(_env_file=None, engine={"kind": "synthetic", **engine})  # type: ignore[call-arg]
+def synthetic_settings(vllm: dict[str, object] | None = None, **engine: object) -> Settings:
+    return Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        model=str(MODEL_FOLDER),  # the synthetic engine uses its tokenizer and config
+        engine={"kind": "synthetic", **engine},
+        vllm=vllm or {},
+    )
 
 
 def test_synthetic_engine_serves_openai_shapes_at_its_rate() -> None:
@@ -35,7 +46,7 @@ def test_synthetic_engine_serves_openai_shapes_at_its_rate() -> None:
         elapsed = time.monotonic() - started
     assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"]
     assert body["usage"]["completion_tokens"] == 40
-    assert body["choices"][0]["message"]["content"].startswith(" lorem ipsum")
+    assert set(body["choices"][0]["message"]["content"].split()) <= set(WORDS)
     assert elapsed >= 20 / 200  # 20 tokens at 200 tokens/s per sequence
 
 
@@ -49,71 +60,66 @@ def test_synthetic_stream_honours_stop_and_reports_usage() -> None:
                 "model": "synthetic",
                 "prompt": "x",
                 "max_tokens": 50,
-                "stop": ["amet"],
+                "stop": [" five"],
                 "stream": True,
                 "stream_options": {"include_usage": True},
             },
         )
     chunks = sse_json(response.text)
     text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
-    assert text == " lorem ipsum dolor sit "
+    assert " five" not in text
+    assert set(text.split()) <= set(WORDS)
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
-    assert chunks[-1]["usage"]["completion_tokens"] == 5
+    assert chunks[-1]["usage"]["completion_tokens"] <= 10
+
+
+async def _engine(tokens_per_s: float, max_num_seqs: int | None = None) -> SyntheticEngine:
+    from sluice.engine.args import engine_namespace
+
+    cli = ["--max-num-seqs", str(max_num_seqs)] if max_num_seqs else []
+    args = engine_namespace(str(MODEL_FOLDER), cli_args=cli)
+    engine = SyntheticEngine(args, tokens_per_s)
+    await engine.start()
+    return engine
+
+
+def _params(max_tokens: int) -> object:
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, output_kind=RequestOutputKind.DELTA)
 
 
 async def test_synthetic_engine_queues_beyond_max_num_seqs_and_aborts() -> None:
-    import asyncio
-
-    from sluice.engine.protocol import GenerationRequest, SamplingOptions
-    from sluice.engine.synthetic import SyntheticEngine
-
-    engine = SyntheticEngine(synthetic_settings(max_num_seqs=1, synthetic_tokens_per_s=100))
-    await engine.start()
-    sampling = SamplingOptions(max_tokens=1000)
-    first = engine.generate(GenerationRequest("a", (1,), sampling))
-    second = engine.generate(GenerationRequest("b", (1,), sampling))
+    engine = await _engine(100, max_num_seqs=1)
+    prompt = {"type": "token", "prompt_token_ids": [1, 2]}
+    first = engine.client.generate(prompt, _params(1000), "a")
+    second = engine.client.generate(prompt, _params(1000), "b")
     await anext(first)
     waiting = asyncio.ensure_future(anext(second))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)
     assert (engine.stats().running, engine.stats().waiting) == (1, 1)
-    # What the job runner does when its client goes away: abort, then close the stream.
-    await engine.abort("a")
-    await first.aclose()
-    assert (await asyncio.wait_for(waiting, 5)).text == " lorem"  # "b" got the slot
+    await first.aclose()  # what a client that goes away does: vLLM aborts the request
+    assert (await asyncio.wait_for(waiting, 5)).outputs[0].token_ids  # "b" got the slot
+    await asyncio.sleep(0.05)
     assert (engine.stats().running, engine.stats().waiting) == (1, 0)
     await second.aclose()
-    assert (engine.stats().running, engine.stats().waiting) == (0, 0)
+    await asyncio.sleep(0.05)
+    assert engine.client.get_num_unfinished_requests() == 0
+    await engine.shutdown()
 
 
-async def test_a_consumer_that_lags_gets_the_tokens_made_meanwhile_in_one_delta() -> None:
-    import asyncio
-
-    from sluice.engine.protocol import GenerationRequest, SamplingOptions
-    from sluice.engine.synthetic import SyntheticEngine
-
-    engine = SyntheticEngine(synthetic_settings(synthetic_tokens_per_s=1000))
-    await engine.start()
-    stream = engine.generate(GenerationRequest("a", (1,), SamplingOptions(max_tokens=300)))
+async def test_a_consumer_that_lags_gets_the_tokens_made_meanwhile_in_one_output() -> None:
+    engine = await _engine(1000)
+    stream = engine.client.generate({"type": "token", "prompt_token_ids": [1]}, _params(300), "a")
     first = await anext(stream)
     await asyncio.sleep(0.1)  # about 100 tokens are made meanwhile
     merged = await anext(stream)
-    rest = [delta async for delta in stream]
-    assert first.token_count == 1
-    assert 50 <= merged.token_count <= 200
-    assert len(merged.text.split()) == merged.token_count
-    deltas = [first, merged, *rest]
-    assert sum(d.token_count for d in deltas) == 300
-    assert [d.finish_reason for d in deltas][-1] == "length"
-    assert all(d.finish_reason is None for d in deltas[:-1])
-    words = "".join(d.text for d in deltas).split()
-    assert words[:9] == [
-        "lorem",
-        "ipsum",
-        "dolor",
-        "sit",
-        "amet",
-        "consectetur",
-        "adipiscing",
-        "elit",
-        "lorem",
-    ]
+    rest = [output async for output in stream]
+    assert len(first.outputs[0].token_ids) == 1
+    assert 30 <= len(merged.outputs[0].token_ids) <= 200
+    outputs = [first, merged, *rest]
+    assert sum(len(o.outputs[0].token_ids) for o in outputs) == 300
+    assert outputs[-1].outputs[0].finish_reason == "length"
+    text = "".join(o.outputs[0].text for o in outputs)
+    assert set(text.split()) <= set(WORDS)
+    await engine.shutdown()

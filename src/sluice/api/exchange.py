@@ -33,7 +33,7 @@ from opentelemetry import trace
 
 from sluice.config import LimitSettings
 from sluice.engine.protocol import Submission
-from sluice.errors import EngineDead, SluiceError
+from sluice.errors import EngineDead, RequestTimedOut, SluiceError
 from sluice.gateway.auth import Principal
 from sluice.gateway.service import Gateway, Ticket
 from sluice.lifecycle import Lifecycle
@@ -68,6 +68,7 @@ class Exchange:
         self.record = record
         self.error: SluiceError | None = None
         self.acceptance = asyncio.Event()
+        self.timeout_s = limits.request_timeout_s
         self.deadline = asyncio.get_running_loop().time() + limits.request_timeout_s
         self.tickets: list[tuple[Ticket, list[Submission]]] = []
         self._engine_client = engine_client
@@ -107,8 +108,6 @@ class Exchange:
         except BaseException:
             lifecycle.release()
             raise
-        if record is not None:
-            record.model = model
         return cls(
             principal=principal,
             gateway=gateway,
@@ -120,6 +119,13 @@ class Exchange:
             engine_client=engine_client,
             record=record,
             tracer=tracer,
+        )
+
+    def timed_out(self) -> RequestTimedOut:
+        """The error for a request that ran past the time limit."""
+        return RequestTimedOut(
+            f"The request ran past this server's time limit of {self.timeout_s:g} seconds and "
+            "was stopped."
         )
 
     @property

@@ -32,9 +32,14 @@ from sluice.api.deps import (
 )
 from sluice.api.exchange import Exchange
 from sluice.api.requests import check_fields
-from sluice.api.sse import CLIENT_CLOSED_REQUEST, SSEResponse, until_disconnected
+from sluice.api.sse import (
+    CLIENT_CLOSED_REQUEST,
+    ClientDisconnected,
+    SSEResponse,
+    until_disconnected,
+)
 from sluice.engine.protocol import REQUEST_OBSERVER
-from sluice.errors import RequestTimedOut, from_exception, from_vllm
+from sluice.errors import from_exception, from_vllm
 from sluice.gateway.guards import check_allowed, check_max_tokens, check_n
 from sluice.telemetry.record import record_of
 
@@ -70,6 +75,11 @@ class Generation:
     gateway: GatewayDep
     tracer: TracerDep
 
+    def serves(self, model: str) -> bool:
+        """`model` is one of the base model's names or a loaded LoRA adapter."""
+        models = self.serving.models
+        return bool(models.is_base_model(model)) or model in models.lora_requests
+
     def model_of(self, body: BaseModel) -> str:
         """The model id the request names, or the served model's first name."""
         model: str | None = getattr(body, "model", None)
@@ -91,6 +101,8 @@ class Generation:
         check_max_tokens(shape.max_tokens, shape.max_tokens_param, self.principal, limits)
         check_n(shape.n, shape.prompts, limits)
         record = record_of(self.request.scope)
+        if record is not None and self.serves(model):
+            record.model = model  # a metric label: only ids this server serves (bounded)
         exchange = Exchange.open(
             principal=self.principal,
             gateway=self.gateway,
@@ -112,15 +124,13 @@ class Generation:
             await exchange.close(exc)
             raise exchange.error or from_exception(exc) from exc
         if outcome == "timeout":
-            error = RequestTimedOut(
-                "The request ran past this server's time limit and was stopped."
-            )
+            error = exchange.timed_out()
             await exchange.close(error)
             raise error
         if outcome == "disconnected":
             if record is not None:
                 record.fail(CLIENT_CLOSED_REQUEST, "client_closed_request")
-            await exchange.close()
+            await exchange.close(ClientDisconnected())
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         if isinstance(result, ErrorResponse) or exchange.error is not None:
             await exchange.close()
@@ -174,9 +184,21 @@ async def _run(
 
 
 def _prompt_text(body: BaseModel) -> str:
-    """The prompt part of a body, for log lines (redacted where they are written)."""
-    for field in ("messages", "prompt", "input"):
+    """The prompt part of a body, for log lines (redacted where they are written): chat
+    messages as `role: text` lines, prompts as they came (token ids as JSON)."""
+    messages = getattr(body, "messages", None)
+    if isinstance(messages, list):
+        return "\n".join(f"{m.get('role')}: {_text(m.get('content'))}" for m in messages)
+    for field in ("prompt", "input"):
         value = getattr(body, field, None)
+        if isinstance(value, str):
+            return value
         if value is not None:
-            return value if isinstance(value, str) else json.dumps(value, default=str)
+            return json.dumps(value, default=str)
     return ""
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return "" if content is None else str(content)

@@ -34,11 +34,11 @@ from starlette.types import Message, Receive, Scope, Send
 from sluice.api.exchange import Exchange
 from sluice.engine.protocol import REQUEST_OBSERVER
 from sluice.errors import (
-    RequestTimedOut,
     SluiceError,
     error_body,
     error_code,
     error_response,
+    from_exception,
     from_vllm,
     spec_for,
 )
@@ -52,6 +52,11 @@ ERROR_PREFIX = 'data: {"error"'
 DONE = b"data: [DONE]\n\n"
 # Not a status a client ever reads (it has gone); it marks the request in logs and metrics.
 CLIENT_CLOSED_REQUEST = 499
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the response was complete (recorded on spans; never
+    sent, there is nobody to send it to)."""
 
 
 class SSEResponse(Response):
@@ -68,6 +73,7 @@ class SSEResponse(Response):
         self.exchange = exchange
         self.keep_alive_s = keep_alive_s
         self.started = False
+        self.finished = False  # the last byte was sent
         self.disconnected = False
         self._pull: asyncio.Future[str] | None = None  # an advance of `frames` under way
 
@@ -80,7 +86,7 @@ class SSEResponse(Response):
                 with anyio.CancelScope(deadline=self.exchange.deadline) as limit:
                     await self._stream(scope, receive, send)
                 if limit.cancel_called and not self.disconnected:
-                    error = self._timed_out()
+                    error = self.exchange.timed_out()
                     await self._fail(error, scope, receive, send)
                 group.cancel_scope.cancel()
         except Exception as exc:
@@ -95,13 +101,15 @@ class SSEResponse(Response):
                 await self.frames.aclose()
                 if self.disconnected:
                     self._note(CLIENT_CLOSED_REQUEST, "client_closed_request")
+                    error = error or ClientDisconnected()
                 await self.exchange.close(error)
 
     async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        self.disconnected = True
-        scope.cancel()
+        if not self.finished:  # a client that leaves after the last byte did not disconnect
+            self.disconnected = True
+            scope.cancel()
 
     async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         held, pending, refused = await self._until_accepted()
@@ -121,19 +129,22 @@ class SSEResponse(Response):
         self.started = True
         for frame in held:
             await self._send_frame(frame, send)
-        if pending is not None:
-            try:
+        try:
+            if pending is not None:
                 await self._send_frame(await pending, send)
-            except StopAsyncIteration:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return
-        frames: AsyncGenerator[str, None] = self.frames
-        if self.keep_alive_s > 0:
-            from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
+            frames: AsyncGenerator[str, None] = self.frames
+            if self.keep_alive_s > 0:
+                from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
 
-            frames = with_sse_keep_alive(frames, self.keep_alive_s)
-        async for frame in frames:
-            await self._send_frame(frame, send)
+                frames = with_sse_keep_alive(frames, self.keep_alive_s)
+            async for frame in frames:
+                await self._send_frame(frame, send)
+        except StopAsyncIteration:
+            pass
+        except Exception as exc:  # a serving generator that does not catch its errors
+            await self._fail(self.exchange.error or from_exception(exc), scope, receive, send)
+            return
+        self.finished = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send_frame(self, frame: str, send: Send) -> None:
@@ -163,6 +174,8 @@ class SSEResponse(Response):
                 frame = pull.result()
             except StopAsyncIteration:
                 return held, None, exchange.error
+            except Exception as exc:  # a serving generator that does not catch its errors
+                return held, None, exchange.error or from_exception(exc)
             if frame.startswith(ERROR_PREFIX):
                 return held, None, exchange.error or _vllm_error(frame)
             held.append(frame)
@@ -174,13 +187,9 @@ class SSEResponse(Response):
         self._note(spec_for(error).status, error_code(error))
         return _frame(error_body(error))
 
-    def _timed_out(self) -> RequestTimedOut:
-        return RequestTimedOut(
-            "The request ran past this server's time limit and was stopped.",
-        )
-
     async def _fail(self, error: SluiceError, scope: Scope, receive: Receive, send: Send) -> None:
         self._note(spec_for(error).status, error_code(error))
+        self.finished = True
         if not self.started:
             await error_response(error)(scope, receive, send)
             return

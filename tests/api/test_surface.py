@@ -1,0 +1,188 @@
+"""The rest of vLLM's surface behind the gateway: /tokenize and /detokenize, /v1/responses,
+model listing scoped to the key, LoRA adapters as model ids (static and through the admin
+API), /health and /version."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.api.conftest import app_client, assert_error, assert_settled, chat_body, tokens
+from tests.api.test_gateway import ADMIN, auth, gateway_settings
+from tests.fake_engine import MODEL_ID, FakeEngine
+
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
+
+
+def test_tokenize_and_detokenize(client: TestClient, engine: FakeEngine) -> None:
+    body = client.post("/tokenize", json={"model": MODEL_ID, "prompt": "one two three"}).json()
+    assert body["tokens"] == tokens(engine, "one two three")
+    assert body["count"] == 3
+    assert body["max_model_len"] == 512
+    text = client.post("/detokenize", json={"model": MODEL_ID, "tokens": body["tokens"]}).json()
+    assert text["prompt"] == "one two three"
+    chat = client.post(
+        "/tokenize", json={"model": MODEL_ID, "messages": chat_body()["messages"]}
+    ).json()
+    assert chat["count"] > 3  # the chat template's own tokens
+    assert engine.requests == []  # no engine work
+
+
+def test_tokenize_refuses_unknown_models(client: TestClient) -> None:
+    response = client.post("/tokenize", json={"model": "nope", "prompt": "x"})
+    assert_error(response, 404, param="model", code="model_not_found")
+
+
+def test_responses_api(client: TestClient, engine: FakeEngine) -> None:
+    response = client.post(
+        "/v1/responses", json={"model": MODEL_ID, "input": "hello", "max_output_tokens": 3}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "response"
+    assert body["status"] == "incomplete"
+    assert body["output"][0]["content"][0]["text"] == " one two three"
+    assert body["usage"]["output_tokens"] == 3
+    assert_settled(client, engine)
+
+
+def test_responses_api_stream(client: TestClient, engine: FakeEngine) -> None:
+    response = client.post(
+        "/v1/responses",
+        json={"model": MODEL_ID, "input": "hello", "max_output_tokens": 3, "stream": True},
+    )
+    assert response.status_code == 200
+    events = [line for line in response.text.splitlines() if line.startswith("event: ")]
+    assert events[0] == "event: response.created"
+    assert events[-1] == "event: response.completed"
+    assert "event: response.output_text.delta" in events
+    assert_settled(client, engine)
+
+
+@pytest.fixture
+def keyed(tmp_path: Path) -> Iterator[tuple[TestClient, FakeEngine]]:
+    engine = FakeEngine()
+    settings = gateway_settings(
+        tmp_path,
+        {
+            "plain": {},
+            "tight": {"rpm": 1},
+            "other-model": {"models": ["some-other-model"]},
+            "lora-only": {"models": ["tiny"]},
+        },
+    )
+    with app_client(engine, settings) as client:
+        yield client, engine
+        assert_settled(client, engine)
+
+
+def test_models_are_listed_as_the_key_may_use_them(
+    keyed: tuple[TestClient, FakeEngine],
+) -> None:
+    client, _ = keyed
+    listed = client.get("/v1/models", headers=auth("plain")).json()["data"]
+    assert [m["id"] for m in listed] == [MODEL_ID]
+    assert client.get("/v1/models", headers=auth("other-model")).json()["data"] == []
+    refused = client.get(f"/v1/models/{MODEL_ID}", headers=auth("other-model"))
+    assert_error(refused, 404, param="model", code="model_not_found")
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", chat_body(stream=True)),
+        ("/v1/responses", {"model": MODEL_ID, "input": "hi", "stream": True}),
+    ],
+)
+def test_streams_refused_by_quota_are_refused_before_they_start(
+    keyed: tuple[TestClient, FakeEngine], path: str, body: dict[str, object]
+) -> None:
+    client, engine = keyed
+    assert client.post(path, json=body, headers=auth("tight")).status_code == 200
+    second = client.post(path, json=body, headers=auth("tight"))
+    assert_error(second, 429, type_="requests", code="rate_limit_exceeded")
+    assert second.headers["x-ratelimit-remaining-requests"] == "0"
+    assert len(engine.requests) == 1
+
+
+@pytest.fixture
+def lora_engine(tmp_path: Path) -> FakeEngine:
+    adapter = tmp_path / "tiny-adapter"
+    adapter.mkdir()
+    return FakeEngine(
+        cli_args=(
+            "--max-model-len",
+            "512",
+            "--enable-lora",
+            "--max-lora-rank",
+            "8",
+            "--lora-modules",
+            f"tiny={adapter}",
+        )
+    )
+
+
+def test_lora_adapters_are_model_ids_under_the_keys_allowlist(
+    lora_engine: FakeEngine, tmp_path: Path
+) -> None:
+    settings = gateway_settings(tmp_path, {"plain": {}, "lora-only": {"models": ["tiny", "late"]}})
+    with app_client(lora_engine, settings) as client:
+        listed = [m["id"] for m in client.get("/v1/models", headers=auth("plain")).json()["data"]]
+        assert listed == [MODEL_ID, "tiny"]
+        only = client.get("/v1/models", headers=auth("lora-only")).json()["data"]
+        assert [m["id"] for m in only] == ["tiny"]
+        assert only[0]["parent"] == MODEL_ID
+        served = client.post(
+            "/v1/chat/completions", json=chat_body(model="tiny"), headers=auth("lora-only")
+        )
+        assert served.status_code == 200, served.text
+        assert served.json()["model"] == "tiny"
+        assert lora_engine.requests[-1].lora_request.lora_name == "tiny"
+        base = client.post("/v1/chat/completions", json=chat_body(), headers=auth("lora-only"))
+        assert_error(base, 403, param="model", code="model_not_allowed")
+
+        # load and unload at run time through the admin API
+        late = tmp_path / "late-adapter"
+        late.mkdir()
+        assert_error(
+            client.post("/admin/lora/load", json={"lora_name": "late", "lora_path": str(late)}),
+            401,
+            code="invalid_api_key",
+        )
+        loaded = client.post(
+            "/admin/lora/load",
+            json={"lora_name": "late", "lora_path": str(late)},
+            headers=ADMIN_AUTH,
+        )
+        assert loaded.status_code == 200, loaded.text
+        names = [a["name"] for a in client.get("/admin/lora", headers=ADMIN_AUTH).json()["data"]]
+        assert names == ["tiny", "late"]
+        used = client.post(
+            "/v1/chat/completions", json=chat_body(model="late"), headers=auth("lora-only")
+        )
+        assert used.status_code == 200
+        again = client.post(
+            "/admin/lora/load",
+            json={"lora_name": "late", "lora_path": str(late)},
+            headers=ADMIN_AUTH,
+        )
+        assert_error(again, 400)
+        unloaded = client.post("/admin/lora/unload", json={"lora_name": "late"}, headers=ADMIN_AUTH)
+        assert unloaded.status_code == 200
+        gone = client.post(
+            "/v1/chat/completions", json=chat_body(model="late"), headers=auth("lora-only")
+        )
+        assert_error(gone, 404, param="model", code="model_not_found")
+        missing = client.post("/admin/lora/unload", json={"lora_name": "late"}, headers=ADMIN_AUTH)
+        assert_error(missing, 404, code="not_found")
+        assert_settled(client, lora_engine)
+
+
+def test_health_and_version(client: TestClient) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    version = client.get("/version").json()
+    assert version["version"].startswith("0.32")
+    assert "sluice_version" in version
