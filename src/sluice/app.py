@@ -34,7 +34,7 @@ from sluice.api.middleware import (
 from sluice.api.routes import router
 from sluice.api.serving import Serving
 from sluice.config import DEFAULT_MODEL_NAME, Settings
-from sluice.engine.models import default_model_dir
+from sluice.engine.models import default_model_dir, local_or_hub_model
 from sluice.engine.protocol import Engine
 from sluice.errors import install_error_handlers
 from sluice.gateway.admission import Admission
@@ -73,7 +73,8 @@ def build_engine(settings: Settings, cli_args: Sequence[str] = ()) -> Engine:
     `cli_args` (engine/args.py). `settings.model=None` means the packaged default model (its
     folder must have been pulled): served as `SmolLM2-135M-Instruct`, offline.
 
-    Raises `EngineArgumentError` for options vLLM refuses. Imports vLLM (seconds).
+    Raises `EngineArgumentError` for options vLLM refuses and `ModelProvisionError` for a
+    model that cannot be had (engine/models.py). Imports vLLM (seconds).
     """
     from vllm.platforms import current_platform
 
@@ -97,6 +98,7 @@ def build_engine(settings: Settings, cli_args: Sequence[str] = ()) -> Engine:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the packaged model needs no hub
     else:
         model = settings.model
+        names = [model]  # the id exactly as given, even when a cached snapshot is loaded
     if synthetic:
         names = [SYNTHETIC_MODEL_NAME]
     args = engine_namespace(
@@ -107,6 +109,8 @@ def build_engine(settings: Settings, cli_args: Sequence[str] = ()) -> Engine:
         cli_args=cli_args,
         on_cpu=on_cpu,
     )
+    if settings.model is not None:
+        args.model = local_or_hub_model(settings.model, args.revision)
     if synthetic:
         from sluice.engine.synthetic import SyntheticEngine
 

@@ -22,8 +22,6 @@ from sluice.bench.estimate import EstimateError
 from sluice.config import DEFAULT_MODEL_NAME, Settings
 from sluice.engine.models import (
     ModelProvisionError,
-    check_hf_folder,
-    check_hub_model,
     default_model_dir,
     ensure_default_model,
     pull_default_model,
@@ -159,21 +157,6 @@ def _say(message: str) -> None:
     Console(stderr=True).print(f"[bold cyan]•[/] {message}")
 
 
-def _resolve_model(settings: Settings) -> Settings:
-    """Settings whose model can be served: the default model pulled if it is the one (also
-    for the synthetic engine, which needs its tokenizer), a folder checked, a hub id checked
-    against the hub or its cache."""
-    if settings.model is None:
-        ensure_default_model(settings.cache_dir, progress=_say)
-        return settings
-    candidate = Path(settings.model).expanduser()
-    if candidate.exists() or settings.model.startswith((".", "/", "~")):
-        check_hf_folder(candidate)
-        return settings
-    check_hub_model(settings.model, revision=settings.vllm.get("revision"))
-    return settings
-
-
 def serve(settings: Settings, vllm_args: list[str]) -> int:
     from sluice.app import build_engine, create_app
     from sluice.engine.args import EngineArgumentError, model_in
@@ -190,7 +173,8 @@ def serve(settings: Settings, vllm_args: list[str]) -> int:
             if settings.model is not None and settings.model != model:
                 return _fail(f"two models given: '{model}' and --model '{settings.model}'", 2)
             settings = settings.model_copy(update={"model": model})
-        settings = _resolve_model(settings)
+        if settings.model is None:  # also for the synthetic engine, which needs its tokenizer
+            ensure_default_model(settings.cache_dir, progress=_say)
         engine = build_engine(settings, vllm_args)
     except ModelProvisionError as exc:
         return _fail(str(exc), 1)

@@ -49,8 +49,9 @@ from sluice.telemetry.record import record_of
 logger = logging.getLogger(__name__)
 
 UNION_MEMBER = re.compile(r"[A-Z\[\]-]")
-# vLLM's validation errors end with "(parameter=NAME, value=...)"
-VLLM_PARAMETER = re.compile(r"\(parameter=([A-Za-z_][\w.]*)")
+# vLLM's validation errors end with "(parameter=NAME, value=...)", or (SamplingParams' own
+# checks) start with the field's name: "presence_penalty must be in [-2, 2], got 3.0."
+VLLM_PARAMETER = re.compile(r"\(parameter=([A-Za-z_][\w.]*)|^([a-z_][a-z0-9_]*) must ")
 
 
 class SluiceError(Exception):
@@ -232,7 +233,7 @@ def as_sluice_error(exc: BaseException) -> SluiceError:
 def from_vllm(status: int, message: str, param: str | None = None) -> SluiceError:
     """The sluice error for an error vLLM's serving layer reported with HTTP `status`."""
     if param is None and (named := VLLM_PARAMETER.search(message)) is not None:
-        param = named.group(1)
+        param = named.group(1) or named.group(2)
     if status == 400 or status == 422:
         if "maximum context length" in message or "longer than the maximum model length" in (
             message

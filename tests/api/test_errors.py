@@ -74,6 +74,9 @@ def test_missing_field(client: TestClient, path: str, body: Any, param: str) -> 
 
 # Each invalid value is refused with a 400 that names the field, streaming or not.
 INVALID = [
+    # vLLM's own validators assume shapes; a wrong one is the body's fault, never a 500
+    ("/v1/chat/completions", chat_body(structured_outputs=False), None),
+    ("/v1/completions", completion_body(structured_outputs=1), None),
     ("/v1/completions", completion_body(max_tokens=5.5), "max_tokens"),
     ("/v1/completions", completion_body(max_tokens=0), "max_tokens"),
     ("/v1/completions", completion_body(temperature=-0.1), "temperature"),

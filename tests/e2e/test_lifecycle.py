@@ -27,10 +27,19 @@ COUNT = {"model": MODEL, "prompt": "Count from 1 to 1000: 1, 2, 3,", "temperatur
 
 @pytest.fixture
 def limited_server(own_server_log: Path) -> Iterator[SluiceProcess]:
-    # An explicit local Hugging Face folder as --model (the other servers use the default).
+    # An explicit local Hugging Face folder as --model (the other servers use the default),
+    # served under a name of our choosing (vLLM would use the path as given).
     folder = str(default_model_dir(Settings().cache_dir))
     process = SluiceProcess(
-        own_server_log, "--model", folder, "--request-timeout", "6", "--drain-timeout", "60"
+        own_server_log,
+        "--model",
+        folder,
+        "--served-model-name",
+        MODEL,
+        "--request-timeout",
+        "6",
+        "--drain-timeout",
+        "60",
     )
     try:
         process.wait_ready()
@@ -60,7 +69,7 @@ def _stream_started(server: SluiceProcess, max_tokens: int) -> Iterator[tuple[st
 def test_time_limit_then_sigterm_drain(limited_server: SluiceProcess) -> None:
     server = limited_server
     client = openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0, timeout=60)
-    assert [m.id for m in client.models.list().data] == [MODEL]  # the folder's name
+    assert [m.id for m in client.models.list().data] == [MODEL]
 
     # Time limit, non-streaming: 1000 tokens take far longer than 6 s on this CPU.
     with pytest.raises(openai.APIStatusError) as caught:

@@ -33,7 +33,7 @@ from opentelemetry import trace
 
 from sluice.config import LimitSettings
 from sluice.engine.protocol import Submission
-from sluice.errors import EngineDead, RequestTimedOut, SluiceError
+from sluice.errors import ContextLengthExceeded, EngineDead, RequestTimedOut, SluiceError
 from sluice.gateway.auth import Principal
 from sluice.gateway.service import Gateway, Ticket
 from sluice.lifecycle import Lifecycle
@@ -57,10 +57,12 @@ class Exchange:
         model: str,
         operation: str,
         engine_client: Any,
+        requested_max_tokens: int | None = None,
         record: RequestRecord | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
         self.principal = principal
+        self.requested_max_tokens = requested_max_tokens
         self.gateway = gateway
         self.lifecycle = lifecycle
         self.model = model
@@ -97,6 +99,7 @@ class Exchange:
         model: str,
         operation: str,
         engine_client: Any,
+        requested_max_tokens: int | None = None,
         record: RequestRecord | None = None,
         tracer: trace.Tracer | None = None,
     ) -> Exchange:
@@ -117,6 +120,7 @@ class Exchange:
             model=model,
             operation=operation,
             engine_client=engine_client,
+            requested_max_tokens=requested_max_tokens,
             record=record,
             tracer=tracer,
         )
@@ -135,6 +139,17 @@ class Exchange:
 
     # -- RequestObserver --------------------------------------------------------------------
     def submitted(self, submission: Submission, priority: int) -> tuple[int | None, int]:
+        requested = self.requested_max_tokens
+        context = int(self._engine_client.model_config.max_model_len)
+        if requested is not None and submission.prompt_tokens + requested > context:
+            # vLLM quietly lowers max_tokens to what fits; OpenAI refuses the request.
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context} tokens. However, you "
+                f"requested {submission.prompt_tokens + requested} tokens "
+                f"({submission.prompt_tokens} in the prompt, {requested} in the completion). "
+                "Please reduce the length of the prompt or the completion.",
+                param="max_tokens",
+            )
         max_tokens = min(submission.max_tokens, self._max_tokens)
         submission = dataclasses.replace(submission, max_tokens=max_tokens)
         self._submissions[submission.request_id] = submission
@@ -177,7 +192,10 @@ class Exchange:
             self.gateway.on_tokens(self.tickets[-1][0], new_tokens)
             if self._span is not None:
                 self._span.on_delta()
-        for choice in getattr(output, "outputs", ()):
+        choices = getattr(output, "outputs", ())
+        if not isinstance(choices, list):  # a pooling output: one vector, no choices
+            choices = []
+        for choice in choices:
             if getattr(choice, "finish_reason", None):
                 self._finish_reasons.append(str(choice.finish_reason))
         record = self.record
@@ -188,7 +206,7 @@ class Exchange:
         if queue_s is not None and record.queue_s is None:
             record.queue_s = queue_s
         if record.output_text is not None:
-            record.output_text.extend(getattr(c, "text", "") for c in output.outputs)
+            record.output_text.extend(getattr(c, "text", "") for c in choices)
 
     def failed(self, error: BaseException) -> None:
         if self.error is None and type(error).__name__ == "EngineDeadError":

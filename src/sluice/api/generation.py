@@ -111,6 +111,7 @@ class Generation:
             model=model,
             operation=operation,
             engine_client=self.serving.models.engine_client,
+            requested_max_tokens=shape.max_tokens,
             record=record,
             tracer=self.tracer,
         )

@@ -9,6 +9,9 @@ validation), through the subclasses here where sluice differs:
 - Fields that OpenAI's API description marks nullable accept `null` (clients that serialise
   unset fields as null); vLLM declares a few of them non-nullable.
 
+The routes take each model behind `_guard` (the `*Body` aliases), so that nothing a body
+makes vLLM's validators raise can be a 500.
+
 `check_fields` refuses what vLLM would ignore without a word: a top-level field no model
 declares is a 400 naming it (OpenAI's own wording), except OpenAI's fields that do not change
 the answer (`metadata`, `store: false`, ...), which are accepted, and those that would change it
@@ -19,15 +22,26 @@ the gateway cannot price it before it runs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest as VllmChatCompletionRequest,
 )
 from vllm.entrypoints.openai.completion.protocol import (
     CompletionRequest as VllmCompletionRequest,
 )
+from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
+from vllm.exceptions import VLLMError
 
 from sluice.errors import InvalidRequest
 
@@ -92,6 +106,27 @@ class CompletionRequest(VllmCompletionRequest):  # type: ignore[misc]
                 request, max_tokens, default_sampling_params
             ),
         )
+
+
+def _guard(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Validation is a function of the body alone, so whatever it raises is the body's
+    fault: vLLM's own validators assume shapes (`structured_outputs.get(...)` on a `false`)
+    and would otherwise turn a malformed body into a 500."""
+    try:
+        return handler(value)
+    except (ValidationError, VLLMError):
+        raise
+    except Exception as exc:
+        raise ValueError(f"the request body is malformed ({type(exc).__name__}: {exc})") from exc
+
+
+# The body types of the routes: each request model behind the guard.
+ChatBody = Annotated[ChatCompletionRequest, WrapValidator(_guard)]
+CompletionBody = Annotated[CompletionRequest, WrapValidator(_guard)]
+ResponsesBody = Annotated[ResponsesRequest, WrapValidator(_guard)]
+EmbeddingBody = Annotated[EmbeddingRequest, WrapValidator(_guard)]
+TokenizeBody = Annotated[TokenizeRequest, WrapValidator(_guard)]
+DetokenizeBody = Annotated[DetokenizeRequest, WrapValidator(_guard)]
 
 
 def _unset(value: Any) -> bool:

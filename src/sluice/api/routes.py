@@ -13,15 +13,20 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from vllm.entrypoints.openai.responses.api_router import _convert_stream_to_sse_events
-from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
-from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 
 from sluice import __version__
 from sluice.api.deps import EngineDep, LifecycleDep, PrincipalDep, ServingDep, SettingsDep
 from sluice.api.generation import GenerationDep, Shape, prompt_count
-from sluice.api.requests import ChatCompletionRequest, CompletionRequest, check_fields
+from sluice.api.requests import (
+    ChatBody,
+    CompletionBody,
+    DetokenizeBody,
+    EmbeddingBody,
+    ResponsesBody,
+    TokenizeBody,
+    check_fields,
+)
 from sluice.api.serving import Serving
 from sluice.errors import ModelNotFound, Unauthenticated, from_vllm
 from sluice.gateway.auth import Principal
@@ -32,9 +37,7 @@ router = APIRouter()
 
 
 @router.post("/v1/chat/completions")
-async def create_chat_completion(
-    body: ChatCompletionRequest, generation: GenerationDep
-) -> Response:
+async def create_chat_completion(body: ChatBody, generation: GenerationDep) -> Response:
     named = body.max_completion_tokens is not None
     shape = Shape(
         # past pydantic's descriptor: vLLM marks `max_tokens` deprecated (as OpenAI does)
@@ -49,7 +52,7 @@ async def create_chat_completion(
 
 
 @router.post("/v1/completions")
-async def create_completion(body: CompletionRequest, generation: GenerationDep) -> Response:
+async def create_completion(body: CompletionBody, generation: GenerationDep) -> Response:
     if body.prompt is None and body.prompt_embeds is None:
         # OpenAI: no prompt means "from the start of a new document" (its <|endoftext|>).
         tokenizer = generation.serving.models.engine_client.renderer.get_tokenizer()
@@ -66,7 +69,7 @@ async def create_completion(body: CompletionRequest, generation: GenerationDep) 
 
 
 @router.post("/v1/responses")
-async def create_response(body: ResponsesRequest, generation: GenerationDep) -> Response:
+async def create_response(body: ResponsesBody, generation: GenerationDep) -> Response:
     responses = generation.serving.responses
 
     async def call() -> Any:
@@ -80,7 +83,7 @@ async def create_response(body: ResponsesRequest, generation: GenerationDep) -> 
 
 
 @router.post("/v1/embeddings")
-async def create_embedding(body: EmbeddingRequest, generation: GenerationDep) -> Response:
+async def create_embedding(body: EmbeddingBody, generation: GenerationDep) -> Response:
     embedding = generation.serving.embedding
     shape = Shape(prompts=prompt_count(getattr(body, "input", None)))
     return await generation.serve(
@@ -101,7 +104,7 @@ def _json(result: Any) -> Response:
 
 @router.post("/tokenize")
 async def tokenize(
-    body: TokenizeRequest, request: Request, principal: PrincipalDep, serving: ServingDep
+    body: TokenizeBody, request: Request, principal: PrincipalDep, serving: ServingDep
 ) -> Response:
     """vLLM's tokenizer endpoint: token ids of a prompt or of chat messages."""
     _tokenizing(body, principal, serving)
@@ -110,7 +113,7 @@ async def tokenize(
 
 @router.post("/detokenize")
 async def detokenize(
-    body: DetokenizeRequest, request: Request, principal: PrincipalDep, serving: ServingDep
+    body: DetokenizeBody, request: Request, principal: PrincipalDep, serving: ServingDep
 ) -> Response:
     """vLLM's detokenizer endpoint: the text of token ids."""
     _tokenizing(body, principal, serving)

@@ -110,7 +110,8 @@ def engine_namespace(
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
 
     parser = _parser()
-    platform: list[str] = ["--scheduling-policy", "priority"]
+    # OpenAI reports usage.prompt_tokens_details.cached_tokens on every response.
+    platform: list[str] = ["--scheduling-policy", "priority", "--enable-prompt-tokens-details"]
     if on_cpu:
         # bf16 has no native support on these CPUs (batched throughput collapses) and graph
         # capture costs start-up time for no gain (DESIGN.md, measured).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,8 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MARKER = "sluice-model.json"
 CHECK_PROMPT = "What is the capital of France?"
 CHECK_EXPECT = "Paris"
+
+logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
@@ -57,58 +60,114 @@ def check_hf_folder(folder: Path) -> None:
         )
 
 
-def check_hub_model(repo_id: str, revision: str | None = None) -> None:
-    """Refuse, in one sentence, a hub id vLLM could not load: not a valid id, not in the
-    Hugging Face cache while offline, the hub unreachable, a repository or revision that does
-    not exist, a gated repository without a token. Fetches (or finds in the cache)
-    `config.json` the way vLLM will, so `HF_TOKEN`, `HF_HOME` and `HF_HUB_OFFLINE` apply."""
-    from huggingface_hub import constants, hf_hub_download
+HUB_CHECK_TIMEOUT_S = 5.0
+
+
+def local_or_hub_model(model: str, revision: str | None = None) -> str:
+    """What vLLM should load for the `model` a user gave: a folder as given (checked), or
+    what `resolve_hub_model` makes of a hub id."""
+    candidate = Path(model).expanduser()
+    if candidate.exists() or model.startswith((".", "/", "~")):
+        check_hf_folder(candidate)
+        return model
+    return resolve_hub_model(model, revision)
+
+
+def resolve_hub_model(repo_id: str, revision: str | None = None) -> str:
+    """What to hand vLLM for the hub id `repo_id`: the id itself when the hub answers (vLLM
+    then fetches what is missing), or the cached snapshot's folder when the hub cannot be
+    used (offline, or unreachable): given the id in that case, vLLM would retry the hub for
+    minutes or hang. Raises `ModelProvisionError`, one sentence, when the model cannot be
+    had: not a valid id, not cached while offline or unreachable, not on the hub, gated
+    without a token, no such revision.
+
+    `HF_TOKEN`, `HF_HOME`, `HF_ENDPOINT` and `HF_HUB_OFFLINE` apply as they do for vLLM.
+    Cached: no network. Otherwise one bounded metadata request for `config.json`, no retries.
+    """
+    from huggingface_hub import (
+        constants,
+        get_hf_file_metadata,
+        hf_hub_url,
+        snapshot_download,
+        try_to_load_from_cache,
+    )
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
+        HfHubHTTPError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    at = f" at revision '{revision}'" if revision else ""
+    ref = revision or "main"
+    where = f"'{repo_id}'" + (f" at revision '{revision}'" if revision else "")
     try:
-        hf_hub_download(repo_id, "config.json", revision=revision)
-    except GatedRepoError as exc:
-        raise ModelProvisionError(
-            f"The model '{repo_id}' is gated: accept its terms on huggingface.co and set "
-            "HF_TOKEN to a token that has access."
-        ) from exc
-    except RevisionNotFoundError as exc:
-        raise ModelProvisionError(
-            f"The model '{repo_id}' has no revision '{revision}'; pass an existing branch, tag "
-            "or commit with --revision."
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise ModelProvisionError(
-            f"The model '{repo_id}' does not exist on the Hugging Face hub, or it is private "
-            "and HF_TOKEN is missing or has no access to it."
-        ) from exc
-    except EntryNotFoundError:
-        return  # no config.json (e.g. a Mistral-format repository): vLLM decides
-    except LocalEntryNotFoundError as exc:
-        if constants.HF_HUB_OFFLINE:
-            raise ModelProvisionError(
-                f"The model '{repo_id}'{at} is not in the Hugging Face cache "
-                f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; download it first "
-                "(hf download) or unset HF_HUB_OFFLINE."
-            ) from exc
-        raise ModelProvisionError(
-            f"The Hugging Face hub could not be reached to fetch '{repo_id}'{at} and it is not "
-            f"in the cache ({constants.HF_HUB_CACHE}); check the network (HF_ENDPOINT, "
-            "proxies), or pass a local folder."
-        ) from exc
-    except HFValidationError as exc:
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json", revision=ref), str)
+    except ValueError as exc:  # HFValidationError
         raise ModelProvisionError(
             f"'{repo_id}' is neither an existing folder nor a Hugging Face model id "
             "(organisation/name)."
         ) from exc
+
+    def snapshot() -> str:
+        folder: str = snapshot_download(repo_id, revision=ref, local_files_only=True)
+        return folder
+
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return snapshot()
+        raise ModelProvisionError(
+            f"The model {where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            "and HF_HUB_OFFLINE is set; download it first (hf download) or unset "
+            "HF_HUB_OFFLINE."
+        )
+    try:
+        get_hf_file_metadata(
+            hf_hub_url(repo_id, "config.json", revision=ref), timeout=HUB_CHECK_TIMEOUT_S
+        )
+    except GatedRepoError as exc:  # before RepositoryNotFoundError, its parent
+        raise ModelProvisionError(
+            f"The model {where} is gated: accept its terms on {constants.ENDPOINT}/{repo_id} "
+            "and set HF_TOKEN to a token of that account."
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelProvisionError(
+            f"The model {where} does not exist on {constants.ENDPOINT}, or it is private and "
+            "HF_TOKEN is missing or has no access to it."
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise ModelProvisionError(
+            f"The model '{repo_id}' has no revision '{ref}'; pass an existing branch, tag or "
+            "commit with --revision."
+        ) from exc
+    except EntryNotFoundError:
+        return repo_id  # no config.json (e.g. a Mistral-format repository): vLLM decides
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status == 401:
+            raise ModelProvisionError(
+                "The Hugging Face hub refused HF_TOKEN (invalid or expired); fix or unset it."
+            ) from exc
+        if cached:
+            return snapshot()
+        raise ModelProvisionError(
+            f"The Hugging Face hub answered HTTP {status} for {where}, and it is not cached."
+        ) from exc
+    except Exception as exc:  # connection refused, DNS, timeouts: the hub cannot be reached
+        if cached:
+            logger.warning(
+                "the Hugging Face hub cannot be reached (%s); serving %s from the cache",
+                type(exc).__name__,
+                where,
+            )
+            return snapshot()
+        raise ModelProvisionError(
+            f"The Hugging Face hub ({constants.ENDPOINT}) could not be reached in "
+            f"{HUB_CHECK_TIMEOUT_S:g}s to fetch {where}, and it is not in the cache "
+            f"({constants.HF_HUB_CACHE}); check the network or proxy, or download it first "
+            "and set HF_HUB_OFFLINE=1."
+        ) from exc
+    return repo_id
 
 
 def ensure_default_model(cache_dir: Path, progress: Progress | None = None) -> Path:

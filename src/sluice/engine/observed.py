@@ -25,6 +25,7 @@ Without an observer (vLLM's own warm-up, LoRA loading, tests) every call goes st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -43,9 +44,24 @@ class ObservedAsyncLLM(AsyncLLM):  # type: ignore[misc]  # vLLM is untyped here
     """`AsyncLLM` whose `generate`/`encode` report to the current request's observer."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._shut_down = False
         super().__init__(*args, **kwargs)
         # engine request id -> (observer, the submission's request id), until accepted
         self._awaiting_acceptance: dict[str, tuple[RequestObserver, str]] = {}
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """vLLM's shutdown, once: `AsyncLLM.__del__` calls it again, and when that happens
+        at interpreter exit (the serving objects keep the engine alive until then) it fails
+        with a traceback in the log of a clean stop."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        super().shutdown(timeout)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_shut_down", True):
+            with contextlib.suppress(Exception):
+                self.shutdown()
 
     def generate(  # returns the generator at once, so the submission is seen before any await
         self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any

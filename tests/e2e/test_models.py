@@ -1,0 +1,116 @@
+"""Models as `vllm serve` takes them: a hub id positionally, resolved from a Hugging Face hub
+cache (laid out from the default model; no hub is reachable here), served under the id
+exactly as given; and the one-sentence refusals for hub ids that cannot be had."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from sluice.config import Settings
+from sluice.engine.models import default_model_dir
+from tests.e2e.artifacts import HUB_ID, hub_cache
+from tests.e2e.server import SluiceProcess
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    home = tmp_path_factory.mktemp("hf-home")
+    _, revision = hub_cache(default_model_dir(Settings().cache_dir), home)
+    return home, revision
+
+
+@pytest.fixture(scope="module")
+def hub_server(
+    hf_home: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SluiceProcess]:
+    home, revision = hf_home
+    process = SluiceProcess(
+        tmp_path_factory.mktemp("hub") / "sluice.log",
+        HUB_ID,  # positional, as after `vllm serve`
+        "--revision",
+        revision,
+        "--max-model-len",
+        "1024",
+        env={"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+def test_a_hub_id_is_served_from_the_cache_under_its_id(hub_server: SluiceProcess) -> None:
+    client = openai.OpenAI(base_url=hub_server.api, api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [HUB_ID]
+    answer = client.chat.completions.create(
+        model=HUB_ID,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_tokens=20,
+    )
+    assert answer.choices[0].message.content == "The capital of France is Paris."
+    assert answer.model == HUB_ID
+    assert "LocalEntryNotFound" not in hub_server.log()
+
+
+def sluice_serve(*args: str, env: dict[str, str]) -> tuple[int, str, float]:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "sluice", "serve", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    return result.returncode, result.stderr, time.monotonic() - started
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SLUICE_"))}
+    return {**env, "HF_HOME": str(home), **extra}
+
+
+@pytest.mark.parametrize(
+    ("args", "extra", "words"),
+    [
+        (["someone/not-cached"], {"HF_HUB_OFFLINE": "1"}, "is not in the Hugging Face cache"),
+        # a hub that refuses connections: fails fast, not after minutes of retries
+        (["someone/not-cached"], {"HF_ENDPOINT": "http://127.0.0.1:9"}, "could not be reached"),
+        (["not/a/valid/id"], {"HF_HUB_OFFLINE": "1"}, "is neither an existing folder"),
+        ([HUB_ID, "--revision", "f" * 40], {"HF_HUB_OFFLINE": "1"}, "is not in the Hugging"),
+        (["./no-such-folder"], {}, "does not exist"),
+    ],
+)
+def test_models_that_cannot_be_had_are_one_sentence(
+    hf_home: tuple[Path, str], args: list[str], extra: dict[str, str], words: str
+) -> None:
+    home, _ = hf_home
+    status, stderr, seconds = sluice_serve(*args, env=_env(home, **extra))
+    assert status == 1, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("sluice: ")]
+    assert len(lines) == 1, stderr
+    assert words in lines[0]
+    assert "Traceback" not in stderr
+    assert seconds < 60
+
+
+def test_vllm_options_are_validated_by_vllm(hf_home: tuple[Path, str]) -> None:
+    home, _ = hf_home
+    status, stderr, _ = sluice_serve(
+        HUB_ID, "--max-model-len", "lots", env=_env(home, HF_HUB_OFFLINE="1")
+    )
+    assert status == 2
+    assert "max-model-len" in stderr
+    status, stderr, _ = sluice_serve(HUB_ID, "--api-key", "x", env=_env(home, HF_HUB_OFFLINE="1"))
+    assert status == 2
+    assert "sluice keys" in stderr
