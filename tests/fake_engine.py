@@ -47,6 +47,7 @@ class ScriptedCore(SyntheticCore):
         self.script = script
         self.fail_after_tokens = fail_after_tokens
         self.tokenizer: Any = None
+        self.masked_alternatives = False
         self.requests: list[Any] = []
         self.aborted: list[str] = []
         self.emitted = 0
@@ -85,7 +86,14 @@ class ScriptedCore(SyntheticCore):
             self.resources.engine_dead = True
             raise EngineDeadError()
         self.emitted += 1
-        return super().step(sequence, output_type)
+        output = super().step(sequence, output_type)
+        if self.masked_alternatives and output.new_logprobs is not None:
+            # what a grammar mask leaves the alternatives: -inf (and a NaN for good measure)
+            logprobs = output.new_logprobs.logprobs
+            logprobs[:, 1:] = float("-inf")
+            if logprobs.shape[1] > 2:
+                logprobs[:, 2] = float("nan")
+        return output
 
 
 class FakeEngine(SyntheticEngine):

@@ -253,7 +253,12 @@ def create_app(
     app.add_middleware(RequestIdMiddleware)
     if telemetry.enabled:
         # The server span wraps everything above; incoming `traceparent` headers are honoured.
+        # One server span per request; no span per ASGI message (one per SSE chunk, hundreds
+        # per answer, each costing CPU on the hot path and room in the tracing backend).
         FastAPIInstrumentor.instrument_app(
-            app, tracer_provider=tracer_provider, excluded_urls="healthz,readyz,metrics"
+            app,
+            tracer_provider=tracer_provider,
+            excluded_urls="healthz,health,readyz,metrics,version",
+            exclude_spans=["receive", "send"],
         )
     return app

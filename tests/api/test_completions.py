@@ -3,10 +3,13 @@ lists of prompts, n, echo, logprobs, usage."""
 
 from __future__ import annotations
 
+import json
+
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import assert_settled, completion_body, tokens
+from tests.api.conftest import assert_settled, chat_body, completion_body, tokens
 from tests.api.openai_schema import assert_matches
+from tests.api.sse import sse_json
 from tests.fake_engine import MODEL_ID, FakeEngine
 
 
@@ -115,3 +118,27 @@ def test_stop_and_include_stop_str(client: TestClient) -> None:
         json=completion_body(max_tokens=9, stop=" three", include_stop_str_in_output=True),
     ).json()
     assert included["choices"][0]["text"] == " one two three"
+
+
+def test_logprobs_that_are_not_finite_still_make_valid_json(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    # a JSON-schema mask leaves alternatives at -inf; JSON has no -inf (this was a 500)
+    engine.core.masked_alternatives = True
+    for path, body in (
+        ("/v1/completions", completion_body(logprobs=3, max_tokens=2)),
+        ("/v1/completions", completion_body(logprobs=3, max_tokens=2, stream=True)),
+        ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=3, max_tokens=2)),
+        (
+            "/v1/chat/completions",
+            chat_body(logprobs=True, top_logprobs=3, max_tokens=2, stream=True),
+        ),
+    ):
+        response = client.post(path, json=body)
+        assert response.status_code == 200, response.text
+        text = response.text
+        assert "Infinity" not in text and "NaN" not in text
+        if body.get("stream"):
+            sse_json(text)  # every chunk is valid JSON
+        else:
+            json.loads(text)

@@ -146,6 +146,14 @@ def test_context_overflow(client: TestClient, path: str, body: Any, stream: bool
     assert "maximum context length is 512 tokens" in error["message"]
 
 
+@pytest.mark.usefixtures("refusal")
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_stream_options_without_a_stream_are_refused(client: TestClient, path: str) -> None:
+    body = completion_body() if "chat" not in path else chat_body()
+    body.update(stream=False, stream_options={"include_usage": True})
+    assert_error(post(client, path, body), 400, param="stream_options")
+
+
 @pytest.mark.parametrize(
     ("path", "body"),
     [

@@ -222,9 +222,19 @@ def seconds(value: str | int | float) -> float:
     return total
 
 
+def vllm_option_strings() -> set[str]:
+    """Every option `vllm serve` takes (its own parser's)."""
+    from sluice.engine.args import vllm_parser
+
+    return set(vllm_parser()._option_string_actions)
+
+
 def settings_path(variable: str) -> tuple[str, ...] | None:
     """The settings field a `SLUICE_*` variable sets, as a path, or None if there is none."""
     parts = tuple(variable.removeprefix("SLUICE_").lower().split("__"))
+    if parts[0] == "vllm":  # the `vllm:` section: vLLM's own option names
+        known = len(parts) == 2 and f"--{parts[1].replace('_', '-')}" in vllm_option_strings()
+        return parts if known else None
     model: type[BaseModel] = Settings
     for depth, part in enumerate(parts):
         info = model.model_fields.get(part)

@@ -237,6 +237,8 @@ def test_the_variable_check_can_fail() -> None:
     assert settings_path("SLUICE_SERVER__PORT") is None
     assert settings_path("SLUICE_GATEWAY__REDIS") is None
     assert settings_path("SLUICE_PORT__X") is None
+    assert settings_path("SLUICE_VLLM__MAX_NUM_SEQS") == ("vllm", "max_num_seqs")
+    assert settings_path("SLUICE_VLLM__MAX_NUM_SEQ") is None
 
 
 @pytest.mark.parametrize("platform", PLATFORMS, ids=lambda p: p.name)

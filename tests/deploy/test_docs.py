@@ -42,7 +42,7 @@ def test_the_guide_covers_every_path_and_file() -> None:
         "deploy/k8s/prometheus/scrape-config.yaml",
         "deploy/docker/entrypoint.sh",
         "sluice estimate",
-        "SLUICE_ENGINE__TENSOR_PARALLEL_SIZE",
+        "SLUICE_VLLM__TENSOR_PARALLEL_SIZE",
         "tests/deploy/",
     ):
         assert name in text, name

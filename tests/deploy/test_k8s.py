@@ -89,7 +89,7 @@ def test_gpu_request_covers_tensor_parallelism() -> None:
     resources = sluice_container()["resources"]
     gpus = int(resources["limits"]["nvidia.com/gpu"])
     assert int(resources["requests"]["nvidia.com/gpu"]) == gpus
-    assert gpus >= sluice_yaml()["engine"]["tensor_parallel_size"]
+    assert gpus >= sluice_yaml()["vllm"]["tensor_parallel_size"]
 
 
 def test_non_root_read_only_with_writable_cache_tmp_and_shm() -> None:

@@ -63,7 +63,7 @@ class EngineArgumentError(Exception):
 
 
 @functools.cache
-def _parser() -> Any:
+def vllm_parser() -> Any:
     """vLLM's `vllm serve` parser (built once: it registers hundreds of options)."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -109,7 +109,7 @@ def engine_namespace(
     """
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
 
-    parser = _parser()
+    parser = vllm_parser()
     # OpenAI reports usage.prompt_tokens_details.cached_tokens on every response.
     platform: list[str] = ["--scheduling-policy", "priority", "--enable-prompt-tokens-details"]
     if on_cpu:
@@ -151,7 +151,7 @@ def engine_namespace(
 def model_in(cli_args: Sequence[str]) -> tuple[str | None, list[str]]:
     """The model named positionally among vLLM's flags (`sluice serve MODEL ...`), and the
     flags without it; `(None, flags)` when none is given."""
-    args = _parser().parse_args(list(cli_args))
+    args = vllm_parser().parse_args(list(cli_args))
     tag: str | None = args.model_tag
     if tag is None:
         return None, list(cli_args)

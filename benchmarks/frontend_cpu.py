@@ -1,0 +1,242 @@
+"""CPU of the front-end process per streamed token: sluice (whole gateway on) against vLLM's own
+OpenAI server, same model, same engine options, same load, in turns, in one run.
+
+    .venv/bin/python benchmarks/frontend_cpu.py --out docs/benchmarks/frontend
+
+Both servers run vLLM's engine core in a child process; what differs is the process that
+serves HTTP (tokenising, detokenising, building and sending chunks, and for sluice the
+gateway). So only that process's CPU time (user + system, psutil, children excluded) is
+read before and after each run and divided by the tokens streamed in it.
+
+- sluice: `sluice serve` on the default model with the whole gateway on: a key with rpm,
+  tpm and token and USD budgets on a throwaway Redis, prices, Prometheus metrics, the JSON
+  log line per request, and OpenTelemetry spans at 100% sampling exported over OTLP/HTTP
+  to a sink in this script.
+- vLLM: `python -m vllm.entrypoints.openai.api_server` on the same folder, with the options
+  sluice gives vLLM on CPU (float32, eager, priority scheduling, prompt-token details).
+
+Load: streaming chats of up to 128 greedy output tokens at 1, 16 and 32 concurrent (as
+many requests as the concurrency times `--waves`), every setting run for each server in
+turns for `--rounds` rounds; throughput and TTFT are reported beside CPU so parity is
+visible in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from sluice.bench.command import Endpoint, measure
+from sluice.bench.compare import Target, bench_key, free_port, gateway_on_redis, running
+from sluice.bench.load import LoadSpec
+from sluice.bench.report import Run
+from sluice.bench.workload import Arrival, Lengths, shapes
+from sluice.config import DEFAULT_MODEL_NAME, Settings
+from sluice.engine.models import ensure_default_model
+
+VLLM_CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+class _Sink(BaseHTTPRequestHandler):
+    """Accepts OTLP/HTTP exports and drops them."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def otlp_sink() -> str:
+    """A local OTLP/HTTP trace receiver; its traces URL."""
+    server = HTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", default="1,16,32")
+    parser.add_argument("--waves", type=int, default=2, help="requests per stream slot")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench-results/frontend"))
+    args = parser.parse_args()
+
+    folder = ensure_default_model(Settings().cache_dir)
+    work = Path(tempfile.mkdtemp(prefix="sluice-frontend-cpu-"))
+    sluice_port, vllm_port = free_port(), free_port()
+    with gateway_on_redis(work) as gateway_env:
+        sluice_env = {
+            **gateway_env,
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp_sink(),
+            "SLUICE_TELEMETRY__TRACE_SAMPLE_RATIO": "1.0",
+        }
+        targets = [
+            Target(
+                "sluice",
+                [sys.executable, "-m", "sluice", "serve", "--port", str(sluice_port)],
+                sluice_port,
+                sluice_env,
+            ),
+            Target(
+                "vllm",
+                [
+                    sys.executable,
+                    "-m",
+                    "vllm.entrypoints.openai.api_server",
+                    "--model",
+                    str(folder),
+                    "--served-model-name",
+                    DEFAULT_MODEL_NAME,
+                    "--dtype",
+                    "float32",
+                    "--enforce-eager",
+                    "--scheduling-policy",
+                    "priority",
+                    "--enable-prompt-tokens-details",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(vllm_port),
+                ],
+                vllm_port,
+                VLLM_CPU_ENV,
+            ),
+        ]
+        print(f"server logs in {work}", flush=True)
+        with running(targets, work) as processes:
+            key = bench_key(targets[0].api)
+            specs = {
+                "sluice": LoadSpec(model=DEFAULT_MODEL_NAME, stream=True, api_key=key),
+                "vllm": LoadSpec(model=DEFAULT_MODEL_NAME, stream=True),
+            }
+            cpu = {t.name: psutil.Process(p.pid) for t, p in zip(targets, processes, strict=True)}
+            results = run_all(targets, specs, cpu, args)
+    report(results, args.out)
+
+
+def run_all(
+    targets: list[Target],
+    specs: dict[str, LoadSpec],
+    cpu: dict[str, psutil.Process],
+    args: argparse.Namespace,
+) -> list[dict[str, object]]:
+    """Every concurrency, every round, every server in turn: one row per run."""
+    rows: list[dict[str, object]] = []
+    for concurrency in [int(c) for c in args.concurrency.split(",")]:
+        requests = shapes(
+            concurrency * args.waves,
+            prompt_words=Lengths(32, 32),
+            output_tokens=Lengths(args.max_tokens, args.max_tokens),
+        )
+        for round_no in range(1, args.rounds + 1):
+            for target in targets:
+                endpoint = Endpoint(target.name, target.api)
+                process = cpu[target.name]
+                before = sum(process.cpu_times()[:2])
+                (run,) = measure(
+                    [endpoint],
+                    specs[target.name],
+                    requests,
+                    [Arrival(concurrency=concurrency)],
+                    rounds=1,
+                    time_limit_s=600,
+                    warmup=4 if round_no == 1 and concurrency == 1 else 0,
+                )
+                seconds = sum(process.cpu_times()[:2]) - before
+                rows.append(row(run, seconds, concurrency, round_no))
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def row(run: Run, cpu_s: float, concurrency: int, round_no: int) -> dict[str, object]:
+    result = run.result
+    tokens = sum(r.completion_tokens for r in result.ok)
+    return {
+        "server": run.target,
+        "concurrency": concurrency,
+        "round": round_no,
+        "requests": len(result.ok),
+        "errors": len(result.records) - len(result.ok),
+        "tokens": tokens,
+        "tokens_per_s": result.output_tokens_per_s,
+        "ttft_p50_s": result.ttft(50),
+        "cpu_s": cpu_s,
+        "cpu_ms_per_token": 1000 * cpu_s / tokens if tokens else None,
+    }
+
+
+def report(rows: list[dict[str, object]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    table = Table(title="front-end process CPU per streamed token (medians over rounds)")
+    for column in (
+        "concurrency",
+        "sluice tok/s",
+        "vLLM tok/s",
+        "sluice TTFT p50 s",
+        "vLLM TTFT p50 s",
+        "sluice CPU ms/token",
+        "vLLM CPU ms/token",
+        "sluice/vLLM CPU",
+    ):
+        table.add_column(column, justify="right")
+    summary = []
+    for concurrency in sorted({int(str(r["concurrency"])) for r in rows}):
+
+        def median(server: str, field: str, c: int = concurrency) -> float:
+            values = [
+                float(str(r[field]))
+                for r in rows
+                if r["server"] == server and r["concurrency"] == c and r[field] is not None
+            ]
+            return statistics.median(values) if values else float("nan")
+
+        line = {
+            "concurrency": concurrency,
+            **{
+                f"{s}_{f}": median(s, f)
+                for s in ("sluice", "vllm")
+                for f in ("tokens_per_s", "ttft_p50_s", "cpu_ms_per_token")
+            },
+        }
+        line["cpu_ratio"] = line["sluice_cpu_ms_per_token"] / line["vllm_cpu_ms_per_token"]
+        summary.append(line)
+        table.add_row(
+            str(concurrency),
+            f"{line['sluice_tokens_per_s']:.1f}",
+            f"{line['vllm_tokens_per_s']:.1f}",
+            f"{line['sluice_ttft_p50_s']:.3f}",
+            f"{line['vllm_ttft_p50_s']:.3f}",
+            f"{line['sluice_cpu_ms_per_token']:.3f}",
+            f"{line['vllm_cpu_ms_per_token']:.3f}",
+            f"{line['cpu_ratio']:.2f}x",
+        )
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    Console().print(table)
+    print(f"files: {out}")
+
+
+if __name__ == "__main__":
+    main()
