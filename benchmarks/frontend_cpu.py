@@ -13,7 +13,9 @@ read before and after each run and divided by the tokens streamed in it.
   log line per request, and OpenTelemetry spans at 100% sampling exported over OTLP/HTTP
   to a sink in this script.
 - vLLM: `python -m vllm.entrypoints.openai.api_server` on the same folder, with the options
-  sluice gives vLLM on CPU (float32, eager, priority scheduling, prompt-token details).
+  sluice gives vLLM for it (float32, eager, priority scheduling, prompt-token details, the
+  hermes tool parser and tool template: vLLM then runs its parser on every streamed delta,
+  for both servers alike).
 
 Load: streaming chats of up to 128 greedy output tokens at 1, 16 and 32 concurrent (as
 many requests as the concurrency times `--waves`), every setting run for each server in
@@ -36,6 +38,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from sluice.app import DEFAULT_MODEL_TOOLS
 from sluice.bench.command import Endpoint, measure
 from sluice.bench.compare import Target, bench_key, free_port, gateway_on_redis, running
 from sluice.bench.load import LoadSpec
@@ -115,6 +118,7 @@ def main() -> None:
                     "--scheduling-policy",
                     "priority",
                     "--enable-prompt-tokens-details",
+                    *DEFAULT_MODEL_TOOLS,
                     "--host",
                     "127.0.0.1",
                     "--port",

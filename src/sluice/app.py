@@ -23,16 +23,17 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import Status, StatusCode
+from starlette.types import Receive, Scope, Send
 
 from sluice import __version__
 from sluice.api.admin import router as admin_router
 from sluice.api.middleware import (
     BodyLimitMiddleware,
-    ObservabilityMiddleware,
-    RequestIdMiddleware,
+    RequestMiddleware,
 )
 from sluice.api.routes import router
 from sluice.api.serving import Serving
+from sluice.api.sse import SERVER_SEND
 from sluice.config import DEFAULT_MODEL_NAME, Settings
 from sluice.engine.models import default_model_dir, local_or_hub_model
 from sluice.engine.protocol import Engine
@@ -171,6 +172,16 @@ async def _announce_auth(gateway: Gateway, settings: Settings) -> None:
         )
 
 
+class SluiceApp(FastAPI):
+    """FastAPI that hands the server's own `send` to streams (in the scope, `SERVER_SEND`):
+    the chunks of a stream then skip the middleware chain's per-message wrappers, while its
+    first and last messages still pass through it (api/sse.py)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: Settings,
     engine: Engine | None = None,
@@ -241,16 +252,17 @@ def create_app(
         ),
         settings.pricing,
     )
-    app = FastAPI(title="sluice", version=__version__, lifespan=lifespan)
+    app = SluiceApp(title="sluice", version=__version__, lifespan=lifespan)
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin_router)
-    # Added innermost first: request id → record (metrics, log line) → body limit → routes.
+    # Added innermost first: request id and record (metrics, log line) → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     if telemetry.enabled:
-        app.add_middleware(ObservabilityMiddleware, metrics=metrics, errors=errors)
-    app.add_middleware(RequestIdMiddleware)
+        app.add_middleware(RequestMiddleware, metrics=metrics, errors=errors)
+    else:
+        app.add_middleware(RequestMiddleware)  # the request id only
     if telemetry.enabled:
         # The server span wraps everything above; incoming `traceparent` headers are honoured.
         # One server span per request; no span per ASGI message (one per SSE chunk, hundreds

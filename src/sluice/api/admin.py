@@ -22,7 +22,7 @@ from sluice.gateway.keyadmin import KeyAdmin, describe, describe_usage
 from sluice.gateway.keys import KeyPolicy
 
 
-def _check_admin(request: Request, settings: SettingsDep) -> None:
+async def _check_admin(request: Request, settings: SettingsDep) -> None:
     admin_key = settings.gateway.admin_key
     if admin_key is None:
         raise PermissionDenied(
@@ -35,7 +35,7 @@ def _check_admin(request: Request, settings: SettingsDep) -> None:
         raise Unauthenticated("The admin API needs 'Authorization: Bearer <admin key>'.")
 
 
-def _admin(gateway: GatewayDep, _: Annotated[None, Depends(_check_admin)]) -> KeyAdmin:
+async def _admin(gateway: GatewayDep, _: Annotated[None, Depends(_check_admin)]) -> KeyAdmin:
     return KeyAdmin(gateway.keys, gateway.quota)
 
 

@@ -1,4 +1,7 @@
-"""`Annotated` dependency aliases: what routes may ask for, all read off the app's state."""
+"""`Annotated` dependency aliases: what routes may ask for, all read off the app's state.
+
+Every dependency is `async def`: FastAPI runs a plain `def` dependency in a worker thread,
+a thread hop per dependency per request for what is an attribute read."""
 
 from __future__ import annotations
 
@@ -17,32 +20,32 @@ from sluice.lifecycle import LOADING_RETRY_AFTER_S, Lifecycle, Phase
 from sluice.telemetry.record import record_of
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def _engine(request: Request) -> Engine:
+async def _engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
 
 
-def _lifecycle(request: Request) -> Lifecycle:
+async def _lifecycle(request: Request) -> Lifecycle:
     lifecycle: Lifecycle = request.app.state.lifecycle
     return lifecycle
 
 
-def _gateway(request: Request) -> Gateway:
+async def _gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
 
 
-def _tracer(request: Request) -> trace.Tracer:
+async def _tracer(request: Request) -> trace.Tracer:
     tracer: trace.Tracer = request.app.state.tracer
     return tracer
 
 
-def _serving(request: Request) -> Serving:
+async def _serving(request: Request) -> Serving:
     """vLLM's serving objects; 503 until the engine has loaded (or after it died)."""
     serving: Serving | None = request.app.state.serving
     if serving is None:

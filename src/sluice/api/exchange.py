@@ -187,26 +187,26 @@ class Exchange:
             self.acceptance.set()
 
     def on_output(self, output: Any, new_tokens: int, queue_s: float | None) -> None:
+        # Runs for every streamed output: keep it to counters and one clock read.
+        record = self.record
         if new_tokens:
             self._output_tokens += new_tokens
             self.gateway.on_tokens(self.tickets[-1][0], new_tokens)
             if self._span is not None:
                 self._span.on_delta()
-        choices = getattr(output, "outputs", ())
+            if record is not None:
+                record.on_tokens(time.perf_counter(), new_tokens)
+        choices = getattr(output, "outputs", None)
         if not isinstance(choices, list):  # a pooling output: one vector, no choices
-            choices = []
-        for choice in choices:
-            if getattr(choice, "finish_reason", None):
-                self._finish_reasons.append(str(choice.finish_reason))
-        record = self.record
+            return
+        if output.finished:
+            self._finish_reasons.extend(str(c.finish_reason) for c in choices if c.finish_reason)
         if record is None:
             return
-        if new_tokens:
-            record.on_tokens(time.perf_counter(), new_tokens)
         if queue_s is not None and record.queue_s is None:
             record.queue_s = queue_s
         if record.output_text is not None:
-            record.output_text.extend(getattr(c, "text", "") for c in choices)
+            record.output_text.extend(c.text for c in choices)
 
     def failed(self, error: BaseException) -> None:
         if self.error is None and type(error).__name__ == "EngineDeadError":

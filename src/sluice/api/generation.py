@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
+from opentelemetry import trace
 from pydantic import BaseModel
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
@@ -32,15 +33,20 @@ from sluice.api.deps import (
 )
 from sluice.api.exchange import Exchange
 from sluice.api.requests import check_fields
+from sluice.api.serving import Serving
 from sluice.api.sse import (
     CLIENT_CLOSED_REQUEST,
     ClientDisconnected,
     SSEResponse,
     until_disconnected,
 )
+from sluice.config import Settings
 from sluice.engine.protocol import REQUEST_OBSERVER
 from sluice.errors import from_exception, from_vllm
+from sluice.gateway.auth import Principal
 from sluice.gateway.guards import check_allowed, check_max_tokens, check_n
+from sluice.gateway.service import Gateway
+from sluice.lifecycle import Lifecycle
 from sluice.telemetry.record import record_of
 
 
@@ -68,12 +74,12 @@ class Generation:
     """Everything a generating route needs, resolved once (the key before the body)."""
 
     request: Request
-    principal: PrincipalDep
-    settings: SettingsDep
-    serving: ServingDep
-    lifecycle: LifecycleDep
-    gateway: GatewayDep
-    tracer: TracerDep
+    principal: Principal
+    settings: Settings
+    serving: Serving
+    lifecycle: Lifecycle
+    gateway: Gateway
+    tracer: trace.Tracer
 
     def serves(self, model: str) -> bool:
         """`model` is one of the base model's names or a loaded LoRA adapter."""
@@ -154,7 +160,20 @@ class Generation:
         return self.request.app.state.engine.args
 
 
-GenerationDep = Annotated[Generation, Depends()]
+async def _generation(
+    request: Request,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    serving: ServingDep,
+    lifecycle: LifecycleDep,
+    gateway: GatewayDep,
+    tracer: TracerDep,
+) -> Generation:
+    # a coroutine, not the class itself: FastAPI would run a class in a worker thread
+    return Generation(request, principal, settings, serving, lifecycle, gateway, tracer)
+
+
+GenerationDep = Annotated[Generation, Depends(_generation)]
 
 
 async def _run(

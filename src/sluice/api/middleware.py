@@ -39,32 +39,6 @@ SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 REQUEST_ID_HEADER = b"x-request-id"
 
 
-class RequestIdMiddleware:
-    """Honour an incoming `x-request-id` (or make one); echo it on the response."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        incoming = dict(scope["headers"]).get(REQUEST_ID_HEADER, b"")
-        request_id = incoming.decode("latin-1")[:128] if incoming else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [
-                    *message["headers"],
-                    (REQUEST_ID_HEADER, request_id.encode("latin-1")),
-                ]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
 def text_error(body: bytes) -> InvalidRequest | None:
     """Why `body` is not valid Unicode text, if it is not: invalid UTF-8, or a lone UTF-16
     surrogate written as a JSON escape (which Python's JSON parser accepts, but which no
@@ -154,13 +128,18 @@ class BodyLimitMiddleware:
         await error_response(error)(scope, receive, send)
 
 
-class ObservabilityMiddleware:
-    """Give each request a `RequestRecord`; when its response is done, record the metrics and
-    write its one log line. Probes and `/metrics` are not counted."""
+class RequestMiddleware:
+    """Each request's id and record. The id: an incoming `x-request-id` (or a new one),
+    echoed on the response. The record (`metrics` given, i.e. telemetry on): a
+    `RequestRecord` in the scope, turned into metrics and the one log line when the
+    response is done. Probes, `/metrics` and `/version` are not counted. One middleware,
+    so a streamed response's chunks pass one wrapper, not two."""
 
     UNTRACKED = frozenset({"/healthz", "/health", "/readyz", "/metrics", "/version"})
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, errors: ErrorRateWindow) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics | None = None, errors: ErrorRateWindow | None = None
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.errors = errors
@@ -175,12 +154,28 @@ class ObservabilityMiddleware:
         return "other"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.UNTRACKED:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        incoming = dict(scope["headers"]).get(REQUEST_ID_HEADER, b"")
+        request_id = incoming.decode("latin-1")[:128] if incoming else uuid.uuid4().hex
         state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        id_header = (REQUEST_ID_HEADER, request_id.encode("latin-1"))
+        http_status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal http_status
+            if message["type"] == "http.response.start":
+                http_status = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        if self.metrics is None or scope["path"] in self.UNTRACKED:
+            await self.app(scope, receive, send_with_id)
+            return
         record = RequestRecord(
-            request_id=state.get("request_id", ""),
+            request_id=request_id,
             endpoint=self.endpoint(scope["path"]),
             started=time.perf_counter(),
         )
@@ -189,20 +184,13 @@ class ObservabilityMiddleware:
             record.trace_id = format(span_context.trace_id, "032x")
         record.trace_context = otel_context.get_current()
         state[SCOPE_KEY] = record
-        http_status = 500
-
-        async def send_noting_status(message: Message) -> None:
-            nonlocal http_status
-            if message["type"] == "http.response.start":
-                http_status = message["status"]
-            await send(message)
-
         try:
-            await self.app(scope, receive, send_noting_status)
+            await self.app(scope, receive, send_with_id)
         finally:
             if record.status is None:
                 record.status = http_status
             finished = time.perf_counter()
-            self.errors.observe(record.status >= 500)
+            if self.errors is not None:
+                self.errors.observe(record.status >= 500)
             self.metrics.observe(record, finished)
             log_request(record, finished)

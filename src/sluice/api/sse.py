@@ -49,6 +49,8 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 ERROR_PREFIX = 'data: {"error"'
+# Where the app puts the server's own `send` (app.py: SluiceApp).
+SERVER_SEND = "sluice.server_send"
 DONE = b"data: [DONE]\n\n"
 # Not a status a client ever reads (it has gone); it marks the request in logs and metrics.
 CLIENT_CLOSED_REQUEST = 499
@@ -127,18 +129,22 @@ class SSEResponse(Response):
             }
         )
         self.started = True
+        # The chunks go straight to the server: the middlewares between (error handling,
+        # the request record, the server span) act on the first and last messages only,
+        # and a wrapper per chunk would cost CPU for every streamed token.
+        chunk_send: Send = scope.get(SERVER_SEND, send)
         for frame in held:
-            await self._send_frame(frame, send)
+            await self._send_frame(frame, chunk_send)
         try:
             if pending is not None:
-                await self._send_frame(await pending, send)
+                await self._send_frame(await pending, chunk_send)
             frames: AsyncGenerator[str, None] = self.frames
             if self.keep_alive_s > 0:
                 from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
 
                 frames = with_sse_keep_alive(frames, self.keep_alive_s)
             async for frame in frames:
-                await self._send_frame(frame, send)
+                await self._send_frame(frame, chunk_send)
         except StopAsyncIteration:
             pass
         except Exception as exc:  # a serving generator that does not catch its errors

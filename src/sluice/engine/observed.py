@@ -12,7 +12,8 @@ then this class:
 4. streams outputs in vLLM's DELTA mode whatever the caller asked, reporting new tokens as
    they arrive (so first-token time, inter-token gaps and metering work for non-streamed
    requests too), and hands a FINAL_ONLY caller one aggregated output at the end, as vLLM
-   would have;
+   would have. A streamed request, the hot path, runs `AsyncLLM.generate`'s own loop with
+   the meter inline (`_streamed`): one generator per output, not two;
 5. runs `n > 1` with greedy sampling (temperature 0) as `n` single greedy requests merged
    back into one stream: OpenAI accepts it and the choices are equal, vLLM refuses it
    (`SamplingParams._verify_greedy_sampling`). The request models in api/requests.py let
@@ -29,10 +30,12 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from vllm.outputs import RequestOutput
+from vllm.exceptions import GracefulHTTPError, VLLMClientError
+from vllm.outputs import STREAM_FINISHED, RequestOutput
 from vllm.renderers.inputs.preprocess import extract_prompt_len
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from sluice.engine.protocol import REQUEST_OBSERVER, RequestObserver, Submission
 
@@ -87,7 +90,10 @@ class ObservedAsyncLLM(AsyncLLM):  # type: ignore[misc]  # vLLM is untyped here
         lowered, kwargs["priority"] = observer.submitted(submission, kwargs.get("priority", 0))
         if lowered is not None and lowered < max_tokens:
             sampling_params.max_tokens = lowered
-        return self._observed(observer, prompt, sampling_params, request_id, kwargs)
+        fan_out = sampling_params.n > 1 and sampling_params.temperature < GREEDY_TEMPERATURE
+        if fan_out or sampling_params.output_kind == RequestOutputKind.FINAL_ONLY:
+            return self._observed(observer, prompt, sampling_params, request_id, kwargs)
+        return self._streamed(observer, prompt, sampling_params, request_id, kwargs)
 
     def encode(
         self, prompt: Any, pooling_params: Any, request_id: str, **kwargs: Any
@@ -149,6 +155,56 @@ class ObservedAsyncLLM(AsyncLLM):  # type: ignore[misc]  # vLLM is untyped here
             raise
         finally:
             await stream.aclose()
+            self._awaiting_acceptance.pop(request_id, None)
+            observer.finished(request_id)
+
+    async def _streamed(
+        self,
+        observer: RequestObserver,
+        prompt: Any,
+        params: SamplingParams,
+        request_id: str,
+        kwargs: dict[str, Any],
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """The hot path (a stream of deltas): `AsyncLLM.generate`'s own loop
+        (vllm/v1/engine/async_llm.py, 0.32) with the observer inline, so that each streamed
+        output passes one generator, not two."""
+        collector = None
+        first = True
+        try:
+            await observer.before_engine()
+            self._awaiting_acceptance[request_id] = (observer, request_id)
+            collector = await self.add_request(request_id, prompt, params, **kwargs)
+            finished = False
+            while not finished:
+                # take what is there without awaiting (no task switch under load), as vLLM
+                output = collector.get_nowait() or await collector.get()
+                finished = output.finished
+                if output is STREAM_FINISHED:
+                    continue
+                observer.on_output(
+                    output,
+                    sum(len(choice.token_ids) for choice in output.outputs),
+                    _queue_seconds(output) if first else None,
+                )
+                first = False
+                yield output
+        except (asyncio.CancelledError, GeneratorExit):
+            if collector is not None:
+                await self.abort(collector.request_id, internal=True)
+            raise
+        except (EngineDeadError, VLLMClientError, GracefulHTTPError) as exc:
+            observer.failed(exc)
+            raise
+        except Exception as exc:
+            observer.failed(exc)
+            if collector is not None:
+                await self.abort(collector.request_id, internal=True)
+                raise EngineGenerateError() from exc
+            raise
+        finally:
+            if collector is not None:
+                collector.close()
             self._awaiting_acceptance.pop(request_id, None)
             observer.finished(request_id)
 
