@@ -33,6 +33,7 @@ class MemoryKeyStore:
         self.keys: dict[str, StoredKey] = {}
         self.failing = False
         self.finds = 0
+        self.counts = 0
 
     def _answer(self) -> None:
         if self.failing:
@@ -64,6 +65,7 @@ class MemoryKeyStore:
 
     async def count_all(self) -> int:
         self._answer()
+        self.counts += 1
         return len(self.keys)
 
     async def count_live(self) -> int:
@@ -403,6 +405,22 @@ async def test_revoking_the_last_key_keeps_auth_on(
     clock.advance(1.0)
     with pytest.raises(Unauthenticated):
         await ring.authenticate(None)
+
+
+async def test_once_keys_exist_the_store_is_not_counted_again(
+    ring: KeyRing, store: MemoryKeyStore, clock: FakeClock
+) -> None:
+    """Stored keys are revoked, never deleted, so "keys are required" never turns back: no
+    store round trip per request for it (a request with a cached key costs no Redis call)."""
+    await store.add(stored("team-a"))
+    await ring.authenticate(bearer(SECRET))
+    assert store.counts == 1
+    for _ in range(3):
+        clock.advance(10.0)
+        assert (await ring.authenticate(bearer(SECRET))).name == "team-a"
+        with pytest.raises(Unauthenticated):
+            await ring.authenticate(None)
+    assert store.counts == 1
 
 
 async def test_the_first_key_turns_auth_on_within_the_cache_time(

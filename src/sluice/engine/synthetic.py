@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sluice.engine.protocol import EngineFailure, EngineStats
+from sluice.engine.base import FrontendEngine
+from sluice.engine.protocol import EngineFailure
 
 logger = logging.getLogger(__name__)
 
@@ -180,45 +181,19 @@ def _logprobs(token: int, count: int | None, filler: Sequence[int]) -> Any:
     )
 
 
-class SyntheticEngine:
+class SyntheticEngine(FrontendEngine):
     """The `Engine` protocol over `SyntheticCore` (see module docstring)."""
 
     def __init__(
         self, args: Namespace, tokens_per_s: float, core: SyntheticCore | None = None
     ) -> None:
-        self._args = args
+        super().__init__(args)
         self.core = core or SyntheticCore(tokens_per_s, args.max_num_seqs)
-        self._llm: Any = None
-        self._snapshot: Any = None
-
-    @property
-    def args(self) -> Namespace:
-        return self._args
-
-    @property
-    def served_model_names(self) -> list[str]:
-        names: list[str] = self._args.served_model_name or [self._args.model]
-        return names
-
-    @property
-    def ready(self) -> bool:
-        return self._llm is not None
-
-    @property
-    def client(self) -> Any:
-        return self._llm
 
     async def start(self) -> None:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.usage.usage_lib import UsageContext
-
         from sluice.engine.frontend import build_llm
 
-        def config() -> Any:
-            engine_args = AsyncEngineArgs.from_cli_args(self._args)
-            return engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
-
-        vllm_config = await asyncio.to_thread(config)
+        vllm_config = await self._vllm_config()
         llm, self._snapshot = build_llm(vllm_config, core=self.core, default_loggers=False)
         tokenizer = llm.renderer.get_tokenizer()
         self.core.filler_ids = tuple(tokenizer.encode(FILLER_TEXT, add_special_tokens=False))
@@ -232,10 +207,3 @@ class SyntheticEngine:
     async def check_health(self) -> None:
         if self.core.resources.engine_dead:
             raise EngineFailure("the synthetic engine core was stopped")
-
-    def stats(self) -> EngineStats:
-        if self._llm is None:
-            return EngineStats(running=0, waiting=0, kv_cache_usage=0.0)
-        from sluice.engine.frontend import engine_stats
-
-        return engine_stats(self._llm, self._snapshot)

@@ -13,53 +13,21 @@ import asyncio
 import gc
 import logging
 import time
-from argparse import Namespace
-from typing import Any
 
-from sluice.engine.protocol import EngineFailure, EngineStats
+from sluice.engine.base import FrontendEngine
+from sluice.engine.protocol import EngineFailure
 
 logger = logging.getLogger(__name__)
 
 
-class VllmEngine:
+class VllmEngine(FrontendEngine):
     """One model served by vLLM's `AsyncLLM` in this process (engine core in child processes)."""
 
-    def __init__(self, args: Namespace) -> None:
-        self._args = args
-        self._llm: Any = None
-        self._snapshot: Any = None
-
-    @property
-    def args(self) -> Namespace:
-        return self._args
-
-    @property
-    def served_model_names(self) -> list[str]:
-        names: list[str] = self._args.served_model_name or [self._args.model]
-        return names
-
-    @property
-    def ready(self) -> bool:
-        return self._llm is not None
-
-    @property
-    def client(self) -> Any:
-        return self._llm
-
     async def start(self) -> None:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.usage.usage_lib import UsageContext
-
         from sluice.engine.frontend import build_llm
 
         started = time.monotonic()
-
-        def config() -> Any:
-            engine_args = AsyncEngineArgs.from_cli_args(self._args)
-            return engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
-
-        # Importing vLLM's model code and resolving the config block for seconds.
-        vllm_config = await asyncio.to_thread(config)
+        vllm_config = await self._vllm_config()
         # AsyncLLM must be built on the event loop's thread (it starts its output handler
         # there); the engine core processes start and load the model meanwhile.
         llm, self._snapshot = await asyncio.to_thread(build_llm, vllm_config)
@@ -90,10 +58,3 @@ class VllmEngine:
             await self._llm.check_health()
         except Exception as exc:
             raise EngineFailure(f"vLLM engine is dead: {exc}") from exc
-
-    def stats(self) -> EngineStats:
-        if self._llm is None:
-            return EngineStats(running=0, waiting=0, kv_cache_usage=0.0)
-        from sluice.engine.frontend import engine_stats
-
-        return engine_stats(self._llm, self._snapshot)

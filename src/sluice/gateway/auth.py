@@ -152,6 +152,8 @@ class KeyRing:
         """True once any key exists or existed (so every request must carry one)."""
         if self.file_keys:
             return True
+        if self._stored_keys is not None and self._stored_keys[0] > 0:
+            return True  # stored keys are revoked, never deleted: once required, always
         now = self.clock()
         if self._stored_keys is None or now - self._stored_keys[1] >= self.cache_s:
             try:
