@@ -17,6 +17,10 @@ read before and after each run and divided by the tokens streamed in it.
   hermes tool parser and tool template: vLLM then runs its parser on every streamed delta,
   for both servers alike).
 
+- sluice-bare (with `--bare`): a third server, sluice with no keys and telemetry off
+  (`SLUICE_TELEMETRY__ENABLED=false`), to split sluice's figure into what its serving path
+  costs and what the gateway and telemetry add per request.
+
 Load: streaming chats of up to 128 greedy output tokens at 1, 16 and 32 concurrent (as
 many requests as the concurrency times `--waves`), every setting run for each server in
 turns for `--rounds` rounds; throughput and TTFT are reported beside CPU so parity is
@@ -84,11 +88,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench-results/frontend"))
+    parser.add_argument(
+        "--bare", action="store_true", help="also run sluice with no keys and telemetry off"
+    )
     args = parser.parse_args()
 
     folder = ensure_default_model(Settings().cache_dir)
     work = Path(tempfile.mkdtemp(prefix="sluice-frontend-cpu-"))
-    sluice_port, vllm_port = free_port(), free_port()
+    sluice_port, vllm_port, bare_port = free_port(), free_port(), free_port()
     with gateway_on_redis(work) as gateway_env:
         sluice_env = {
             **gateway_env,
@@ -128,12 +135,22 @@ def main() -> None:
                 VLLM_CPU_ENV,
             ),
         ]
+        if args.bare:
+            targets.append(
+                Target(
+                    "sluice-bare",
+                    [sys.executable, "-m", "sluice", "serve", "--port", str(bare_port)],
+                    bare_port,
+                    {"SLUICE_TELEMETRY__ENABLED": "false"},
+                )
+            )
         print(f"server logs in {work}", flush=True)
         with running(targets, work) as processes:
             key = bench_key(targets[0].api)
             specs = {
                 "sluice": LoadSpec(model=DEFAULT_MODEL_NAME, stream=True, api_key=key),
                 "vllm": LoadSpec(model=DEFAULT_MODEL_NAME, stream=True),
+                "sluice-bare": LoadSpec(model=DEFAULT_MODEL_NAME, stream=True),
             }
             cpu = {t.name: psutil.Process(p.pid) for t, p in zip(targets, processes, strict=True)}
             results = run_all(targets, specs, cpu, args)
@@ -191,21 +208,27 @@ def row(run: Run, cpu_s: float, concurrency: int, round_no: int) -> dict[str, ob
     }
 
 
+SERVERS = ("sluice", "vllm", "sluice-bare")
+FIELDS = (
+    ("tokens_per_s", "tok/s", 1),
+    ("ttft_p50_s", "TTFT p50 s", 3),
+    ("cpu_ms_per_token", "CPU ms/token", 3),
+)
+
+
 def report(rows: list[dict[str, object]], out: Path) -> None:
+    """Medians over rounds per server and concurrency, and each sluice's CPU over vLLM's."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    servers = [s for s in SERVERS if any(r["server"] == s for r in rows)]
     table = Table(title="front-end process CPU per streamed token (medians over rounds)")
-    for column in (
-        "concurrency",
-        "sluice tok/s",
-        "vLLM tok/s",
-        "sluice TTFT p50 s",
-        "vLLM TTFT p50 s",
-        "sluice CPU ms/token",
-        "vLLM CPU ms/token",
-        "sluice/vLLM CPU",
-    ):
-        table.add_column(column, justify="right")
+    table.add_column("concurrency", justify="right")
+    for _, label, _ in FIELDS:
+        for server in servers:
+            table.add_column(f"{server} {label}", justify="right")
+    for server in servers:
+        if server != "vllm":
+            table.add_column(f"{server}/vLLM CPU", justify="right")
     summary = []
     for concurrency in sorted({int(str(r["concurrency"])) for r in rows}):
 
@@ -217,28 +240,21 @@ def report(rows: list[dict[str, object]], out: Path) -> None:
             ]
             return statistics.median(values) if values else float("nan")
 
-        line = {
-            "concurrency": concurrency,
-            **{
-                f"{s}_{f}": median(s, f)
-                for s in ("sluice", "vllm")
-                for f in ("tokens_per_s", "ttft_p50_s", "cpu_ms_per_token")
-            },
-        }
-        line["cpu_ratio"] = line["sluice_cpu_ms_per_token"] / line["vllm_cpu_ms_per_token"]
+        line: dict[str, float] = {"concurrency": concurrency}
+        cells = [str(concurrency)]
+        for field, _, digits in FIELDS:
+            for server in servers:
+                line[f"{server}_{field}"] = median(server, field)
+                cells.append(f"{line[f'{server}_{field}']:.{digits}f}")
+        for server in servers:
+            if server != "vllm":
+                ratio = line[f"{server}_cpu_ms_per_token"] / line["vllm_cpu_ms_per_token"]
+                line[f"{server}_cpu_ratio"] = ratio
+                cells.append(f"{ratio:.2f}x")
         summary.append(line)
-        table.add_row(
-            str(concurrency),
-            f"{line['sluice_tokens_per_s']:.1f}",
-            f"{line['vllm_tokens_per_s']:.1f}",
-            f"{line['sluice_ttft_p50_s']:.3f}",
-            f"{line['vllm_ttft_p50_s']:.3f}",
-            f"{line['sluice_cpu_ms_per_token']:.3f}",
-            f"{line['vllm_cpu_ms_per_token']:.3f}",
-            f"{line['cpu_ratio']:.2f}x",
-        )
+        table.add_row(*cells)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    Console().print(table)
+    Console(width=200).print(table)
     print(f"files: {out}")
 
 
