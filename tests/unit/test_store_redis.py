@@ -11,11 +11,13 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+import redis
 
 from sluice.errors import QuotaExceeded, RateLimitExceeded
-from sluice.gateway.quota import Grant, Limits
+from sluice.gateway.quota import RESERVATION_GRACE_S, Grant, Limits, RateView, Settlement
 from sluice.gateway.store_redis import (
     MAX_CONNECTIONS,
+    PREFIX,
     RedisKeyStore,
     RedisQuota,
     RedisStore,
@@ -110,6 +112,79 @@ async def test_replicas_share_one_budget(
             await quota.reserve(limits, demand(tokens=1), rid())
         usage = await quota.usage(KEY)
         assert (usage.windows[2].tokens, usage.windows[2].usd) == (100, 1.0)
+
+
+# -- replays: each reservation id counts once ----------------------------------------------
+
+
+async def test_a_settlement_sent_twice_counts_once(
+    replicas: tuple[RedisQuota, RedisQuota], clock: FakeClock
+) -> None:
+    one, two = replicas
+    limits = Limits(tpm=1000, budget_tokens=1000)
+    grant = await one.reserve(limits, demand(tokens=100), rid())
+    sent = Settlement(grant, 40, 0.5, clock())
+    await one.settle_many([sent])
+    await two.settle_many([sent, sent])  # a replay after an answer that never arrived
+    usage = await two.usage(KEY)
+    assert (usage.windows[2].tokens, usage.windows[2].usd, usage.reserved_tokens) == (40, 0.5, 0)
+    later = await one.reserve(limits, demand(tokens=1), rid())
+    assert later.token_view is not None and later.token_view.remaining == 1000 - 40 - 1
+
+
+async def test_a_settlement_of_a_reservation_the_store_never_saw_counts_its_spend(
+    replicas: tuple[RedisQuota, RedisQuota], clock: FakeClock
+) -> None:
+    """The fail-open fallback reserved it: the spend still lands, in the window it was
+    served in, and a `RESERVE` of that id arriving late (a stalled Redis) takes nothing."""
+    one, two = replicas
+    limits = Limits(rpm=10, tpm=1000, budget_tokens=1000)
+    fallback = Grant("served-locally", KEY, 100, 0.0, ttl_s=30.0)
+    served_at = clock()
+    clock.advance(3600)  # sent an hour later: counted in the hour it was served in
+    await one.settle(fallback, tokens=60, usd=0.0, at=served_at)
+    usage = await two.usage(KEY)
+    assert [w.tokens for w in usage.windows] == [0, 60, 60]  # this hour, day, month
+    with pytest.raises(StoreFailure, match="already closed"):
+        await two.reserve(limits, demand(tokens=100), "served-locally")
+    usage = await two.usage(KEY)
+    assert usage.reserved_tokens == 0
+    grant = await two.reserve(limits, demand(tokens=1), rid())
+    assert grant.requests is not None and grant.requests.remaining == 9
+    assert grant.token_view is not None and grant.token_view.remaining == 999
+
+
+async def test_a_settlement_closes_a_reservation_the_store_made_late(
+    replicas: tuple[RedisQuota, RedisQuota], clock: FakeClock
+) -> None:
+    one, two = replicas
+    limits = Limits(tpm=1000, budget_tokens=1000)
+    late = await one.reserve(limits, demand(tokens=100), "stalled")  # ran after a timeout
+    closing = Grant("stalled", KEY, 100, 0.0, token_view=RateView(1000, 0, 0.0), ttl_s=30.0)
+    await two.settle(closing, tokens=0, usd=0.0)
+    usage = await one.usage(KEY)
+    assert (usage.windows[2].tokens, usage.reserved_tokens) == (0, 0)
+    assert late.token_view is not None
+    grant = await one.reserve(limits, demand(tokens=1), rid())
+    assert grant.token_view is not None and grant.token_view.remaining == 999  # refunded
+
+
+async def test_closed_ids_are_forgotten_after_the_request_time_limit(
+    redis_server: RedisServer, replicas: tuple[RedisQuota, RedisQuota], clock: FakeClock
+) -> None:
+    one, _ = replicas
+    for _ in range(20):
+        grant = await one.reserve(Limits(rpm=100), demand(ttl_s=30.0), rid())
+        await one.settle(grant, tokens=5, usd=0.0)
+    expiry = f"{PREFIX}{{{KEY}}}:resexp"
+    raw = redis.Redis.from_url(redis_server.url)
+    try:
+        assert raw.zcard(expiry) == 20
+        clock.advance(30.0 + RESERVATION_GRACE_S + 1)
+        await one.reserve(Limits(rpm=100), demand(), rid())
+        assert raw.zcard(expiry) == 1  # only the new reservation
+    finally:
+        raw.close()
 
 
 # -- restarts and outages ------------------------------------------------------------------

@@ -36,6 +36,12 @@ WINDOWS: tuple[Window, ...] = ("hour", "day", "month")
 RESERVATION_GRACE_S = 60.0
 
 
+def closes_at(now: float, ttl_s: float) -> float:
+    """When a reservation made or settled at `now` for a request limited to `ttl_s` stops
+    mattering: it expires then, and the store forgets that it was settled (store_redis.py)."""
+    return now + ttl_s + RESERVATION_GRACE_S
+
+
 @dataclass(frozen=True)
 class Limits:
     """The quota part of a key's policy."""
@@ -89,6 +95,18 @@ class Grant:
     requests: RateView | None = None
     token_view: RateView | None = None
     local: bool = False  # reserved in the fail-open fallback, not the shared store
+    ttl_s: float = 0.0  # the request's time limit, as in its `Demand`
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What one request used, to replace its reservation: `tokens` and `usd` spent, counted
+    in the calendar windows that hold `at` (epoch seconds, when the request ended)."""
+
+    grant: Grant
+    tokens: int
+    usd: float
+    at: float
 
 
 @dataclass(frozen=True)
@@ -118,8 +136,15 @@ class QuotaStore(Protocol):
         `QuotaExceeded` and take nothing."""
         ...
 
-    async def settle(self, grant: Grant, tokens: int, usd: float) -> None:
-        """Replace the reservation by what was used: refund tokens, record spend."""
+    async def settle(self, grant: Grant, tokens: int, usd: float, at: float | None = None) -> None:
+        """Replace the reservation by what was used: refund tokens, record spend. A settlement
+        whose reservation is not in the store (it expired, or the fail-open fallback made it)
+        records its spend all the same. `RedisQuota` counts a settlement sent twice once (the
+        gateway replays those whose first attempt failed); `LocalQuota` never fails one."""
+        ...
+
+    async def settle_many(self, settlements: list[Settlement]) -> None:
+        """`settle` each, in one round trip where the store allows; all or none may fail."""
         ...
 
     async def usage(self, key: str) -> Usage: ...

@@ -7,14 +7,22 @@ reservation is replaced by what was used (`prompt + generated` tokens and their 
 
 Redis trouble (`StoreFailure`) is decided here. Fail-open: the request is reserved against
 a process-local `LocalQuota`, a warning is logged (at most every 10 s) and
-`sluice_store_failures_total` counts it; settlements that could not reach Redis are kept
-and replayed once it answers again, so shared spend is not lost. Fail-closed: 503
-`store_unavailable`. Either way no call waits longer than the store's bounded timeout.
+`sluice_store_failures_total` counts it. Fail-closed: 503 `store_unavailable`. Either way no
+call waits longer than the store's bounded timeout.
+
+Nothing the store missed is lost. Every settlement that did not reach it (a failed attempt,
+or a request the fallback admitted) waits in `pending`, and so does a zero-use settlement
+that closes a reservation whose `reserve` failed (a stalled Redis may still run it later).
+The backlog is sent in batches by a background task that retries every second, and before
+any new reservation, so the budget a key meets afterwards counts the outage's spend. The
+store counts each reservation id once (store_redis.py), so resending is always safe. At
+shutdown the backlog gets a last attempt; what still cannot be sent is logged with its total.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -26,7 +34,17 @@ from sluice.config import GatewaySettings, ModelPrice, PricingSettings, Settings
 from sluice.gateway.admission import Admission
 from sluice.gateway.auth import KeyRing, Principal, load_keys_file
 from sluice.gateway.keys import KeyStore
-from sluice.gateway.quota import Demand, Grant, Limits, QuotaStore, rate_headers
+from sluice.gateway.quota import (
+    Clock,
+    Demand,
+    Grant,
+    Limits,
+    QuotaStore,
+    RateView,
+    Settlement,
+    rate_headers,
+    wall_clock,
+)
 from sluice.gateway.store_local import (
     Database,
     LocalQuota,
@@ -40,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 WARN_EVERY_S = 10.0
 MAX_PENDING_SETTLEMENTS = 100_000
+REPLAY_BATCH = 500  # settlements per pipelined round trip
+REPLAY_RETRY_S = 1.0
 
 
 @dataclass
@@ -99,6 +119,7 @@ class Gateway:
         *,
         request_timeout_s: float = 600.0,
         on_store_failure: Callable[[str], None] = lambda _: None,
+        clock: Clock = wall_clock,
     ) -> None:
         self.settings = settings
         self.request_timeout_s = request_timeout_s
@@ -106,11 +127,14 @@ class Gateway:
         self.keys = keys
         self.quota = quota
         self.admission = admission
-        self.fallback = LocalQuota(MemoryLedger())
+        self.clock = clock
+        self.fallback = LocalQuota(MemoryLedger(), clock=clock)
         self.on_store_failure = on_store_failure
-        self._pending: list[tuple[Grant, int, float]] = []
+        # Settlements the store has not acknowledged, oldest first (see module docstring).
+        self.pending: collections.deque[Settlement] = collections.deque()
+        self._sending: asyncio.Task[None] | None = None
+        self._retrying: asyncio.Task[None] | None = None
         self._last_warning = -WARN_EVERY_S
-        self._replaying = False
 
     @classmethod
     def build(
@@ -131,6 +155,24 @@ class Gateway:
         )
 
     async def close(self) -> None:
+        """Stop retrying, give the backlog one last attempt, then close the stores."""
+        if self._retrying is not None:
+            self._retrying.cancel()
+            await asyncio.gather(self._retrying, return_exceptions=True)
+        if self.pending:
+            try:
+                await self.send_pending()
+            except StoreFailure as exc:
+                tokens = sum(s.tokens for s in self.pending)
+                usd = sum(s.usd for s in self.pending)
+                logger.error(
+                    "limits store unavailable at shutdown (%s): %d settlement(s) totalling "
+                    "%d tokens and %.6f USD were not recorded",
+                    exc,
+                    len(self.pending),
+                    tokens,
+                    usd,
+                )
         await close_keys(self.keys, self.quota)
 
     def _store_failed(self, operation: str, exc: Exception) -> None:
@@ -177,16 +219,21 @@ class Gateway:
     async def _reserve(self, limits: Limits, demand: Demand) -> Grant:
         reservation_id = uuid.uuid4().hex
         try:
-            grant = await self.quota.reserve(limits, demand, reservation_id)
+            if self.pending:
+                await self.send_pending()  # the budget below must count the backlog
+            return await self.quota.reserve(limits, demand, reservation_id)
         except StoreFailure as exc:
             self._store_failed("reserve", exc)
             if not self.fail_open:
+                # The store may still run the reservation (a stall): close it when it can.
+                tpm = RateView(limits.tpm, 0, 0.0) if limits.tpm else None  # refund against it
+                closing = Grant(
+                    reservation_id, demand.key, demand.tokens, 0.0, None, tpm, ttl_s=demand.ttl_s
+                )
+                self._keep(Settlement(closing, 0, 0.0, self.clock()))
                 raise  # a StoreFailure is already the 503 `store_unavailable`
             local = self.fallback.reserve_now(limits, demand, reservation_id)
             return dataclasses.replace(local, local=True)
-        if self._pending and not self._replaying:
-            asyncio.get_running_loop().create_task(self._replay())
-        return grant
 
     def on_tokens(self, ticket: Ticket, count: int) -> None:
         """Tokens arrived for `ticket` (the first ones take it out of the queue)."""
@@ -212,30 +259,62 @@ class Gateway:
         if prompt_tokens is not None:
             ticket.prompt_tokens = prompt_tokens
         used = ticket.prompt_tokens + ticket.output_tokens
-        usd = ticket.usd
+        settlement = Settlement(grant, used, ticket.usd, self.clock())
         if grant.local:
-            await self.fallback.settle(grant, used, usd)
+            await self.fallback.settle(grant, used, settlement.usd)
+            self._keep(settlement)  # the shared store has not seen this spend yet
             return
         try:
-            await self.quota.settle(grant, used, usd)
+            await self.quota.settle(grant, used, settlement.usd, settlement.at)
         except StoreFailure as exc:
             self._store_failed("settle", exc)
-            if len(self._pending) < MAX_PENDING_SETTLEMENTS:
-                self._pending.append((grant, used, usd))
+            self._keep(settlement)
         except Exception:
             logger.exception("settlement of %s failed", grant.reservation_id)
 
-    async def _replay(self) -> None:
-        """Send settlements that failed earlier, now that the store answers again."""
-        self._replaying = True
-        try:
-            while self._pending:
-                grant, used, usd = self._pending[0]
-                try:
-                    await self.quota.settle(grant, used, usd)
-                except StoreFailure:
-                    return
-                self._pending.pop(0)
-            logger.info("limits store is back; replayed pending settlements")
-        finally:
-            self._replaying = False
+    def _keep(self, settlement: Settlement) -> None:
+        """Hold `settlement` for the store and make sure something keeps sending it."""
+        if len(self.pending) >= MAX_PENDING_SETTLEMENTS:
+            dropped = self.pending.popleft()
+            logger.error(
+                "more than %d settlements wait for the limits store; dropped the oldest "
+                "(%d tokens of key %s)",
+                MAX_PENDING_SETTLEMENTS,
+                dropped.tokens,
+                dropped.grant.key,
+            )
+        self.pending.append(settlement)
+        if self._retrying is None or self._retrying.done():
+            self._retrying = asyncio.get_running_loop().create_task(self._retry_until_sent())
+
+    async def send_pending(self) -> None:
+        """Send the backlog now, joining a send already under way; raises `StoreFailure` if
+        the store still cannot take it (what was sent stays sent)."""
+        if self._sending is None or self._sending.done():
+            self._sending = asyncio.get_running_loop().create_task(self._send())
+            # Whoever awaits it sees the failure; a caller that went away leaves it here.
+            self._sending.add_done_callback(lambda t: t.cancelled() or t.exception())
+        await asyncio.shield(self._sending)
+
+    async def _send(self) -> None:
+        sent = 0
+        while self.pending:
+            batch = [self.pending[i] for i in range(min(REPLAY_BATCH, len(self.pending)))]
+            try:
+                await self.quota.settle_many(batch)
+            except StoreFailure:
+                raise
+            except Exception:
+                logger.exception("dropped %d settlements the limits store refused", len(batch))
+            for _ in batch:
+                self.pending.popleft()
+            sent += len(batch)
+        if sent:
+            logger.info("limits store answers again; sent %d pending settlement(s)", sent)
+
+    async def _retry_until_sent(self) -> None:
+        while self.pending:
+            try:
+                await self.send_pending()
+            except StoreFailure:
+                await asyncio.sleep(REPLAY_RETRY_S)

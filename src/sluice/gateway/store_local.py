@@ -17,7 +17,6 @@ from typing import Protocol
 
 from sluice.gateway.keys import KeyExists, StoredKey, Window
 from sluice.gateway.quota import (
-    RESERVATION_GRACE_S,
     WINDOWS,
     Bucket,
     Clock,
@@ -27,9 +26,11 @@ from sluice.gateway.quota import (
     Limits,
     Refusal,
     RefusalKind,
+    Settlement,
     Usage,
     WindowUsage,
     bucket_at,
+    closes_at,
     spend_field,
     view,
     wait_for,
@@ -175,7 +176,7 @@ class LocalQuota:
         state.reservations[reservation_id] = (
             demand.tokens,
             demand.usd,
-            now + demand.ttl_s + RESERVATION_GRACE_S,
+            closes_at(now, demand.ttl_s),
         )
         return Grant(
             reservation_id,
@@ -184,6 +185,7 @@ class LocalQuota:
             demand.usd,
             requests=view(requests.level, limits.rpm) if requests and limits.rpm else None,
             token_view=view(tokens.level, limits.tpm) if tokens and limits.tpm else None,
+            ttl_s=demand.ttl_s,
         )
 
     def _refusal(
@@ -237,16 +239,21 @@ class LocalQuota:
     async def reserve(self, limits: Limits, demand: Demand, reservation_id: str) -> Grant:
         return self.reserve_now(limits, demand, reservation_id)
 
-    async def settle(self, grant: Grant, tokens: int, usd: float) -> None:
+    async def settle(self, grant: Grant, tokens: int, usd: float, at: float | None = None) -> None:
         now = self.clock()
         state = self._keys.setdefault(grant.key, KeyState())
-        state.reservations.pop(grant.reservation_id, None)
-        if state.tokens is not None and grant.token_view is not None:
+        held = state.reservations.pop(grant.reservation_id, None) is not None
+        if held and state.tokens is not None and grant.token_view is not None:
             capacity = grant.token_view.limit
             refreshed = bucket_at(state.tokens, capacity, now)
             refreshed.level = min(float(capacity), refreshed.level + grant.tokens - tokens)
             state.tokens = refreshed
-        await self.ledger.add(grant.key, [spend_field(w, now) for w in WINDOWS], tokens, usd)
+        fields = [spend_field(w, now if at is None else at) for w in WINDOWS]
+        await self.ledger.add(grant.key, fields, tokens, usd)
+
+    async def settle_many(self, settlements: list[Settlement]) -> None:
+        for s in settlements:
+            await self.settle(s.grant, s.tokens, s.usd, s.at)
 
     async def usage(self, key: str) -> Usage:
         now = self.clock()

@@ -6,6 +6,15 @@ functions line by line. Every key of one API key shares a hash tag (`{name}`), s
 scripts also run on Redis Cluster. Time comes from the caller (NTP-synced replicas), which
 keeps tests on an injected clock.
 
+Reservation ids make both scripts safe to run late or twice. A call that timed out on the
+client may still run when a stalled Redis resumes; the gateway then no longer waits for it
+and later settles (or cancels, with zero use) the same id. The expiry set (`resexp`) keeps
+every id the store has seen until it stops mattering (`quota.closes_at`): an id in it but not
+in the reservations hash is closed, so a `SETTLE` sent twice counts once, and a `RESERVE`
+that arrives after its id was closed takes nothing. (One that arrives even later, after the
+request's time limit and the grace, carries a `now` so old that its reservation is purged by
+the next call and its buckets refill at once.)
+
 Calls are bounded: a socket timeout, one immediate retry, and an overall deadline. Any
 Redis failure surfaces as `StoreFailure`; the gateway decides between failing open and
 closed. redis-py reconnects by itself on the next call once Redis is back.
@@ -25,7 +34,6 @@ from redis.exceptions import RedisError
 from sluice.errors import StoreUnavailable
 from sluice.gateway.keys import KeyExists, StoredKey
 from sluice.gateway.quota import (
-    RESERVATION_GRACE_S,
     WINDOWS,
     Clock,
     Demand,
@@ -33,8 +41,10 @@ from sluice.gateway.quota import (
     Limits,
     Refusal,
     RefusalKind,
+    Settlement,
     Usage,
     WindowUsage,
+    closes_at,
     spend_field,
     view,
     wall_clock,
@@ -49,12 +59,13 @@ MAX_CONNECTIONS = 512
 # ARGV: now, rpm, tpm, tokens, usd, budget_tokens, tokens_field, budget_usd, usd_field,
 #       reservation id, expires at. Limits of -1 mean "none".
 # Returns {admitted, kind, retry_s, requests_level, tokens_level, need, have} (as strings:
-# Lua numbers become integers in replies).
+# Lua numbers become integers in replies); kind `closed` when the id is already closed.
 RESERVE = """
 local now = tonumber(ARGV[1])
 local rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
 local need, usd = tonumber(ARGV[4]), tonumber(ARGV[5])
 local btok, busd = tonumber(ARGV[6]), tonumber(ARGV[8])
+if redis.call('ZSCORE', KEYS[3], ARGV[10]) then return {0, 'closed', '0', '-1', '-1', '0', '0'} end
 for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   redis.call('HDEL', KEYS[2], rid)
   redis.call('ZREM', KEYS[3], rid)
@@ -107,13 +118,15 @@ redis.call('ZADD', KEYS[3], ARGV[11], ARGV[10])
 return reply(1, 'ok', 0, need, 0)
 """
 
-# KEYS: as RESERVE. ARGV: now, tpm (-1 none), refund, reservation id, tokens, usd, then the
-# spend fields of the hour, day and month.
+# KEYS: as RESERVE. ARGV: now, tpm (-1 none), refund, reservation id, tokens, usd, closed
+# until, then the spend fields of the hour, day and month. Returns 0 when the id was already
+# closed (nothing done), else 1.
 SETTLE = """
 local now, tpm, refund = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('HDEL', KEYS[2], ARGV[4])
-redis.call('ZREM', KEYS[3], ARGV[4])
-if tpm > 0 then
+local held = redis.call('HDEL', KEYS[2], ARGV[4])
+if held == 0 and redis.call('ZSCORE', KEYS[3], ARGV[4]) then return 0 end
+redis.call('ZADD', KEYS[3], ARGV[7], ARGV[4])
+if held == 1 and tpm > 0 then
   local l = tonumber(redis.call('HGET', KEYS[1], 'kl'))
   if l ~= nil then
     local t = tonumber(redis.call('HGET', KEYS[1], 'kt'))
@@ -121,9 +134,11 @@ if tpm > 0 then
     redis.call('HSET', KEYS[1], 'kl', tostring(l), 'kt', ARGV[1])
   end
 end
-for i = 7, #ARGV do
-  redis.call('HINCRBY', KEYS[4], ARGV[i] .. ':t', ARGV[5])
-  redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i] .. ':u', ARGV[6])
+if tonumber(ARGV[5]) > 0 or tonumber(ARGV[6]) > 0 then
+  for i = 8, #ARGV do
+    redis.call('HINCRBY', KEYS[4], ARGV[i] .. ':t', ARGV[5])
+    redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i] .. ':u', ARGV[6])
+  end
 end
 return 1
 """
@@ -227,15 +242,25 @@ class RedisQuota:
                     _limit(limits.budget_usd),
                     spend_field(limits.budget_usd_window, now),
                     reservation_id,
-                    repr(now + demand.ttl_s + RESERVATION_GRACE_S),
+                    repr(closes_at(now, demand.ttl_s)),
                 ],
             )
         )
         admitted, kind, retry, rq, tk, need, have = (str(x) for x in raw)
+        if kind == "closed":  # only a reused id can meet this
+            raise StoreFailure(f"redis: reservation {reservation_id} was already closed")
         requests = view(float(rq), limits.rpm) if limits.rpm else None
         tokens = view(float(tk), limits.tpm) if limits.tpm else None
         if admitted == "1":
-            return Grant(reservation_id, demand.key, demand.tokens, demand.usd, requests, tokens)
+            return Grant(
+                reservation_id,
+                demand.key,
+                demand.tokens,
+                demand.usd,
+                requests,
+                tokens,
+                ttl_s=demand.ttl_s,
+            )
         refusal_kind: RefusalKind = kind  # type: ignore[assignment]
         retry_s = float(retry)
         if refusal_kind == "budget_tokens":
@@ -247,38 +272,52 @@ class RedisQuota:
         )
         raise refusal.error(limits, demand.key)
 
-    async def settle(self, grant: Grant, tokens: int, usd: float) -> None:
+    def _settle(self, settlement: Settlement, client: Any = None) -> Awaitable[Any]:
+        """The `SETTLE` call for `settlement` (on `client`, e.g. a pipeline, if given)."""
         now = self.clock()
+        grant = settlement.grant
         tpm = grant.token_view.limit if grant.token_view is not None else -1
-        await self.store.call(
-            self.store.settle(
-                keys=_key_names(grant.key),
-                args=[
-                    repr(now),
-                    str(tpm),
-                    str(grant.tokens - tokens),
-                    grant.reservation_id,
-                    str(tokens),
-                    repr(usd),
-                    *(spend_field(w, now) for w in WINDOWS),
-                ],
-            )
+        return self.store.settle(
+            keys=_key_names(grant.key),
+            args=[
+                repr(now),
+                str(tpm),
+                str(grant.tokens - settlement.tokens),
+                grant.reservation_id,
+                str(settlement.tokens),
+                repr(settlement.usd),
+                repr(closes_at(now, grant.ttl_s)),
+                *(spend_field(w, settlement.at) for w in WINDOWS),
+            ],
+            client=client,
         )
+
+    async def settle(self, grant: Grant, tokens: int, usd: float, at: float | None = None) -> None:
+        settlement = Settlement(grant, tokens, usd, self.clock() if at is None else at)
+        await self.store.call(self._settle(settlement))
+
+    async def settle_many(self, settlements: list[Settlement]) -> None:
+        pipe: Any = self.store.client.pipeline(transaction=False)
+        for settlement in settlements:
+            await self._settle(settlement, pipe)  # queued on the pipeline, not sent
+        await self.store.call(pipe.execute())
 
     async def usage(self, key: str) -> Usage:
         now = self.clock()
         _, res, resexp, spend = _key_names(key)
         fields = [f"{spend_field(w, now)}:{unit}" for w in WINDOWS for unit in ("t", "u")]
         values = await self.store.call(self.store.client.hmget(spend, fields))
-        live: list[str] = await self.store.call(
-            self.store.client.zrangebyscore(resexp, f"({now!r}", "+inf")  # type: ignore[arg-type]
+        held: dict[str, str] = await self.store.call(
+            self.store.client.hgetall(res)  # type: ignore[arg-type]
         )
-        amounts: list[str | None] = []
-        if live:
-            amounts = await self.store.call(
-                self.store.client.hmget(res, live)  # type: ignore[arg-type]
-            )
-        reserved = [a.split(" ") for a in amounts if a]
+        expiries: list[float | None] = []
+        if held:
+            expiries = await self.store.call(self.store.client.zmscore(resexp, list(held)))
+        reserved = [
+            amount.split(" ")
+            for amount, expiry in zip(held.values(), expiries, strict=True)
+            if expiry is not None and expiry > now
+        ]
         windows = []
         for i, w in enumerate(WINDOWS):
             start, end = window_bounds(w, now)

@@ -1,0 +1,164 @@
+"""The gateway across a real Redis outage: nothing the store missed is lost or left behind.
+
+Each test injects the fault on a real `redis-server`: stopped (connections refused) or
+frozen with SIGSTOP (calls time out on the client while Redis still holds them, and runs
+them when it resumes). A request uses 10 prompt and 5 output tokens (15 in all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
+
+import pytest
+
+from sluice.config import AdmissionSettings, GatewaySettings, PricingSettings
+from sluice.errors import QuotaExceeded
+from sluice.gateway.admission import Admission
+from sluice.gateway.auth import KeyRing, Principal
+from sluice.gateway.keys import KeyPolicy
+from sluice.gateway.service import REPLAY_RETRY_S, Gateway
+from sluice.gateway.store_redis import RedisQuota, RedisStore, StoreFailure
+from tests.redis_server import RedisServer
+from tests.unit.test_auth import MemoryKeyStore
+
+TIMEOUT_S = 0.2
+PROMPT, OUTPUT = 10, 5
+USED = PROMPT + OUTPUT
+
+GatewayFactory = Callable[[Literal["open", "closed"]], Gateway]
+
+
+@pytest.fixture
+async def make_gateway(redis_server: RedisServer) -> AsyncIterator[GatewayFactory]:
+    made: list[Gateway] = []
+
+    def make(failure: Literal["open", "closed"]) -> Gateway:
+        gateway = Gateway(
+            GatewaySettings(store="redis", redis_url=redis_server.url, redis_failure=failure),
+            PricingSettings(),
+            KeyRing({}, MemoryKeyStore(), 0.0),
+            RedisQuota(RedisStore(redis_server.url, TIMEOUT_S)),
+            Admission(AdmissionSettings(), lambda: None),
+            request_timeout_s=30.0,
+        )
+        made.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in made:
+        await gateway.close()
+
+
+def principal(**policy: int) -> Principal:
+    return Principal("team", KeyPolicy(name="team", **policy))  # type: ignore[arg-type]
+
+
+async def serve(gateway: Gateway, who: Principal) -> None:
+    """One request as the routes run it: reserve, generate OUTPUT tokens, settle."""
+    ticket = await gateway.reserve(who, "m", prompt_tokens=PROMPT, max_output_tokens=OUTPUT)
+    gateway.on_tokens(ticket, OUTPUT)
+    await gateway.settle(ticket)
+
+
+async def shared(redis_server: RedisServer, key: str = "team") -> tuple[int, int]:
+    """Month tokens spent and tokens reserved now, as Redis holds them (a fresh client)."""
+    quota = RedisQuota(RedisStore(redis_server.url, 2.0))
+    try:
+        usage = await quota.usage(key)
+    finally:
+        await quota.close()
+    return usage.windows[2].tokens, usage.reserved_tokens
+
+
+async def test_spend_served_while_redis_was_down_reaches_it_and_counts_in_the_budget(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    gateway = make_gateway("open")
+    team = principal(budget_tokens=8 * USED)
+    await serve(gateway, team)
+    redis_server.stop()
+    for _ in range(5):
+        await serve(gateway, team)  # admitted by the local fallback
+    assert len(gateway.pending) == 5
+    redis_server.start()
+    for _ in range(2):
+        await serve(gateway, team)
+    assert await shared(redis_server) == (8 * USED, 0)
+    with pytest.raises(QuotaExceeded):  # the budget counts what was served in the outage
+        await gateway.reserve(team, "m", prompt_tokens=PROMPT, max_output_tokens=OUTPUT)
+
+
+async def test_the_backlog_is_sent_without_new_traffic(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    gateway = make_gateway("open")
+    team = principal(rpm=100)
+    await serve(gateway, team)
+    redis_server.stop()
+    for _ in range(3):
+        await serve(gateway, team)
+    redis_server.start()
+    for _ in range(int(10 / REPLAY_RETRY_S)):
+        if not gateway.pending:
+            break
+        await asyncio.sleep(REPLAY_RETRY_S)
+    assert not gateway.pending
+    assert await shared(redis_server) == (4 * USED, 0)
+
+
+async def test_a_settlement_that_failed_mid_request_is_sent_once(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    gateway = make_gateway("closed")
+    team = principal(budget_tokens=1000)
+    ticket = await gateway.reserve(team, "m", prompt_tokens=PROMPT, max_output_tokens=OUTPUT)
+    gateway.on_tokens(ticket, OUTPUT)
+    os.kill(redis_server.pid, signal.SIGSTOP)  # the settlement times out, Redis keeps it
+    try:
+        await gateway.settle(ticket)
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    assert len(gateway.pending) == 1
+    await gateway.send_pending()  # resent: the store must not count it twice
+    assert await shared(redis_server) == (USED, 0)
+
+
+@pytest.mark.parametrize("failure", ["open", "closed"])
+async def test_a_reservation_redis_runs_after_the_gateway_gave_up_is_not_left_behind(
+    make_gateway: GatewayFactory, redis_server: RedisServer, failure: Literal["open", "closed"]
+) -> None:
+    gateway = make_gateway(failure)
+    team = principal(budget_tokens=1000, tpm=1000)
+    await serve(gateway, team)  # connected
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        if failure == "open":
+            await serve(gateway, team)  # reserve times out: served from the local fallback
+        else:
+            with pytest.raises(StoreFailure):
+                await gateway.reserve(team, "m", prompt_tokens=PROMPT, max_output_tokens=OUTPUT)
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)  # Redis now runs the stalled reservation
+    await gateway.send_pending()
+    spent = 2 * USED if failure == "open" else USED
+    assert await shared(redis_server) == (spent, 0)
+    await serve(gateway, team)  # and the store keeps working for the next request
+    assert await shared(redis_server) == (spent + USED, 0)
+
+
+async def test_what_cannot_be_sent_at_shutdown_is_logged_with_its_total(
+    make_gateway: GatewayFactory, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = make_gateway("open")
+    team = principal(rpm=100)
+    redis_server.stop()
+    for _ in range(2):
+        await serve(gateway, team)
+    with caplog.at_level(logging.ERROR, logger="sluice.gateway.service"):
+        await gateway.close()
+    assert "2 settlement(s) totalling 30 tokens" in caplog.text
