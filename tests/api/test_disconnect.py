@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import time
+from typing import Any
 
 from tests.api.conftest import (
     app_client,
@@ -60,3 +61,42 @@ def test_a_queued_request_is_aborted_when_its_client_leaves() -> None:
         assert queued.request_id in engine.aborted
         assert running.result(timeout=10).status_code == 200
         assert_settled(client, engine)
+
+
+def test_a_client_that_leaves_while_uploading_its_body_is_counted_as_499() -> None:
+    engine = FakeEngine()
+    with app_client(engine, make_settings()) as client:
+        messages = [
+            {"type": "http.request", "body": b'{"model": "', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/completions",
+            "raw_path": b"/v1/completions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"500")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 80),
+            "state": {},
+        }
+        client.portal.call(client.app, scope, receive, send)
+        assert sent == []  # nobody to answer
+        assert engine.requests == []
+        # no body read: no model, no key
+        labels = {"model": "none", "endpoint": "/v1/completions", "key": "none"}
+        assert sample(client, "sluice_requests_total", **labels, status="499") == 1
+        assert sample(client, "sluice_requests_total", **labels, status="500") is None

@@ -16,6 +16,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sluice.api.sse import CLIENT_CLOSED_REQUEST
 from sluice.errors import InvalidRequest, PayloadTooLarge, SluiceError, error_response
 from sluice.telemetry.logging import log_request
 from sluice.telemetry.metrics import Metrics
@@ -162,7 +163,8 @@ class RequestMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         id_header = (REQUEST_ID_HEADER, request_id.encode("latin-1"))
-        http_status = 500
+        http_status: int | None = None
+        disconnected = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal http_status
@@ -170,6 +172,13 @@ class RequestMiddleware:
                 http_status = message["status"]
                 message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
+
+        async def receive_watched() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected = True
+            return message
 
         if self.metrics is None or scope["path"] in self.UNTRACKED:
             await self.app(scope, receive, send_with_id)
@@ -185,12 +194,15 @@ class RequestMiddleware:
         record.trace_context = otel_context.get_current()
         state[SCOPE_KEY] = record
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_watched, send_with_id)
         finally:
-            if record.status is None:
-                record.status = http_status
+            if record.status is None and http_status is None and disconnected:
+                # Gone before any answer (e.g. while uploading the body): the client's doing.
+                record.fail(CLIENT_CLOSED_REQUEST, "client_closed_request")
+            status = record.status or http_status or 500
+            record.status = status
             finished = time.perf_counter()
             if self.errors is not None:
-                self.errors.observe(record.status >= 500)
+                self.errors.observe(status >= 500)
             self.metrics.observe(record, finished)
             log_request(record, finished)
