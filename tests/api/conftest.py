@@ -133,9 +133,14 @@ def lifecycle_of(test_client: TestClient) -> Lifecycle:
 
 def assert_settled(test_client: TestClient, engine: FakeEngine) -> None:
     """No request counted in flight, no engine request left running or queued, in the
-    engine core or in vLLM's front end."""
+    engine core or in vLLM's front end, and the engine's own figures (the gauges) say so."""
     for _ in range(100):  # an abort reaches the core one event-loop turn after the response
-        if not engine.core.active and engine.client.get_num_unfinished_requests() == 0:
+        stats = engine.stats()
+        if (
+            not engine.core.active
+            and engine.client.get_num_unfinished_requests() == 0
+            and (stats.running, stats.waiting) == (0, 0)
+        ):
             break
         time.sleep(0.01)
     assert lifecycle_of(test_client).in_flight == 0
@@ -145,6 +150,7 @@ def assert_settled(test_client: TestClient, engine: FakeEngine) -> None:
         return  # a dead core keeps what it held; nothing is sent to it any more
     assert engine.core.active == set()
     assert engine.client.get_num_unfinished_requests() == 0
+    assert (engine.stats().running, engine.stats().waiting) == (0, 0)
 
 
 def completion_body(**fields: Any) -> dict[str, Any]:

@@ -44,5 +44,29 @@ async def test_disconnect_aborts_running_and_queued_requests(server: SluiceProce
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # sluice's engine gauges are the engine's own figures while it drops the aborted
+        # requests: never a 0 while vLLM still reports work.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            scraped = _engine_gauges((await client.get(f"{server.url}/metrics")).text)
+            assert scraped["sluice_engine_running"] == scraped["vllm:num_requests_running"]
+            assert scraped["sluice_engine_waiting"] == scraped["vllm:num_requests_waiting"]
+            await asyncio.sleep(0.05)
     stats = server.wait_idle(timeout_s=10)
     assert (stats["running"], stats["waiting"], stats["in_flight"]) == (0, 0, 0)
+
+
+def _engine_gauges(text: str) -> dict[str, float]:
+    names = (
+        "sluice_engine_running",
+        "sluice_engine_waiting",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+    )
+    found = {
+        line.split("{", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.split("{", 1)[0] in names
+    }
+    assert set(found) == set(names), found
+    return found

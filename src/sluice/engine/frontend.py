@@ -93,7 +93,6 @@ def build_llm(
 
 
 def engine_stats(llm: Any, snapshot: SchedulerSnapshot) -> EngineStats:
-    """The engine's latest scheduler figures; zero while the front end holds no request."""
-    if llm.get_num_unfinished_requests() == 0:
-        return EngineStats(running=0, waiting=0, kv_cache_usage=0.0)
+    """The engine's own latest scheduler figures (those behind `vllm:num_requests_running`),
+    not the front end's count: aborted requests run on until the engine core drops them."""
     return snapshot.latest

@@ -66,6 +66,7 @@ class SyntheticCore:
         self.loras: set[int] = set()
         self._wake = asyncio.Event()
         self._next_step = 0.0
+        self._report_idle = False  # aborts emptied the core: tell the front end once
 
     # -- what AsyncLLM calls -------------------------------------------------------------
     async def get_supported_tasks_async(self) -> tuple[str, ...]:
@@ -81,11 +82,18 @@ class SyntheticCore:
             self.running.pop(request_id, None)
             self.waiting.pop(request_id, None)
         self._schedule()
+        if not self.running:
+            self._report_idle = True
+            self._wake.set()
 
     async def get_output_async(self) -> Any:
         """The next engine step's outputs, on the clock (waits while nothing runs)."""
         engine_core_output, engine_core_outputs, _, scheduler_stats = self._types
         while not self.running:
+            if self._report_idle:  # as vLLM's core steps once more after aborts
+                self._report_idle = False
+                idle = scheduler_stats(num_running_reqs=0, num_waiting_reqs=len(self.waiting))
+                return engine_core_outputs(outputs=[], scheduler_stats=idle)
             self._wake.clear()
             await self._wake.wait()
             self._next_step = time.monotonic() + self.step_s
