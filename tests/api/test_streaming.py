@@ -71,11 +71,11 @@ def test_continuous_usage_stats(client: TestClient) -> None:
     assert all(c.get("usage") for c in chunks)
 
 
-def test_keep_alive_comments_when_asked(engine_slow_keep_alive: FakeEngine) -> None:
+def test_ping_comments_while_a_stream_waits(engine_slow_keep_alive: FakeEngine) -> None:
     with app_client(engine_slow_keep_alive, make_settings()) as client:
         response = client.post("/v1/completions", json=completion_body(stream=True, max_tokens=2))
-        assert ": keep-alive\n\n" in response.text
-        data = response.text.replace(": keep-alive\n\n", "")
+        assert response.text.startswith(": ping\n\n")  # before the first token, too
+        data = response.text.replace(": ping\n\n", "")
         assert [json.loads(c)["choices"][0]["text"] for c in data.split("data: ")[1:-1]] == [
             " one",
             " two",

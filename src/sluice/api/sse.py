@@ -16,7 +16,10 @@ them is the one place that decides:
   error frame and `[DONE]`; a client that goes away cancels the stream, which aborts the
   engine requests (vLLM's generator and `Exchange.close`). The exchange closes exactly once
   when the response ends, whatever ended it.
-- **keep-alive comments**, when vLLM's `--sse-keep-alive-interval` asks for them.
+- **keep-alive comments** (`: ping`) every `--sse-keep-alive-interval` seconds (sluice's
+  default: 15) while the stream has nothing to send: queued in the engine, in prefill,
+  between tokens. Proxies in front (Fly, Render, ingresses, load balancers) close
+  connections idle past their timeout (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import anyio
+import anyio.abc
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
@@ -52,6 +57,9 @@ ERROR_PREFIX = 'data: {"error"'
 # Where the app puts the server's own `send` (app.py: SluiceApp).
 SERVER_SEND = "sluice.server_send"
 DONE = b"data: [DONE]\n\n"
+# The keep-alive comment sse-starlette sends; SSE clients ignore comment lines (WHATWG HTML,
+# server-sent events, "Interpreting an event stream").
+PING = b": ping\n\n"
 # Not a status a client ever reads (it has gone); it marks the request in logs and metrics.
 CLIENT_CLOSED_REQUEST = 499
 
@@ -78,6 +86,8 @@ class SSEResponse(Response):
         self.finished = False  # the last byte was sent
         self.disconnected = False
         self._pull: asyncio.Future[str] | None = None  # an advance of `frames` under way
+        self._last_sent = 0.0  # event-loop time of the last bytes sent
+        self._clock = time.monotonic  # the event loop's clock once the stream starts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         REQUEST_OBSERVER.set(self.exchange)  # engine requests the stream starts are observed
@@ -86,7 +96,7 @@ class SSEResponse(Response):
             async with anyio.create_task_group() as group:
                 group.start_soon(self._watch_disconnect, receive, group.cancel_scope)
                 with anyio.CancelScope(deadline=self.exchange.deadline) as limit:
-                    await self._stream(scope, receive, send)
+                    await self._stream(scope, receive, send, group)
                 if limit.cancel_called and not self.disconnected:
                     error = self.exchange.timed_out()
                     await self._fail(error, scope, receive, send)
@@ -113,7 +123,9 @@ class SSEResponse(Response):
             self.disconnected = True
             scope.cancel()
 
-    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _stream(
+        self, scope: Scope, receive: Receive, send: Send, group: anyio.abc.TaskGroup
+    ) -> None:
         held, pending, refused = await self._until_accepted()
         if refused is not None:
             await self._fail(refused, scope, receive, send)
@@ -129,21 +141,20 @@ class SSEResponse(Response):
             }
         )
         self.started = True
+        self._clock = asyncio.get_running_loop().time
+        self._last_sent = self._clock()
         # The chunks go straight to the server: the middlewares between (error handling,
         # the request record, the server span) act on the first and last messages only,
         # and a wrapper per chunk would cost CPU for every streamed token.
         chunk_send: Send = scope.get(SERVER_SEND, send)
         for frame in held:
             await self._send_frame(frame, chunk_send)
+        if self.keep_alive_s > 0:
+            group.start_soon(self._ping_while_idle, chunk_send)
         try:
             if pending is not None:
                 await self._send_frame(await pending, chunk_send)
-            frames: AsyncGenerator[str, None] = self.frames
-            if self.keep_alive_s > 0:
-                from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
-
-                frames = with_sse_keep_alive(frames, self.keep_alive_s)
-            async for frame in frames:
+            async for frame in self.frames:
                 await self._send_frame(frame, chunk_send)
         except StopAsyncIteration:
             pass
@@ -153,7 +164,19 @@ class SSEResponse(Response):
         self.finished = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    async def _ping_while_idle(self, send: Send) -> None:
+        """Send `: ping` whenever nothing was sent for `keep_alive_s` (one sleeping task per
+        stream: nothing is added to the per-chunk path)."""
+        while True:
+            await asyncio.sleep(max(0.0, self._last_sent + self.keep_alive_s - self._clock()))
+            if self.finished or self.disconnected:
+                return
+            if self._clock() - self._last_sent >= self.keep_alive_s:
+                self._last_sent = self._clock()
+                await send({"type": "http.response.body", "body": PING, "more_body": True})
+
     async def _send_frame(self, frame: str, send: Send) -> None:
+        self._last_sent = self._clock()
         if frame.startswith(ERROR_PREFIX):
             frame = self._openai_error_frame(frame)
         await send({"type": "http.response.body", "body": frame.encode(), "more_body": True})

@@ -6,7 +6,8 @@ it: the `vllm:` section of the settings (YAML keys as in vLLM's own `--config` f
 flags on sluice's command line are handed to vLLM's parser (`make_arg_parser`), which
 converts and validates them as `vllm serve` does, then to `validate_parsed_serve_args`.
 Precedence, lowest first: sluice's platform defaults (float32 and eager mode on CPU, the
-priority scheduler), the `vllm:` section, command-line flags.
+priority scheduler, prompt-token details, SSE keep-alive comments every 15 s), the `vllm:`
+section, command-line flags.
 
 Refused with a sentence: the options of vLLM's own HTTP server, which sluice replaces (TLS,
 CORS, vLLM's API key, uvicorn, several API server processes, ...). Source of the option
@@ -22,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
+
+SSE_KEEP_ALIVE_S = 15
 
 # vLLM HTTP-server options sluice does not take, each with what to do instead.
 SERVER_ONLY: dict[str, str] = {
@@ -110,8 +113,16 @@ def engine_namespace(
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
 
     parser = vllm_parser()
-    # OpenAI reports usage.prompt_tokens_details.cached_tokens on every response.
-    platform: list[str] = ["--scheduling-policy", "priority", "--enable-prompt-tokens-details"]
+    # OpenAI reports usage.prompt_tokens_details.cached_tokens on every response; a stream
+    # that waits sends an SSE comment every 15 s (sse-starlette's default), well inside the
+    # idle timeouts of the proxies sluice is deployed behind (docs/deploy.md).
+    platform: list[str] = [
+        "--scheduling-policy",
+        "priority",
+        "--enable-prompt-tokens-details",
+        "--sse-keep-alive-interval",
+        str(SSE_KEEP_ALIVE_S),
+    ]
     if on_cpu:
         # bf16 has no native support on these CPUs (batched throughput collapses) and graph
         # capture costs start-up time for no gain (DESIGN.md, measured).
