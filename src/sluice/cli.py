@@ -187,7 +187,14 @@ def serve(settings: Settings, vllm_args: list[str]) -> int:
             settings.engine.synthetic_tokens_per_s,
         )
     app = create_app(settings, engine)
-    return run(app, settings.host, settings.port, settings.drain_timeout_s, settings.log_level)
+    return run(
+        app,
+        settings.host,
+        settings.port,
+        settings.drain_timeout_s,
+        settings.log_level,
+        settings.limits,
+    )
 
 
 def estimate(args: argparse.Namespace) -> int:

@@ -62,6 +62,15 @@ class LimitSettings(BaseModel):
     max_n: int = Field(8, ge=1, description="largest n a request may ask")
     max_prompts: int = Field(16, ge=1, description="largest list of prompts in one completion")
     request_timeout_s: float = Field(600.0, gt=0, description="per-request time limit")
+    headers_timeout_s: float = Field(
+        10.0, gt=0, description="time to receive a request's headers; then 408 and close"
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="time to receive a request's body after its headers; then close"
+    )
+    max_connections: int = Field(
+        2048, ge=1, description="open client connections; more get 503 and are closed"
+    )
 
 
 class ModelPrice(BaseModel):

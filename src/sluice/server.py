@@ -6,19 +6,27 @@ draining from dead. Here the first SIGTERM (or SIGINT) only starts the lifecycle
 `/readyz` turns 503, new generation requests get 503, in-flight ones finish (up to
 `drain_timeout_s`); then uvicorn shuts down normally and the process exits 0. A second
 SIGINT forces an immediate exit. When the engine dies, the process exits 1 so that a
-supervisor restarts it.
+supervisor restarts it. Whatever the phase (loading, serving, draining), a stop ends the
+process: the model loads in a daemon thread (engine/base.py), the processes of a load cut
+short are stopped, and the interpreter's own exit gets `EXIT_DEADLINE_S`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 import signal
+import sys
+import threading
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
+from sluice.config import LimitSettings
+from sluice.connections import guarded_protocol
 from sluice.lifecycle import Lifecycle
 
 logger = logging.getLogger(__name__)
@@ -27,6 +35,11 @@ logger = logging.getLogger(__name__)
 FAILURE_FLUSH_S = 1.0
 # After the drain, what uvicorn still allows connections before cutting them.
 CUT_OFF_S = 2.0
+# Once serving has ended, what the interpreter's own exit (atexit hooks, thread joins) may
+# take before the process ends regardless: a stop must never hang on a library's clean-up.
+EXIT_DEADLINE_S = 10.0
+# File descriptors kept for the engine, the stores and logs beside client connections.
+RESERVED_FILES = 512
 
 
 class SluiceServer(uvicorn.Server):
@@ -76,8 +89,18 @@ class SluiceServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run(app: FastAPI, host: str, port: int, drain_timeout_s: float, log_level: str) -> int:
-    """Serve `app` until drained or failed; returns the process exit code."""
+def run(
+    app: FastAPI,
+    host: str,
+    port: int,
+    drain_timeout_s: float,
+    log_level: str,
+    limits: LimitSettings | None = None,
+) -> int:
+    """Serve `app` until drained or failed, with the connection `limits` (connections.py);
+    returns the process exit code."""
+    limits = limits or LimitSettings()
+    allow_open_files(limits.max_connections + RESERVED_FILES)
     config = uvicorn.Config(
         app,
         host=host,
@@ -86,9 +109,48 @@ def run(app: FastAPI, host: str, port: int, drain_timeout_s: float, log_level: s
         timeout_graceful_shutdown=int(CUT_OFF_S),
         lifespan="on",
         log_config=None,  # sluice's logging (telemetry/logging.py) is already configured
+        http=guarded_protocol(
+            limits.headers_timeout_s, limits.body_timeout_s, limits.max_connections
+        ),
     )
     server = SluiceServer(config, app, drain_timeout_s)
     server.run()
-    if not server.started:
-        return 1
-    return server.exit_code
+    code = server.exit_code if server.started else 1
+    exit_by_deadline(code)
+    return code
+
+
+def allow_open_files(wanted: int) -> None:
+    """Raise this process's soft limit on open files towards `wanted` (up to the hard limit),
+    as `vllm serve` does: each connection is a file descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        logger.warning(
+            "open-file limit %d is below limits.max_connections plus %d for the engine; "
+            "raise it (ulimit -n) or lower max_connections",
+            soft,
+            RESERVED_FILES,
+        )
+
+
+def exit_by_deadline(code: int, deadline_s: float = EXIT_DEADLINE_S) -> None:
+    """End the process with `code` after `deadline_s` if it has not ended by then (a daemon
+    timer, so a normal exit is not delayed)."""
+
+    def force() -> None:
+        logger.error("the process did not end within %.0fs of stopping; forcing exit", deadline_s)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(deadline_s, force)
+    timer.daemon = True
+    timer.start()

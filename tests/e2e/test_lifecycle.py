@@ -180,3 +180,26 @@ def test_loading_then_engine_death_fails_requests_and_exits_non_zero(
     assert json.loads(events[-2])["error"]["code"] == "engine_dead"
     assert 503 in health
     assert server.wait_exit() != 0
+
+
+def test_sigterm_while_the_model_loads_ends_the_process_and_its_engine(
+    doomed_server: SluiceProcess,
+) -> None:
+    """Told to stop mid-load (the engine core process is up and loading), the process ends
+    within the drain timeout (30 s by default) and leaves no engine process behind."""
+    server = doomed_server
+    _answers_while_loading(server)
+    deadline = time.monotonic() + 60
+    core: psutil.Process | None = None
+    while core is None and time.monotonic() < deadline:
+        with contextlib.suppress(AssertionError, psutil.Error):
+            core = psutil.Process(_engine_core_pid(server.pid))
+        time.sleep(0.1)
+    assert core is not None, "the engine core never started"
+    assert httpx.get(f"{server.url}/readyz", timeout=5).json()["status"] == "loading"
+    stopped = time.monotonic()
+    server.terminate()
+    assert server.wait_exit(timeout_s=30) == 0
+    assert time.monotonic() - stopped < 30
+    core.wait(10)  # gone (or reaped) rather than loading on as an orphan
+    assert not core.is_running()

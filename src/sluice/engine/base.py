@@ -9,10 +9,63 @@ fast.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import threading
 from argparse import Namespace
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sluice.engine.protocol import EngineStats
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+# How long vLLM's processes get to end on SIGTERM when the server stops mid-load.
+CHILD_STOP_S = 5.0
+
+
+async def in_daemon_thread(work: Callable[[], T], name: str = "sluice-load") -> T:
+    """`work()` in a daemon thread, awaited. Unlike `asyncio.to_thread`, whose pool threads
+    the interpreter joins at exit, a model load still running when the process is told to
+    stop does not keep the process alive until the load ends."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # the awaiting task was cancelled (the server is stopping)
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = work(), None
+        except BaseException as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await future
+
+
+def stop_child_processes(timeout_s: float = CHILD_STOP_S) -> None:
+    """SIGTERM every process this one started (vLLM's engine core and its helpers), then
+    SIGKILL those still alive after `timeout_s`: what a load cut short leaves behind."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout_s)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    if children:
+        logger.info("stopped %d engine process(es) the interrupted load had started", len(children))
 
 
 class FrontendEngine:
@@ -52,7 +105,7 @@ class FrontendEngine:
             engine_args = AsyncEngineArgs.from_cli_args(self._args)
             return engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
 
-        return await asyncio.to_thread(config)
+        return await in_daemon_thread(config)
 
     def stats(self) -> EngineStats:
         if self._llm is None:

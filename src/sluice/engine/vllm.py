@@ -2,19 +2,19 @@
 
 vLLM brings the paged KV cache, continuous batching and its engine core in child processes;
 this class builds the engine exactly as `vllm serve` does (`AsyncEngineArgs.from_cli_args`
-on the namespace of vLLM's own argument parser, engine/args.py), in a worker thread so the
-event loop keeps answering `/healthz` and `/readyz` while the model loads, and reports vLLM's
-failures as ours (`EngineFailure` when the engine core is dead).
+on the namespace of vLLM's own argument parser, engine/args.py), in a daemon thread so the
+event loop keeps answering `/healthz` and `/readyz` while the model loads and a SIGTERM
+mid-load ends the process at once, and reports vLLM's failures as ours (`EngineFailure` when
+the engine core is dead).
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import time
 
-from sluice.engine.base import FrontendEngine
+from sluice.engine.base import FrontendEngine, in_daemon_thread, stop_child_processes
 from sluice.engine.protocol import EngineFailure
 
 logger = logging.getLogger(__name__)
@@ -28,9 +28,8 @@ class VllmEngine(FrontendEngine):
 
         started = time.monotonic()
         vllm_config = await self._vllm_config()
-        # AsyncLLM must be built on the event loop's thread (it starts its output handler
-        # there); the engine core processes start and load the model meanwhile.
-        llm, self._snapshot = await asyncio.to_thread(build_llm, vllm_config)
+        # The engine core processes start and load the model meanwhile.
+        llm, self._snapshot = await in_daemon_thread(lambda: build_llm(vllm_config))
         llm._run_output_handler()
         self._llm = llm
         model_config = vllm_config.model_config
@@ -43,8 +42,12 @@ class VllmEngine(FrontendEngine):
         )
 
     async def shutdown(self) -> None:
+        """Stop the engine; before it is up (a stop mid-load), stop the processes the load
+        started instead (the load's thread is a daemon and does not hold the process)."""
         llm, self._llm = self._llm, None
-        if llm is not None:
+        if llm is None:
+            stop_child_processes()
+        else:
             llm.shutdown()
             # AsyncLLM.__del__ shuts down again; let it run now (a no-op after shutdown)
             # rather than during interpreter teardown, where it fails.
