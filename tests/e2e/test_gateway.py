@@ -265,13 +265,21 @@ def test_redis_stopped_mid_run_fails_open_or_closed_then_recovers(
 ) -> None:
     real, synth = pair
     secret = create_key(real, name="outage", rpm=1000)
-    assert chat(real, secret).status_code == 200  # both learn the key while Redis is up
-    assert chat(synth, secret).status_code == 200
+    served = 0  # tokens of every 200, wherever it was served
+
+    def spend(response: httpx.Response) -> httpx.Response:
+        nonlocal served
+        if response.status_code == 200:
+            served += response.json()["usage"]["total_tokens"]
+        return response
+
+    assert spend(chat(real, secret)).status_code == 200  # both learn the key while Redis is up
+    assert spend(chat(synth, secret)).status_code == 200
     redis_store.stop()
     try:
         started = time.monotonic()
-        open_response = chat(real, secret)
-        closed_response = chat(synth, secret)
+        open_response = spend(chat(real, secret))
+        closed_response = spend(chat(synth, secret))
         assert time.monotonic() - started < 60  # bounded, no hang (real generation included)
         assert open_response.status_code == 200, open_response.text
         assert closed_response.status_code == 503
@@ -291,5 +299,9 @@ def test_redis_stopped_mid_run_fails_open_or_closed_then_recovers(
     finally:
         redis_store.start()
     for server in (real, synth):  # reconnects by itself
-        assert chat(server, secret).status_code == 200
+        assert spend(chat(server, secret)).status_code == 200
         assert server.proc.poll() is None
+    # What the fail-open replica served during the outage reached Redis; nothing is held.
+    spent = usage(synth, "outage")
+    assert spent["windows"]["month"]["tokens"] == served
+    assert spent["reserved"]["tokens"] == 0
