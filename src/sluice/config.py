@@ -9,6 +9,7 @@ import time: callers construct `Settings(...)` when they need one.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,16 +58,16 @@ class LimitSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body, bytes")
     max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens a request may ask")
     max_n: int = Field(8, ge=1, description="largest n a request may ask")
     max_prompts: int = Field(16, ge=1, description="largest list of prompts in one completion")
-    request_timeout_s: float = Field(600.0, gt=0, description="per-request time limit")
+    request_timeout_s: float = Field(600.0, gt=0, description="per-request time limit, seconds")
     headers_timeout_s: float = Field(
-        10.0, gt=0, description="time to receive a request's headers; then 408 and close"
+        10.0, gt=0, description="seconds to receive a request's headers; then 408 and close"
     )
     body_timeout_s: float = Field(
-        60.0, gt=0, description="time to receive a request's body after its headers; then close"
+        60.0, gt=0, description="seconds to receive a request's body after its headers"
     )
     max_connections: int = Field(
         2048, ge=1, description="open client connections; more get 503 and are closed"
@@ -223,7 +224,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     cache_dir: Path = Field(default_factory=default_cache_dir)
-    drain_timeout_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for requests")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="seconds SIGTERM waits for requests in flight"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     engine: EngineSettings = Field(default_factory=EngineSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
@@ -266,3 +269,18 @@ def _yaml_path(init_settings: PydanticBaseSettingsSource) -> Path | None:
     )
     raw = init_kwargs.get("config_file") or os.environ.get("SLUICE_CONFIG_FILE")
     return Path(raw) if raw else None
+
+
+def nested_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`{"gateway.store": "redis"}` as `Settings(**...)` takes it: `{"gateway": {"store":
+    "redis"}}`; None values (a flag not given) are left out."""
+    overrides: dict[str, Any] = {}
+    for path, value in values.items():
+        if value is None:
+            continue
+        node = overrides
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return overrides

@@ -79,3 +79,50 @@ def test_prices_derive_from_a_gpu_hour_and_throughput() -> None:
     assert price.input_usd_per_mtok == pytest.approx(0.25)
     with pytest.raises(ValidationError, match="output_tokens_per_s"):
         ModelPrice(gpu_usd_per_hour=2.0)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_keys_take_the_store_before_or_after_the_command(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """No settings file needed: `--database` (or `--redis-url`, `--config`) on either side."""
+    database = tmp_path / "elsewhere.db"
+    store = ["--database", str(database)]
+
+    def keys(*words: str) -> list[str]:
+        command, *rest = words
+        return ["keys", *store, command, *rest] if where == "before" else ["keys", *words, *store]
+
+    assert main(keys("create", "team-b", "--tpm", "100")) == 0
+    assert database.exists() and not (cache / "sluice.db").exists()
+    capsys.readouterr()
+    assert main(keys("list")) == 0
+    assert "team-b" in capsys.readouterr().out
+    assert main(["keys", "list"]) == 0  # the default store has no such key
+    assert "team-b" not in capsys.readouterr().out
+    config = tmp_path / "sluice.yaml"
+    config.write_text(yaml.safe_dump({"gateway": {"database": str(database)}}))
+    assert main(["keys", "list", "--config", str(config)]) == 0
+    assert "team-b" in capsys.readouterr().out
+
+
+def test_version_names_sluice_and_vllm(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sluice 0.") and "(vLLM 0.32" in out
+
+
+def test_every_serve_flag_has_help_and_shows_its_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--port PORT port to listen on (default: 8000)" in text
+    assert "--headers-timeout HEADERS_TIMEOUT seconds to receive a request's headers" in text
+    from sluice.cli import SERVE_FLAGS, flag_help
+
+    for flag, (path, options) in SERVE_FLAGS.items():
+        assert flag_help(path, options.get("help")), f"{flag} has no help"

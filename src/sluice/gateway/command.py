@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from sluice.config import Settings
+from sluice.config import Settings, nested_overrides
 from sluice.gateway.keyadmin import KeyAdmin, describe_usage
 from sluice.gateway.keys import KeyPolicy
 from sluice.gateway.service import build_keys, close_keys
@@ -39,20 +39,51 @@ POLICY_FLAGS = {
 }
 
 
+# Where the keys live, as `sluice serve` takes it: flag -> (settings path, argparse options).
+STORE_FLAGS: dict[str, tuple[str, dict[str, object]]] = {
+    "--config": ("config_file", {"type": Path, "help": "YAML settings file"}),
+    "--store": ("gateway.store", {"choices": ["embedded", "redis"], "help": "key store"}),
+    "--database": ("gateway.database", {"type": Path, "help": "SQLite file (embedded store)"}),
+    "--redis-url": ("gateway.redis_url", {"help": "redis://host:port/db (store=redis)"}),
+    "--keys-file": ("gateway.keys_file", {"type": Path, "help": "declarative YAML keys"}),
+}
+
+
+def _store_arguments(parser: argparse.ArgumentParser, default: object) -> None:
+    for flag, (_path, options) in STORE_FLAGS.items():
+        parser.add_argument(flag, default=default, **options)  # type: ignore[arg-type]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, help="YAML settings file")
+    """`keys` and its commands; the store options work before or after the command."""
+    _store_arguments(parser, None)
     commands = parser.add_subparsers(dest="keys_command", required=True)
-    create = commands.add_parser("create", help="create a key and print its secret once")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        _store_arguments(sub, argparse.SUPPRESS)  # given here, it wins; else the one before
+        return sub
+
+    create = command("create", "create a key and print its secret once")
     create.add_argument("name")
     for flag, options in POLICY_FLAGS.items():
         create.add_argument(flag, default=None, **options)  # type: ignore[arg-type]
     create.add_argument("--disabled", action="store_true", help="create it disabled")
-    commands.add_parser("list", help="list keys (never their secrets)")
-    revoke = commands.add_parser("revoke", help="revoke a key")
+    command("list", "list keys (never their secrets)")
+    revoke = command("revoke", "revoke a key")
     revoke.add_argument("name")
-    usage = commands.add_parser("usage", help="a key's spend this hour, day and month")
+    usage = command("usage", "a key's spend this hour, day and month")
     usage.add_argument("name")
     usage.add_argument("--json", action="store_true", help="print JSON")
+
+
+def store_settings(args: argparse.Namespace) -> Settings:
+    """Settings with the store flags given on top of env, YAML and defaults."""
+    given = {
+        path: getattr(args, flag[2:].replace("-", "_"), None)
+        for flag, (path, _) in STORE_FLAGS.items()
+    }
+    return Settings(**nested_overrides(given))
 
 
 def _admin(settings: Settings) -> KeyAdmin:
@@ -125,8 +156,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 def keys(args: argparse.Namespace) -> int:
     """Run a `sluice keys` command; errors come back as SluiceError / StoreFailure."""
-    settings = Settings(config_file=args.config) if args.config else Settings()
-    return asyncio.run(_run(args, settings))
+    return asyncio.run(_run(args, store_settings(args)))
 
 
 def is_loopback(host: str) -> bool:
