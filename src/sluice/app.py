@@ -42,6 +42,7 @@ from sluice.gateway.admission import Admission
 from sluice.gateway.service import Gateway
 from sluice.gateway.store_redis import StoreFailure
 from sluice.lifecycle import Lifecycle, Phase
+from sluice.telemetry.logging import resolved_format
 from sluice.telemetry.metrics import Metrics, SloSpec
 from sluice.telemetry.tracing import ErrorBiasedSampler, ErrorRateWindow, build_tracer_provider
 
@@ -92,10 +93,12 @@ def build_engine(settings: Settings, cli_args: Sequence[str] = ()) -> Engine:
     synthetic = settings.engine.kind == "synthetic"
     names: list[str] = []
     defaults: list[str] = []
+    if resolved_format(settings.telemetry.log_format) == "json":
+        defaults.append("--no-use-tqdm-on-load")  # a progress bar is not a log line
     if settings.model is None:
         model = str(default_model_dir(settings.cache_dir))
         names = [DEFAULT_MODEL_NAME]
-        defaults = DEFAULT_MODEL_TOOLS
+        defaults += DEFAULT_MODEL_TOOLS
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the packaged model needs no hub
     else:
         model = settings.model

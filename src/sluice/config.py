@@ -128,7 +128,9 @@ class TelemetrySettings(BaseModel):
     enabled: bool = Field(
         True, description="per-request metrics, log lines and traces (off: only engine gauges)"
     )
-    log_format: Literal["json", "text"] = Field("json", description="log line format")
+    log_format: Literal["json", "text"] | None = Field(
+        None, description="log line format; unset: text on a terminal, JSON otherwise"
+    )
     metrics_token: SecretStr | None = Field(
         None, description="if set, /metrics requires 'Authorization: Bearer <token>'"
     )

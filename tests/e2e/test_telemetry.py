@@ -52,3 +52,25 @@ def test_metrics_cover_sluice_and_vllm_after_traffic(
     assert fields["logger"] == "sluice.request"
     assert (fields["model"], fields["status"]) == (MODEL, 200)
     assert fields["completion_tokens"] >= 1
+
+
+# Printed by vLLM's child processes when importing triton, before any logging config can
+# apply (Python's last-resort handler); the one line that is not ours to format.
+UNFORMATTABLE = ("Triton is installed, but doesn't include CPU backend",)
+
+
+def test_the_server_log_is_json_lines_from_every_process(server: SluiceProcess) -> None:
+    """Not a terminal: every line (sluice's, uvicorn's, vLLM's in the engine-core and worker
+    processes) is one JSON object; no progress bars; vLLM's CPU advice is not a warning."""
+    lines = [
+        line
+        for line in server.log_path.read_text(errors="replace").splitlines()
+        if line.strip() and not line.startswith(UNFORMATTABLE)
+    ]
+    records = [json.loads(line) for line in lines]  # fails on any other line
+    assert {"ts", "level", "logger", "msg"} <= set(records[0])
+    from_children = [r for r in records if "pid" in r]
+    assert any(r["logger"].startswith("vllm.v1.engine") for r in from_children)
+    advice = [r for r in records if "LD_PRELOAD" in r["msg"]]
+    assert advice and all(r["level"] == "info" for r in advice)
+    assert not any("checkpoint shards" in r["msg"] for r in records)
