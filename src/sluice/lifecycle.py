@@ -36,6 +36,7 @@ class Lifecycle:
         self.in_flight = 0
         self.exit_code = 0
         self.load_seconds: float | None = None
+        self.step = "starting"  # while loading: "pulling model", then "loading model"
         self.failure: str | None = None
         self._idle = asyncio.Event()
         self._idle.set()

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from pathlib import Path
+
+import pytest
 from fastapi.testclient import TestClient
 
 from sluice.config import Settings
+from sluice.engine.models import default_model_dir
 from sluice.lifecycle import Phase
 from tests.api.conftest import (
     app_client,
@@ -12,9 +18,10 @@ from tests.api.conftest import (
     chat_body,
     completion_body,
     lifecycle_of,
+    make_settings,
     wait_ready,
 )
-from tests.fake_engine import FakeEngine
+from tests.fake_engine import MODEL_FOLDER, FakeEngine
 
 
 def test_before_ready(settings: Settings) -> None:
@@ -24,7 +31,12 @@ def test_before_ready(settings: Settings) -> None:
         ready = client.get("/readyz")
         assert ready.status_code == 503
         assert ready.headers["retry-after"] == "10"
-        assert ready.json() == {"status": "loading", "in_flight": 0, "model_load_seconds": None}
+        assert ready.json() == {
+            "status": "loading",
+            "step": "loading model",
+            "in_flight": 0,
+            "model_load_seconds": None,
+        }
 
         for path, body in [
             ("/v1/completions", completion_body()),
@@ -40,6 +52,42 @@ def test_before_ready(settings: Settings) -> None:
         assert engine.requests == []
         assert lifecycle_of(client).in_flight == 0
         assert lifecycle_of(client).phase is Phase.LOADING
+
+
+def test_the_port_is_open_while_the_default_model_is_pulled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """First start: the default model is not cached. `/readyz` says so while it is pulled,
+    then the engine loads on it."""
+    pulled = threading.Event()
+    calls: list[Path] = []
+
+    def pull(cache_dir: Path, progress: object = None) -> Path:
+        calls.append(cache_dir)
+        pulled.wait(10)
+        return default_model_dir(cache_dir)
+
+    monkeypatch.setattr("sluice.app.is_provisioned", lambda folder: bool(calls) and pulled.is_set())
+    monkeypatch.setattr("sluice.app.ensure_default_model", pull)
+    cache_dir = MODEL_FOLDER.parent.parent  # the engine serves this cache's default model
+    with app_client(FakeEngine(), make_settings(cache_dir=cache_dir), wait=False) as client:
+        for _ in range(100):
+            if calls:
+                break
+            time.sleep(0.01)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["step"] == "pulling model"
+        assert_error(
+            client.post("/v1/completions", json=completion_body()),
+            503,
+            type_="server_error",
+            code="model_loading",
+        )
+        pulled.set()
+        wait_ready(client)
+        assert calls == [cache_dir]
+        assert "step" not in client.get("/readyz").json()
 
 
 def test_becomes_ready(settings: Settings) -> None:

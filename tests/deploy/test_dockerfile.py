@@ -8,6 +8,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,8 @@ def test_the_cpu_stack_is_setup_sh_recipe() -> None:
     torch = next(c for c in commands if "torch==2.13.0" in c)
     assert torch[torch.index("--index-url") + 1] == "https://download.pytorch.org/whl/cpu"
     assert any(arg.endswith("[cpu]") for c in commands for arg in c)
+    stack = next(c for c in commands if any(arg.endswith("[cpu]") for arg in c))
+    assert stack[stack.index("--constraint") + 1] == "constraints.txt"  # the tested versions
     uninstall = next(c for c in commands if c[1] == "uninstall")
     assert {"torchvision", "torchaudio", "torchcodec"} <= set(uninstall)
     # The order matters: torch from the CPU index first, the uninstall last.
@@ -249,3 +252,24 @@ def test_dockerignore_sends_every_copied_file_and_nothing_bulky() -> None:
     assert not _ignored("Dockerfile", patterns)
     for bulky in (".venv/bin/python", ".git/HEAD", "tests/api/conftest.py", "benchmarks"):
         assert _ignored(bulky, patterns), f"{bulky} would be sent to the build"
+
+
+def test_the_lock_pins_every_dependency_as_pyproject_pins_it() -> None:
+    """constraints.txt (scripts/lock.sh) holds every package the CPU stack and the tools
+    declare, at a version their specifiers allow."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *project["optional-dependencies"]["cpu"]]
+    declared += project["optional-dependencies"]["dev"]
+    for text in declared:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in constraints.txt: run scripts/lock.sh"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name])

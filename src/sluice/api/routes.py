@@ -185,6 +185,8 @@ async def readyz(lifecycle: LifecycleDep, engine: EngineDep) -> JSONResponse:
         "in_flight": lifecycle.in_flight,
         "model_load_seconds": lifecycle.load_seconds,
     }
+    if lifecycle.phase is Phase.LOADING:
+        body["step"] = lifecycle.step
     if engine.ready:
         stats = engine.stats()
         body["engine"] = {

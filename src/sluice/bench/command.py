@@ -316,11 +316,14 @@ def bench(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     files = report.write(args.out, meta)
-    from sluice.bench.plots import latency_plot, sweep_plot  # matplotlib loads only here
-
-    files["latency"] = latency_plot(report, args.out / "latency.png")
-    if len(arrivals) > 1:
-        files["sweep"] = sweep_plot(report, args.out / "sweep.png", axis_name=axis_name)
+    try:
+        from sluice.bench.plots import latency_plot, sweep_plot  # matplotlib loads only here
+    except ImportError:
+        console.print("no plots: matplotlib is not installed (pip install 'sluice[bench]')")
+    else:
+        files["latency"] = latency_plot(report, args.out / "latency.png")
+        if len(arrivals) > 1:
+            files["sweep"] = sweep_plot(report, args.out / "sweep.png", axis_name=axis_name)
     for name, path in files.items():
         console.print(f"{name}: {path}")
     return 0

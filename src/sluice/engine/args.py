@@ -125,7 +125,7 @@ def engine_namespace(
     ]
     if on_cpu:
         # bf16 has no native support on these CPUs (batched throughput collapses) and graph
-        # capture costs start-up time for no gain (DESIGN.md, measured).
+        # capture costs start-up time for no gain (measured on 2-core x86 CPUs).
         platform += ["--dtype", "float32", "--enforce-eager"]
     if served_model_names:
         platform += ["--served-model-name", *served_model_names]
