@@ -94,8 +94,8 @@ RUN apt-get update \
 COPY --from=gpu-build /opt/sluice/venv /opt/sluice/venv
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
-# Without SLUICE_MODEL the first start pulls the default model into the volume before the
-# HTTP server listens; a large model takes minutes to load.
+# Without SLUICE_MODEL the first start pulls the default model into the volume (the port is
+# open meanwhile and /readyz says "pulling model"); a large model takes minutes to load.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=600s --retries=3 \
     CMD ["python", "/opt/sluice/probe.py", "/healthz"]
 
