@@ -216,19 +216,27 @@ FIELDS = (
 )
 
 
-def report(rows: list[dict[str, object]], out: Path) -> None:
-    """Medians over rounds per server and concurrency, and each sluice's CPU over vLLM's."""
+def report(
+    rows: list[dict[str, object]],
+    out: Path,
+    *,
+    servers: tuple[str, ...] = SERVERS,
+    baseline: str = "vllm",
+    title: str = "front-end process CPU per streamed token (medians over rounds)",
+) -> None:
+    """Medians over rounds per server and concurrency, and each server's CPU over the
+    baseline's."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "rows.json").write_text(json.dumps(rows, indent=1))
-    servers = [s for s in SERVERS if any(r["server"] == s for r in rows)]
-    table = Table(title="front-end process CPU per streamed token (medians over rounds)")
+    present = [s for s in servers if any(r["server"] == s for r in rows)]
+    table = Table(title=title)
     table.add_column("concurrency", justify="right")
     for _, label, _ in FIELDS:
-        for server in servers:
+        for server in present:
             table.add_column(f"{server} {label}", justify="right")
-    for server in servers:
-        if server != "vllm":
-            table.add_column(f"{server}/vLLM CPU", justify="right")
+    for server in present:
+        if server != baseline:
+            table.add_column(f"{server}/{baseline} CPU", justify="right")
     summary = []
     for concurrency in sorted({int(str(r["concurrency"])) for r in rows}):
 
@@ -243,12 +251,12 @@ def report(rows: list[dict[str, object]], out: Path) -> None:
         line: dict[str, float] = {"concurrency": concurrency}
         cells = [str(concurrency)]
         for field, _, digits in FIELDS:
-            for server in servers:
+            for server in present:
                 line[f"{server}_{field}"] = median(server, field)
                 cells.append(f"{line[f'{server}_{field}']:.{digits}f}")
-        for server in servers:
-            if server != "vllm":
-                ratio = line[f"{server}_cpu_ms_per_token"] / line["vllm_cpu_ms_per_token"]
+        for server in present:
+            if server != baseline:
+                ratio = line[f"{server}_cpu_ms_per_token"] / line[f"{baseline}_cpu_ms_per_token"]
                 line[f"{server}_cpu_ratio"] = ratio
                 cells.append(f"{ratio:.2f}x")
         summary.append(line)

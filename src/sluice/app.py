@@ -252,11 +252,13 @@ def create_app(
             settings,
             admission,
             on_store_failure=lambda op: metrics.store_failures.labels(op).inc(),
+            on_budget=metrics.budget,
         )
         app.state.gateway = gateway
         metrics.admission_load.set_function(admission.load)
         await _announce_auth(gateway, settings)
         metrics.in_flight.set_function(lambda: lifecycle.in_flight)
+        metrics.ready.set_function(lambda: float(lifecycle.phase is Phase.READY))
         metrics.watch_engine(engine_stats, lambda: model)
         tasks = [
             asyncio.create_task(_load(app, the_engine, metrics, tracer), name="sluice-load"),
@@ -277,6 +279,7 @@ def create_app(
             telemetry.slo_latency_s,
             telemetry.slo_max_prompt_tokens,
             telemetry.slo_max_output_tokens,
+            telemetry.slo_ttft_s,
         ),
         settings.pricing,
     )

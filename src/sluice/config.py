@@ -146,6 +146,9 @@ class TelemetrySettings(BaseModel):
     slo_latency_s: float = Field(1.2, gt=0, description="latency objective (p95, end to end)")
     slo_max_prompt_tokens: int = Field(200, ge=1, description="requests the SLO covers: prompt")
     slo_max_output_tokens: int = Field(256, ge=1, description="requests the SLO covers: output")
+    slo_ttft_s: float = Field(
+        2.0, gt=0, description="time-to-first-token objective (p99); the alert rule's threshold"
+    )
 
 
 class GatewaySettings(BaseModel):

@@ -172,9 +172,13 @@ def test_tpm_reserves_the_worst_case_and_settles_to_what_was_used(keyed: TestCli
 
 def test_a_token_budget_refuses_with_insufficient_quota(keyed: TestClient) -> None:
     # each request: 3 prompt + 3 completion = 6 tokens, reserved and then spent
-    for _ in range(3):
+    for spent in (0, 6, 12):
         response = keyed.post("/v1/completions", json=completion_body(), headers=auth("budget"))
         assert response.status_code == 200
+        # the gauges, as of the reservation: spend before it and the reservation counted
+        remaining = sample(keyed, "sluice_budget_remaining", key="budget", unit="tokens")
+        assert remaining == 20 - spent - 6
+        assert sample(keyed, "sluice_budget_limit", key="budget", unit="tokens") == 20
     response = keyed.post("/v1/completions", json=completion_body(), headers=auth("budget"))
     error = assert_error(response, 429, type_="insufficient_quota", code="insufficient_quota")
     assert "budget" in error["message"] and "day" in error["message"]
@@ -300,6 +304,9 @@ def test_a_usd_budget_uses_the_price_table(engine: FakeEngine, tmp_path: Path) -
         assert "USD" in error["message"] and "hour" in error["message"]
         cost = sample(client, "sluice_cost_usd_total", model=MODEL_ID, key="spender")
         assert cost == pytest.approx(0.018)
+        left = sample(client, "sluice_budget_remaining", key="spender", unit="usd")
+        assert left == pytest.approx(0.02 - 0.009 - 0.009)  # as of the second reservation
+        assert sample(client, "sluice_budget_remaining", key="spender", unit="tokens") is None
 
 
 def test_redis_down_fails_open_or_closed(tmp_path: Path) -> None:

@@ -53,6 +53,17 @@ def test_successful_completion_is_counted_everywhere(client: TestClient) -> None
     )
 
 
+def test_objectives_readiness_and_slo_outcomes_are_exported(engine: FakeEngine) -> None:
+    settings = make_settings(telemetry={"slo_latency_s": 30.0, "slo_ttft_s": 0.5})
+    with app_client(engine, settings) as client:
+        assert client.post("/v1/completions", json=completion_body(max_tokens=2)).status_code == 200
+        assert sample(client, "sluice_objective_seconds", objective="latency_p95") == 30.0
+        assert sample(client, "sluice_objective_seconds", objective="ttft_p99") == 0.5
+        assert sample(client, "sluice_ready") == 1
+        assert sample(client, "sluice_slo_requests_total", model=MODEL_ID, outcome="met") == 1
+        assert sample(client, "sluice_slo_requests_total", model=MODEL_ID, outcome="missed") is None
+
+
 def test_stream_is_counted_with_its_tokens(client: TestClient) -> None:
     response = client.post("/v1/chat/completions", json=chat_body(max_tokens=5, stream=True))
     assert response.status_code == 200

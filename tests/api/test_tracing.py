@@ -190,3 +190,23 @@ def test_otlp_export_reaches_a_local_receiver(otlp_receiver: list[bytes]) -> Non
                 names.update(span.name for span in scope_spans.spans)
     assert services == {"sluice-test"}
     assert {"load_model", "POST /v1/chat/completions", f"chat {MODEL_ID}"} <= names
+
+
+def test_a_streamed_chat_exports_the_server_span_and_the_genai_span_only(
+    otlp_receiver: list[bytes],
+) -> None:
+    """No span per ASGI message (one per SSE chunk would be hundreds per answer): a stream of
+    5 tokens exports its server span and its GenAI span (with the events), nothing else."""
+    app = create_app(make_settings(), engine=FakeEngine())
+    with TestClient(app) as client:
+        wait_ready(client)
+        response = client.post("/v1/chat/completions", json=chat_body(max_tokens=5, stream=True))
+        assert response.text.endswith("data: [DONE]\n\n") and response.text.count("data: ") >= 3
+    names: list[str] = []
+    for body in otlp_receiver:
+        for resource_spans in ExportTraceServiceRequest.FromString(body).resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                names.extend(span.name for span in scope_spans.spans)
+    assert sorted(n for n in names if n != "load_model") == sorted(
+        ["POST /v1/chat/completions", f"chat {MODEL_ID}"]
+    )

@@ -85,6 +85,23 @@ class RateView:
 
 
 @dataclass(frozen=True)
+class BudgetLeft:
+    """What a key's budgets have left in their windows once a reservation is made (spend plus
+    every outstanding reservation counted); None for a budget the key does not have."""
+
+    tokens: float | None = None
+    usd: float | None = None
+
+    @classmethod
+    def of(cls, limits: Limits, tokens: str, usd: str) -> BudgetLeft:
+        """From the store's reply fields (`none` where there is no budget)."""
+        return cls(
+            float(tokens) if limits.budget_tokens is not None and tokens != "none" else None,
+            float(usd) if limits.budget_usd is not None and usd != "none" else None,
+        )
+
+
+@dataclass(frozen=True)
 class Grant:
     """An admitted reservation; settle it exactly once."""
 
@@ -96,6 +113,7 @@ class Grant:
     token_view: RateView | None = None
     local: bool = False  # reserved in the fail-open fallback, not the shared store
     ttl_s: float = 0.0  # the request's time limit, as in its `Demand`
+    budget_left: BudgetLeft = BudgetLeft()
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from sluice.gateway.admission import Admission
 from sluice.gateway.auth import KeyRing, Principal, load_keys_file
 from sluice.gateway.keys import KeyStore
 from sluice.gateway.quota import (
+    BudgetLeft,
     Clock,
     Demand,
     Grant,
@@ -119,6 +120,7 @@ class Gateway:
         *,
         request_timeout_s: float = 600.0,
         on_store_failure: Callable[[str], None] = lambda _: None,
+        on_budget: Callable[[str, Limits, BudgetLeft], None] = lambda *_: None,
         clock: Clock = wall_clock,
     ) -> None:
         self.settings = settings
@@ -130,6 +132,7 @@ class Gateway:
         self.clock = clock
         self.fallback = LocalQuota(MemoryLedger(), clock=clock)
         self.on_store_failure = on_store_failure
+        self.on_budget = on_budget
         # Settlements the store has not acknowledged, oldest first (see module docstring).
         self.pending: collections.deque[Settlement] = collections.deque()
         self._sending: asyncio.Task[None] | None = None
@@ -142,6 +145,7 @@ class Gateway:
         settings: Settings,
         admission: Admission,
         on_store_failure: Callable[[str], None] = lambda _: None,
+        on_budget: Callable[[str, Limits, BudgetLeft], None] = lambda *_: None,
     ) -> Gateway:
         keys, quota = build_keys(settings)
         return cls(
@@ -152,6 +156,7 @@ class Gateway:
             admission,
             request_timeout_s=settings.limits.request_timeout_s,
             on_store_failure=on_store_failure,
+            on_budget=on_budget,
         )
 
     async def close(self) -> None:
@@ -211,8 +216,11 @@ class Gateway:
                 price.cost(prompt_tokens, max_output_tokens),
                 ttl_s=self.request_timeout_s,
             )
-            ticket.grant = await self._reserve(Limits.of(principal.policy), demand)
+            limits = Limits.of(principal.policy)
+            ticket.grant = await self._reserve(limits, demand)
             ticket.headers = rate_headers(ticket.grant.requests, ticket.grant.token_view)
+            if limits.budget_tokens is not None or limits.budget_usd is not None:
+                self.on_budget(principal.name, limits, ticket.grant.budget_left)
         self.admission.queued(prompt_tokens)
         return ticket
 

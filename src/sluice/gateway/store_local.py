@@ -19,6 +19,7 @@ from sluice.gateway.keys import KeyExists, StoredKey, Window
 from sluice.gateway.quota import (
     WINDOWS,
     Bucket,
+    BudgetLeft,
     Clock,
     Demand,
     Grant,
@@ -186,7 +187,20 @@ class LocalQuota:
             requests=view(requests.level, limits.rpm) if requests and limits.rpm else None,
             token_view=view(tokens.level, limits.tpm) if tokens and limits.tpm else None,
             ttl_s=demand.ttl_s,
+            budget_left=self._budget_left(limits, demand.key, now, state),
         )
+
+    def _budget_left(self, limits: Limits, key: str, now: float, state: KeyState) -> BudgetLeft:
+        """Each budget less spend and every reservation (this one included)."""
+        reserved_tokens, reserved_usd = state.reserved
+        tokens = usd = None
+        if limits.budget_tokens is not None:
+            spent = self.ledger.spent(key, spend_field(limits.budget_tokens_window, now))[0]
+            tokens = float(limits.budget_tokens - spent - reserved_tokens)
+        if limits.budget_usd is not None:
+            spent_usd = self.ledger.spent(key, spend_field(limits.budget_usd_window, now))[1]
+            usd = limits.budget_usd - spent_usd - reserved_usd
+        return BudgetLeft(tokens, usd)
 
     def _refusal(
         self,

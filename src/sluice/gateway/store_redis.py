@@ -35,6 +35,7 @@ from sluice.errors import StoreUnavailable
 from sluice.gateway.keys import KeyExists, StoredKey
 from sluice.gateway.quota import (
     WINDOWS,
+    BudgetLeft,
     Clock,
     Demand,
     Grant,
@@ -58,14 +59,17 @@ MAX_CONNECTIONS = 512
 # KEYS: bucket hash, reservations hash, reservation expiry zset, spend hash.
 # ARGV: now, rpm, tpm, tokens, usd, budget_tokens, tokens_field, budget_usd, usd_field,
 #       reservation id, expires at. Limits of -1 mean "none".
-# Returns {admitted, kind, retry_s, requests_level, tokens_level, need, have} (as strings:
-# Lua numbers become integers in replies); kind `closed` when the id is already closed.
+# Returns {admitted, kind, retry_s, requests_level, tokens_level, need, have, tokens_left,
+# usd_left} (as strings: Lua numbers become integers in replies; `none` where the key has no
+# such budget; left counts this reservation); kind `closed` when the id is already closed.
 RESERVE = """
 local now = tonumber(ARGV[1])
 local rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
 local need, usd = tonumber(ARGV[4]), tonumber(ARGV[5])
 local btok, busd = tonumber(ARGV[6]), tonumber(ARGV[8])
-if redis.call('ZSCORE', KEYS[3], ARGV[10]) then return {0, 'closed', '0', '-1', '-1', '0', '0'} end
+if redis.call('ZSCORE', KEYS[3], ARGV[10]) then
+  return {0, 'closed', '0', '-1', '-1', '0', '0', 'none', 'none'}
+end
 for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   redis.call('HDEL', KEYS[2], rid)
   redis.call('ZREM', KEYS[3], rid)
@@ -79,8 +83,10 @@ end
 local rq, tk = -1, -1
 if rpm > 0 then rq = level('r', rpm) end
 if tpm > 0 then tk = level('k', tpm) end
+local ltok, lusd = 'none', 'none'
 local function reply(ok, kind, retry, n, h)
-  return {ok, kind, tostring(retry), tostring(rq), tostring(tk), tostring(n), tostring(h)}
+  return {ok, kind, tostring(retry), tostring(rq), tostring(tk), tostring(n), tostring(h),
+          tostring(ltok), tostring(lusd)}
 end
 if rpm > 0 and rq < 1 then return reply(0, 'requests', (1 - rq) * 60 / rpm, 1, rq) end
 if tpm > 0 and tk < need then
@@ -98,10 +104,12 @@ if btok >= 0 or busd >= 0 then
   if btok >= 0 then
     local left = btok - tonumber(redis.call('HGET', KEYS[4], ARGV[7] .. ':t') or '0') - rt
     if need > left then return reply(0, 'budget_tokens', 0, need, left) end
+    ltok = left - need
   end
   if busd >= 0 then
     local left = busd - tonumber(redis.call('HGET', KEYS[4], ARGV[9] .. ':u') or '0') - ru
     if usd > left then return reply(0, 'budget_usd', 0, usd, left) end
+    lusd = left - usd
   end
 end
 if rpm > 0 then
@@ -246,7 +254,7 @@ class RedisQuota:
                 ],
             )
         )
-        admitted, kind, retry, rq, tk, need, have = (str(x) for x in raw)
+        admitted, kind, retry, rq, tk, need, have, tokens_left, usd_left = (str(x) for x in raw)
         if kind == "closed":  # only a reused id can meet this
             raise StoreFailure(f"redis: reservation {reservation_id} was already closed")
         requests = view(float(rq), limits.rpm) if limits.rpm else None
@@ -260,6 +268,7 @@ class RedisQuota:
                 requests,
                 tokens,
                 ttl_s=demand.ttl_s,
+                budget_left=BudgetLeft.of(limits, tokens_left, usd_left),
             )
         refusal_kind: RefusalKind = kind  # type: ignore[assignment]
         retry_s = float(retry)

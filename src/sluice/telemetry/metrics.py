@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from sluice.config import PricingSettings
 from sluice.engine.protocol import EngineStats
+from sluice.gateway.quota import BudgetLeft, Limits
 from sluice.telemetry.record import RequestRecord
 
 # fmt: off
@@ -69,6 +70,7 @@ class SloSpec:
     latency_s: float = 1.2
     max_prompt_tokens: int = 200
     max_output_tokens: int = 256
+    ttft_s: float = 2.0  # p99 time to first token, for every generation request
 
 
 class _EngineCollector(Collector):
@@ -167,6 +169,36 @@ class Metrics:
             buckets=sorted({*LATENCY_BUCKETS, self.slo.latency_s}),
             registry=r,
         )
+        self.slo_requests = Counter(
+            "sluice_slo_requests",
+            "Requests the latency objective covers, by whether they met it.",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.objective = Gauge(
+            "sluice_objective_seconds",
+            "The configured objectives (latency_p95: end to end, covered requests; ttft_p99).",
+            ["objective"],
+            registry=r,
+        )
+        self.objective.labels("latency_p95").set(self.slo.latency_s)
+        self.objective.labels("ttft_p99").set(self.slo.ttft_s)
+        self.ready = Gauge(
+            "sluice_ready", "1 while the server serves requests (loaded, not draining).", registry=r
+        )
+        self.budget_remaining = Gauge(
+            "sluice_budget_remaining",
+            "What a key's budget has left in its window (spend and outstanding reservations "
+            "counted), as of its last reservation, by unit (tokens, usd).",
+            ["key", "unit"],
+            registry=r,
+        )
+        self.budget_limit = Gauge(
+            "sluice_budget_limit",
+            "A key's budget per window, by unit.",
+            ["key", "unit"],
+            registry=r,
+        )
         self.cost = Counter(
             "sluice_cost_usd",
             "Cost of served tokens in USD (price table).",
@@ -201,7 +233,10 @@ class Metrics:
             and record.prompt_tokens <= self.slo.max_prompt_tokens
             and record.completion_tokens <= self.slo.max_output_tokens
         ):
-            self.slo_latency.labels(model).observe(finished_at - record.started)
+            latency = finished_at - record.started
+            self.slo_latency.labels(model).observe(latency)
+            met = "met" if latency <= self.slo.latency_s else "missed"
+            self.slo_requests.labels(model, met).inc()
         self.cost.labels(model, key).inc(
             self.pricing.price_of(model).cost(record.prompt_tokens, record.completion_tokens)
         )
@@ -216,6 +251,17 @@ class Metrics:
         itl = self.itl.labels(model)
         for gap in record.token_gaps:
             itl.observe(gap)
+
+    def budget(self, key: str, limits: Limits, left: BudgetLeft) -> None:
+        """A key's budgets after one of its reservations."""
+        label = self.key_label(key)
+        for unit, limit, remaining in (
+            ("tokens", limits.budget_tokens, left.tokens),
+            ("usd", limits.budget_usd, left.usd),
+        ):
+            if limit is not None and remaining is not None:
+                self.budget_limit.labels(label, unit).set(limit)
+                self.budget_remaining.labels(label, unit).set(remaining)
 
     def exposition(self) -> bytes:
         """Text format of sluice's families followed by vLLM's (global registry)."""
