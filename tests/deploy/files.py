@@ -50,6 +50,8 @@ METRIC_DOCUMENTS = [
     *sorted((ROOT / "docs").glob("*.md")),
     ROOT / "prometheus.yml",
     ROOT / "grafana" / "dashboards" / "sluice.json",
+    ROOT / "deploy" / "prometheus" / "alerts.yml",
+    ROOT / "deploy" / "prometheus" / "alerts.test.yml",
 ]
 
 ENV_NAME = re.compile(r"\bSLUICE_[A-Z0-9_]*[A-Z0-9]\b")
