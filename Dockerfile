@@ -9,7 +9,8 @@
 #                                                      the cache volume (or SLUICE_MODEL)
 #
 # At run time only /var/cache/sluice (the cache volume: the SQLite store, Hugging Face and vLLM
-# caches, pulled models), /tmp and /dev/shm are written: both images run with a read-only root
+# caches, pulled models), /var/cache/huggingface when HF_HOME points there (compose's GPU
+# service, whose hub downloads get their own volume), /tmp and /dev/shm are written: both images run with a read-only root
 # filesystem. The server runs as the unprivileged `sluice` user (uid 10001); see
 # deploy/docker/entrypoint.sh for why the entrypoint may start as root and drop to it.
 # SIGTERM drains (sluice's drain_timeout_s, 30 s): give `docker stop` / `docker run
@@ -27,7 +28,7 @@ RUN apt-get update \
     && groupadd --system --gid 10001 sluice \
     && useradd --system --uid 10001 --gid sluice --no-create-home \
         --home-dir /var/cache/sluice/home --shell /usr/sbin/nologin sluice \
-    && install -d -o sluice -g sluice -m 0750 /var/cache/sluice
+    && install -d -o sluice -g sluice -m 0750 /var/cache/sluice /var/cache/huggingface
 
 COPY --chmod=0755 deploy/docker/entrypoint.sh /usr/local/bin/sluice-entrypoint
 COPY --chmod=0644 deploy/docker/probe.py /opt/sluice/probe.py

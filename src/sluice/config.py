@@ -245,6 +245,12 @@ class Settings(BaseSettings):
         "vLLM's own parser",
     )
 
+    @field_validator("model")
+    @classmethod
+    def _empty_model(cls, value: str | None) -> str | None:
+        """An empty `SLUICE_MODEL` (compose's `${SLUICE_MODEL:-}`) means the default model."""
+        return value or None
+
     @property
     def database_path(self) -> Path:
         """The SQLite file of the embedded store."""

@@ -91,6 +91,9 @@ def test_kubernetes_gets_the_same_rules() -> None:
 
 def test_compose_prometheus_loads_the_rules() -> None:
     prometheus = yaml.safe_load((ROOT / "prometheus.yml").read_text())
-    assert prometheus["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    assert prometheus["rule_files"] == ["deploy/prometheus/alerts.yml"]  # beside the config
     service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["prometheus"]
-    assert "./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in service["volumes"]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in service["volumes"]}
+    config_dir = "/etc/prometheus"
+    assert mounts[f"{config_dir}/prometheus.yml"] == "./prometheus.yml"
+    assert mounts[f"{config_dir}/deploy/prometheus/alerts.yml"] == "./deploy/prometheus/alerts.yml"
