@@ -88,3 +88,14 @@ def test_prompts_are_absent_by_default(
     fields = json.loads(JsonFormatter().format(line))
     assert "prompt" not in fields
     assert "output" not in fields
+
+
+def test_the_line_carries_the_requests_cost(caplog: pytest.LogCaptureFixture) -> None:
+    pricing = {"default": {"input_usd_per_mtok": 1000, "output_usd_per_mtok": 3000}}
+    with app_client(FakeEngine(), make_settings(pricing=pricing)) as client:
+        caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+        assert client.post("/v1/completions", json=completion_body(max_tokens=2)).status_code == 200
+    (line,) = request_lines(caplog)
+    fields = json.loads(JsonFormatter().format(line))
+    # 3 prompt tokens at $1000/M and 2 output tokens at $3000/M
+    assert fields["cost_usd"] == pytest.approx(3 * 0.001 + 2 * 0.003)

@@ -11,8 +11,8 @@ chose) is logged at info rather than as warnings, progress bars are off in JSON,
 torch's C++ notes and Python's deprecation warnings are not printed. Each is only a default:
 a variable the user has set wins.
 
-The request line (`logger: sluice.request`) carries the request id, model, tokens, TTFT,
-latency, status and, for a refusal, its reason. Prompts and outputs are logged only with
+The request line (`logger: sluice.request`) carries the request id, model, key, tokens, their
+USD cost (the price table), TTFT, latency, status and, for a refusal, its reason. Prompts and outputs are logged only with
 `telemetry.log_prompts`, and then redacted (telemetry/redaction.py).
 """
 
@@ -187,6 +187,7 @@ def log_request(record: RequestRecord, finished_at: float) -> None:
             "reason": record.error_code,
             "prompt_tokens": record.prompt_tokens,
             "completion_tokens": record.completion_tokens,
+            "cost_usd": record.cost_usd,
             "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
             "latency_ms": round((finished_at - record.started) * 1000, 1),
         },

@@ -237,9 +237,10 @@ class Metrics:
             self.slo_latency.labels(model).observe(latency)
             met = "met" if latency <= self.slo.latency_s else "missed"
             self.slo_requests.labels(model, met).inc()
-        self.cost.labels(model, key).inc(
-            self.pricing.price_of(model).cost(record.prompt_tokens, record.completion_tokens)
+        record.cost_usd = self.pricing.price_of(model).cost(
+            record.prompt_tokens, record.completion_tokens
         )
+        self.cost.labels(model, key).inc(record.cost_usd)
         if record.prompt_tokens:
             self.prompt_tokens.labels(model, key).inc(record.prompt_tokens)
         if record.completion_tokens:

@@ -37,6 +37,7 @@ class RequestRecord:
     output_text: list[str] | None = None  # only with telemetry.log_prompts
     trace_id: str | None = None
     trace_context: Any = None  # the OpenTelemetry context of the server span
+    cost_usd: float | None = None  # of the tokens served, from the price table (metrics)
 
     def on_tokens(self, now: float, count: int) -> None:
         """`count` new tokens arrived at `now`; gaps between arrivals are spread per token."""
