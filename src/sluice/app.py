@@ -253,6 +253,7 @@ def create_app(
             admission,
             on_store_failure=lambda op: metrics.store_failures.labels(op).inc(),
             on_budget=metrics.budget,
+            on_budget_alert=metrics.budget_alert,
         )
         app.state.gateway = gateway
         metrics.admission_load.set_function(admission.load)

@@ -179,6 +179,22 @@ class GatewaySettings(BaseModel):
         1.0, ge=0, description="how long a looked-up key is trusted before asking the store again"
     )
 
+    budget_alert_thresholds: list[float] = Field(
+        default_factory=lambda: [0.8, 1.0],
+        description="shares of a key's budget whose crossing fires a metric, a log line and "
+        "the webhook, once per budget window",
+    )
+    budget_webhook_url: str | None = Field(
+        None, description="where budget alerts are POSTed as JSON; None = no webhook"
+    )
+
+    @field_validator("budget_alert_thresholds")
+    @classmethod
+    def _shares(cls, value: list[float]) -> list[float]:
+        if any(not 0 < share <= 1 for share in value):
+            raise ValueError("each threshold is a share of the budget, above 0 and at most 1")
+        return sorted(set(value))
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:

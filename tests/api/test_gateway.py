@@ -7,6 +7,7 @@ test's folder) keeps spend. Every test ends with nothing left in flight or queue
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -374,6 +375,81 @@ def test_admin_creates_lists_revokes_and_reports_keys(keyed: TestClient) -> None
     assert_error(gone, 404, param="name", code="not_found")
     bad = keyed.post("/admin/keys", json={"name": "bad name!"}, headers=ADMIN_AUTH)
     assert_error(bad, 400, param="name")
+
+
+def test_admin_updates_rotates_and_audits_keys(
+    keyed: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sluice.audit")
+    created = keyed.post("/admin/keys", json={"name": "svc", "rpm": 5}, headers=ADMIN_AUTH)
+    old_secret = created.json()["secret"]
+    old = {"Authorization": f"Bearer {old_secret}"}
+    assert keyed.post("/v1/completions", json=completion_body(), headers=old).is_success
+    # in place: the same secret, the new policy at once; null clears a limit
+    changed = keyed.patch(
+        "/admin/keys/svc", json={"rpm": None, "max_concurrent": 2}, headers=ADMIN_AUTH
+    )
+    assert changed.status_code == 200, changed.text
+    assert (changed.json()["rpm"], changed.json()["max_concurrent"]) == (None, 2)
+    assert keyed.post("/v1/completions", json=completion_body(), headers=old).is_success
+    assert (
+        "x-ratelimit-limit-requests"
+        not in keyed.post("/v1/completions", json=completion_body(), headers=old).headers
+    )
+    bad = keyed.patch("/admin/keys/svc", json={"rpm": -1}, headers=ADMIN_AUTH)
+    assert_error(bad, 400, param="rpm")
+    renamed = keyed.patch("/admin/keys/svc", json={"name": "x"}, headers=ADMIN_AUTH)
+    assert_error(renamed, 400, param="name")
+    in_file = keyed.patch("/admin/keys/plain", json={}, headers=ADMIN_AUTH)
+    assert_error(in_file, 409, param="name", code="conflict")
+    unknown = keyed.patch("/admin/keys/nobody", json={}, headers=ADMIN_AUTH)
+    assert_error(unknown, 404, param="name", code="not_found")
+    # rotation: a new secret; the old one works through its grace period
+    rotated = keyed.post("/admin/keys/svc/rotate", json={"grace_s": 3600}, headers=ADMIN_AUTH)
+    assert rotated.status_code == 200
+    new = {"Authorization": f"Bearer {rotated.json()['secret']}"}
+    for headers in (old, new):
+        assert keyed.post("/v1/completions", json=completion_body(), headers=headers).is_success
+    ended = keyed.post("/admin/keys/svc/rotate", json={"grace_s": 0}, headers=ADMIN_AUTH)
+    newest = {"Authorization": f"Bearer {ended.json()['secret']}"}
+    gone = keyed.post("/v1/completions", json=completion_body(), headers=new)
+    assert_error(gone, 401, code="invalid_api_key")  # grace 0: the previous secret ends
+    assert keyed.post("/v1/completions", json=completion_body(), headers=newest).is_success
+    usage = keyed.get("/admin/keys/svc/usage", headers=ADMIN_AUTH).json()
+    assert usage["windows"]["hour"]["tokens"] == 6 * 6  # one key: its spend survived it all
+    audit = [(r.action, r.key, r.actor) for r in caplog.records]  # type: ignore[attr-defined]
+    assert audit == [
+        ("create", "svc", "admin-api:testclient"),
+        ("update", "svc", "admin-api:testclient"),
+        ("rotate", "svc", "admin-api:testclient"),
+        ("rotate", "svc", "admin-api:testclient"),
+    ]
+    update = caplog.records[1]
+    assert update.before["rpm"] == 5 and update.after["rpm"] is None  # type: ignore[attr-defined]
+    logged = " ".join(str(r.__dict__) for r in caplog.records)
+    assert old_secret not in logged and "secret_sha256" not in logged
+
+
+def test_max_concurrent_refuses_the_request_past_the_cap(
+    engine_slow_keep_alive: FakeEngine, tmp_path: Path
+) -> None:
+    settings = gateway_settings(tmp_path, {"one": {"max_concurrent": 1}})
+    with app_client(engine_slow_keep_alive, settings) as client:
+        with client.stream(
+            "POST",
+            "/v1/completions",
+            json=completion_body(stream=True, max_tokens=2),
+            headers=auth("one"),
+        ) as first:
+            assert first.status_code == 200
+            second = client.post("/v1/completions", json=completion_body(), headers=auth("one"))
+            error = assert_error(second, 429, type_="requests", code="concurrency_limit_exceeded")
+            assert "limit 1 in flight" in error["message"]
+            assert second.headers["retry-after"] == "1"
+            first.read()
+        assert client.post(
+            "/v1/completions", json=completion_body(), headers=auth("one")
+        ).is_success
 
 
 def test_creating_the_first_key_turns_authentication_on(engine: FakeEngine) -> None:

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import textwrap
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -62,6 +65,23 @@ class MemoryKeyStore:
                 self.keys[sha] = key.model_copy(update={"revoked_at": at})
                 return True
         return False
+
+    async def update(self, name: str, policy: KeyPolicy) -> StoredKey | None:
+        self._answer()
+        for sha, key in self.keys.items():
+            if key.name == name and key.revoked_at is None:
+                self.keys[sha] = key.model_copy(update={"policy": policy})
+                return key
+        return None
+
+    async def rotate(self, name: str, new: StoredKey, old_until: float) -> StoredKey | None:
+        self._answer()
+        for sha, key in self.keys.items():
+            if key.name == name and key.revoked_at is None:
+                self.keys[sha] = key.model_copy(update={"revoked_at": old_until})
+                self.keys[new.secret_sha256] = new.model_copy(deep=True)
+                return key
+        return None
 
     async def count_all(self) -> int:
         self._answer()
@@ -478,3 +498,71 @@ def test_engine_priority(priority: Priority, rank: int) -> None:
 
 def test_anonymous_runs_at_normal_priority() -> None:
     assert Principal(ANONYMOUS).engine_priority == 1
+
+
+async def test_an_expired_key_is_unauthenticated(store: MemoryKeyStore, clock: FakeClock) -> None:
+    expiry = datetime.fromtimestamp(clock() + 60, UTC)
+    await store.add(stored("team-a", expires_at=expiry.isoformat()))
+    ring = KeyRing({}, store, cache_s=0.0, clock=clock, wall_clock=clock)
+    assert (await ring.authenticate(bearer(SECRET))).name == "team-a"
+    clock.advance(60)
+    with pytest.raises(Unauthenticated) as info:
+        await ring.authenticate(bearer(SECRET))
+    assert info.value.code == "expired_api_key"
+    assert "expired at" in info.value.message and SECRET not in info.value.message
+    assert error_response(info.value).status_code == 401
+
+
+async def test_a_rotated_out_secret_works_until_its_grace_ends(
+    store: MemoryKeyStore, clock: FakeClock
+) -> None:
+    await store.add(stored("team-a"))
+    await store.rotate("team-a", stored("team-a", secret=OTHER), clock() + 300)
+    ring = KeyRing({}, store, cache_s=0.0, clock=clock, wall_clock=clock)
+    for secret in (SECRET, OTHER):
+        assert (await ring.authenticate(bearer(secret))).name == "team-a"  # one identity
+    clock.advance(300)
+    with pytest.raises(Unauthenticated, match="Incorrect API key"):
+        await ring.authenticate(bearer(SECRET))
+    assert (await ring.authenticate(bearer(OTHER))).name == "team-a"
+
+
+def test_keys_file_rotation_and_reload_with_audit_lines(
+    tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Editing the file changes keys without a restart: a new policy, a rotated secret (the
+    old one listed with its end), a new key; each change is an audit line."""
+    path = keys_file(
+        tmp_path, f"keys:\n  - name: a\n    secret_sha256: {digest(SECRET)}\n    rpm: 5\n"
+    )
+    ring = KeyRing(load_keys_file(path), MemoryKeyStore(), cache_s=1.0, clock=clock, file_path=path)
+    until = datetime.fromtimestamp(clock() + 3600, UTC).isoformat()
+    path.write_text(
+        f"keys:\n  - name: a\n    secret_sha256: {digest(OTHER)}\n    rpm: 9\n"
+        f"    previous_secrets:\n      - secret_sha256: {digest(SECRET)}\n"
+        f"        valid_until: '{until}'\n"
+        f"  - name: b\n    secret_sha256: {digest('sk-sluice-b')}\n"
+    )
+    os.utime(path, (clock() + 5, clock() + 5))
+    with caplog.at_level(logging.INFO, logger="sluice.audit"):
+        ring.reload_file()  # within key_cache_s: not read yet
+        assert {k.name for k in ring.file_keys.values()} == {"a"}
+        clock.advance(1.0)
+        ring.reload_file()
+    by_secret = {sha: key for sha, key in ring.file_keys.items()}
+    assert by_secret[digest(OTHER)].policy.rpm == 9
+    assert by_secret[digest(SECRET)].revoked_at == pytest.approx(clock() + 3599, abs=2)
+    lines = [(r.action, r.key, r.actor) for r in caplog.records]  # type: ignore[attr-defined]
+    assert lines == [
+        ("update", "a", "keys-file"),
+        ("create", "b", "keys-file"),
+        ("rotate", "a", "keys-file"),
+    ]
+    assert all(
+        SECRET not in r.getMessage() and digest(SECRET) not in str(r.__dict__)
+        for r in caplog.records
+    )
+    path.write_text("keys: [oops")  # an invalid edit: the keys loaded stay
+    clock.advance(1.0)
+    ring.reload_file(force=True)
+    assert digest(OTHER) in ring.file_keys

@@ -126,3 +126,40 @@ def test_every_serve_flag_has_help_and_shows_its_default(
 
     for flag, (path, options) in SERVE_FLAGS.items():
         assert flag_help(path, options.get("help")), f"{flag} has no help"
+
+
+def test_keys_update_and_rotate_from_the_command_line(
+    cache: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    assert main(["keys", "create", "svc", "--rpm", "5"]) == 0
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    with caplog.at_level("INFO", logger="sluice.audit"):
+        assert main(["keys", "update", "svc", "--tpm", "900", "--clear", "rpm"]) == 0
+        assert (
+            main(
+                [
+                    "keys",
+                    "update",
+                    "svc",
+                    "--max-concurrent",
+                    "3",
+                    "--expires-at",
+                    "2030-01-01T00:00Z",
+                ]
+            )
+            == 0
+        )
+        assert main(["keys", "update", "svc"]) == 1  # nothing to change
+        assert "Nothing to change" in capsys.readouterr().err
+        assert main(["keys", "rotate", "svc", "--grace", "60"]) == 0
+    second = capsys.readouterr().out.strip().splitlines()[-1]
+    assert second.startswith("sk-sluice-") and second != first
+    assert main(["keys", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "rotated" in listed and first not in listed and second not in listed
+    audit = [r for r in caplog.records if r.name == "sluice.audit"]
+    actions = [(r.action, r.actor.startswith("cli:")) for r in audit]  # type: ignore[attr-defined]
+    assert actions[-3:] == [("update", True), ("update", True), ("rotate", True)]
+    after = audit[-2].after  # type: ignore[attr-defined]
+    assert (after["rpm"], after["tpm"], after["max_concurrent"]) == (None, 900, 3)
+    assert after["expires_at"] == "2030-01-01T00:00:00Z"

@@ -15,6 +15,7 @@ import pytest
 from sluice.errors import QuotaExceeded, RateLimitExceeded, error_body, error_response
 from sluice.gateway.quota import (
     RESERVATION_GRACE_S,
+    BudgetLeft,
     Demand,
     Grant,
     Limits,
@@ -442,6 +443,41 @@ class QuotaContract:
         refused = [r for r in results if isinstance(r, RateLimitExceeded)]
         assert (len(admitted), len(refused)) == (37, 163)
         assert len({g.reservation_id for g in admitted}) == 37
+
+    async def test_max_concurrent_caps_requests_in_flight(
+        self, quota: QuotaStore, clock: FakeClock
+    ) -> None:
+        limits = Limits(max_concurrent=3, rpm=100)
+        results = await asyncio.gather(
+            *(quota.reserve(limits, demand(), rid()) for _ in range(10)),
+            return_exceptions=True,
+        )
+        admitted = [r for r in results if isinstance(r, Grant)]
+        refused = [r for r in results if isinstance(r, RateLimitExceeded)]
+        assert (len(admitted), len(refused)) == (3, 7)
+        assert refused[0].code == "concurrency_limit_exceeded"
+        assert refused[0].retry_after_s == 1.0 and "limit 3 in flight" in refused[0].message
+        second = await quota.reserve(Limits(rpm=100), demand(), rid())  # refusals took nothing
+        assert second.requests is not None and second.requests.remaining == 100 - 3 - 1
+        await quota.settle(second, tokens=10, usd=0.0)
+        await quota.settle(admitted[0], tokens=10, usd=0.0)  # one ends: one more may start
+        assert isinstance(await quota.reserve(limits, demand(), rid()), Grant)
+        with pytest.raises(RateLimitExceeded):
+            await quota.reserve(limits, demand(), rid())
+        clock.advance(30.0 + RESERVATION_GRACE_S)  # a crashed replica's requests stop counting
+        assert isinstance(await quota.reserve(limits, demand(), rid()), Grant)
+
+    async def test_a_grant_says_what_each_budget_has_left(
+        self, quota: QuotaStore, clock: FakeClock
+    ) -> None:
+        limits = Limits(budget_tokens=1000, budget_usd=2.0)
+        first = await quota.reserve(limits, demand(tokens=100, usd=0.5), rid())
+        assert first.budget_left == BudgetLeft(900, 1.5)
+        await quota.settle(first, tokens=40, usd=0.25)
+        second = await quota.reserve(limits, demand(tokens=10, usd=0.0), rid())
+        assert second.budget_left == BudgetLeft(950, 1.75)
+        plain = await quota.reserve(Limits(rpm=5), demand(), rid())
+        assert plain.budget_left == BudgetLeft(None, None)
 
 
 class TestLocalQuota(QuotaContract):

@@ -161,6 +161,41 @@ class KeyStoreContract:
         assert await keys.find(first.secret_sha256) == first
         assert await keys.count_live() == 1
 
+    async def test_update_changes_the_live_policy_in_place(self, keys: KeyStore) -> None:
+        key = stored("team-a", rpm=5)
+        await keys.add(key)
+        await keys.add(stored("team-b", rpm=7))
+        policy = KeyPolicy(name="team-a", rpm=50, max_concurrent=2, priority="high")
+        before = await keys.update("team-a", policy)
+        assert before == key
+        found = await keys.find(key.secret_sha256)
+        assert found is not None and found.policy == policy  # same secret, same history
+        assert (found.created_at, found.revoked_at) == (key.created_at, None)
+        other = await keys.find(stored("team-b").secret_sha256)
+        assert other is not None and other.policy.rpm == 7
+        assert await keys.update("nobody", KeyPolicy(name="nobody")) is None
+        await keys.revoke("team-a", 2000.0)
+        assert await keys.update("team-a", policy) is None  # only live keys change
+
+    async def test_rotate_swaps_the_secret_and_keeps_the_old_until_its_grace_ends(
+        self, keys: KeyStore
+    ) -> None:
+        old = stored("team-a", secret="sk-sluice-old", rpm=5)
+        await keys.add(old)
+        new = stored("team-a", secret="sk-sluice-new", rpm=5)
+        assert await keys.rotate("team-a", new, 5000.0) == old
+        found_old = await keys.find(old.secret_sha256)
+        assert found_old is not None and found_old.revoked_at == 5000.0
+        assert found_old.valid_at(4999.0) and not found_old.valid_at(5000.0)
+        assert await keys.find(new.secret_sha256) == new
+        assert await keys.count_live() == 1
+        # the name now means the new key: the next rotation or revocation acts on it
+        assert await keys.revoke("team-a", 6000.0) is True
+        revoked = await keys.find(new.secret_sha256)
+        assert revoked is not None and revoked.revoked_at == 6000.0
+        assert await keys.rotate("team-a", stored("team-a", secret="sk-x"), 1.0) is None
+        assert await keys.find(digest("sk-x")) is None  # nothing changed
+
     async def test_a_revoked_name_can_be_added_again(self, keys: KeyStore) -> None:
         old = stored("team-a", secret="sk-sluice-old")
         await keys.add(old)

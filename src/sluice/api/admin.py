@@ -1,4 +1,5 @@
-"""Admin HTTP API: `/admin/keys` to create, list, revoke keys and read their usage;
+"""Admin HTTP API: `/admin/keys` to create, list, update (PATCH), rotate, revoke keys and read
+their usage (every change is an audit line: gateway/keyadmin.py);
 `/admin/lora` to list, load and unload LoRA adapters at run time (vLLM's own
 `load_lora_adapter`/`unload_lora_adapter`, here behind the admin key instead of vLLM's
 `VLLM_ALLOW_RUNTIME_LORA_UPDATING` switch).
@@ -13,12 +14,13 @@ import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
 from sluice.api.deps import GatewayDep, ServingDep, SettingsDep
 from sluice.errors import PermissionDenied, Unauthenticated, from_vllm
-from sluice.gateway.keyadmin import KeyAdmin, describe, describe_usage
+from sluice.gateway.keyadmin import DEFAULT_GRACE_S, KeyAdmin, describe, describe_usage
 from sluice.gateway.keys import KeyPolicy
 
 
@@ -35,8 +37,11 @@ async def _check_admin(request: Request, settings: SettingsDep) -> None:
         raise Unauthenticated("The admin API needs 'Authorization: Bearer <admin key>'.")
 
 
-async def _admin(gateway: GatewayDep, _: Annotated[None, Depends(_check_admin)]) -> KeyAdmin:
-    return KeyAdmin(gateway.keys, gateway.quota)
+async def _admin(
+    request: Request, gateway: GatewayDep, _: Annotated[None, Depends(_check_admin)]
+) -> KeyAdmin:
+    client = request.client.host if request.client is not None else "unknown"
+    return KeyAdmin(gateway.keys, gateway.quota, actor=f"admin-api:{client}")
 
 
 AdminDep = Annotated[KeyAdmin, Depends(_admin)]
@@ -53,6 +58,31 @@ async def create_key(policy: KeyPolicy, admin: AdminDep) -> dict[str, Any]:
     """Create a key; the response holds its secret, which is never shown again."""
     created = await admin.create(policy)
     return {**describe(created.key), "secret": created.secret}
+
+
+class Rotation(BaseModel):
+    """How long the old secret keeps working after a rotation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grace_s: float = Field(DEFAULT_GRACE_S, ge=0, description="seconds; 0 ends it at once")
+
+
+@router.patch("/keys/{name}")
+async def update_key(name: str, changes: dict[str, Any], admin: AdminDep) -> dict[str, Any]:
+    """Change a key's policy in place: the fields given (null clears a limit); the secret,
+    the name and the spend stay."""
+    return describe(await admin.update(name, changes))
+
+
+@router.post("/keys/{name}/rotate")
+async def rotate_key(
+    name: str, admin: AdminDep, rotation: Rotation | None = None
+) -> dict[str, Any]:
+    """A new secret for the key, shown only now; the old one works for `grace_s` more."""
+    grace_s = (rotation or Rotation()).grace_s
+    created = await admin.rotate(name, grace_s)
+    return {**describe(created.key), "secret": created.secret, "previous_valid_s": grace_s}
 
 
 @router.delete("/keys/{name}")

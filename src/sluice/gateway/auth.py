@@ -18,6 +18,16 @@ The keys file:
         priority: low
         budget_usd: 25
         budget_usd_window: month
+        max_concurrent: 4
+        expires_at: 2027-06-30T00:00:00Z
+        previous_secrets:             # a rotation: the old secret works until valid_until
+          - secret_sha256: 1b4f0e...
+            valid_until: 2026-12-01T12:00:00Z
+
+The server reads the file again when it changes (checked at most every `key_cache_s`), so
+editing a policy, adding a key or rotating a secret there needs no restart; each key whose
+entry changed gets an audit line (`actor: keys-file`). A file that became invalid is
+refused with an error line and the keys already loaded stay in force.
 """
 
 from __future__ import annotations
@@ -29,10 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sluice.errors import PermissionDenied, Unauthenticated
-from sluice.gateway.keys import KeyPolicy, KeyStore, Priority, StoredKey, digest
+from sluice.gateway.keys import KeyPolicy, KeyStore, Priority, StoredKey, audit, digest
 from sluice.gateway.quota import Clock
 
 logger = logging.getLogger(__name__)
@@ -61,8 +71,8 @@ class Principal:
 OPEN = Principal(ANONYMOUS)
 
 
-class KeyFileEntry(KeyPolicy):
-    """One key of the keys file: a policy plus where its secret is."""
+class SecretSource(BaseModel):
+    """Where a secret is: its digest, or an environment variable holding it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -70,10 +80,37 @@ class KeyFileEntry(KeyPolicy):
     secret_env: str | None = None
 
     @model_validator(mode="after")
-    def _one_secret(self) -> KeyFileEntry:
+    def _one_secret(self) -> SecretSource:
         if (self.secret_sha256 is None) == (self.secret_env is None):
             raise ValueError("give exactly one of secret_sha256 and secret_env")
         return self
+
+    def resolve(self, path: Path, name: str) -> str:
+        """The secret's digest; `KeysFile` if its variable is not set."""
+        if self.secret_env is None:
+            assert self.secret_sha256 is not None
+            return self.secret_sha256.lower()
+        secret = os.environ.get(self.secret_env)
+        if not secret:
+            raise KeysFile(
+                f"keys file {path}: key '{name}' reads its secret from "
+                f"${self.secret_env}, which is not set"
+            )
+        return digest(secret)
+
+
+class PreviousSecret(SecretSource):
+    """A rotated-out secret that keeps working until `valid_until`."""
+
+    valid_until: AwareDatetime
+
+
+class KeyFileEntry(KeyPolicy, SecretSource):
+    """One key of the keys file: a policy, where its secret is, and rotated-out secrets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    previous_secrets: list[PreviousSecret] = Field(default_factory=list)
 
 
 class KeysFile(Exception):
@@ -103,29 +140,39 @@ def load_keys_file(path: Path) -> dict[str, StoredKey]:
         if entry.name in names:
             raise KeysFile(f"keys file {path}: the name '{entry.name}' appears twice")
         names.add(entry.name)
-        if entry.secret_env is not None:
-            secret = os.environ.get(entry.secret_env)
-            if not secret:
+        policy = KeyPolicy.model_validate(
+            entry.model_dump(exclude={"secret_sha256", "secret_env", "previous_secrets"})
+        )
+        secrets: list[tuple[str, float | None]] = [(entry.resolve(path, entry.name), None)]
+        for previous in entry.previous_secrets:
+            until = previous.valid_until.timestamp()
+            secrets.append((previous.resolve(path, entry.name), until))
+        for sha, revoked_at in secrets:
+            if sha in keys:
                 raise KeysFile(
-                    f"keys file {path}: key '{entry.name}' reads its secret from "
-                    f"${entry.secret_env}, which is not set"
+                    f"keys file {path}: keys '{keys[sha].name}' and '{entry.name}' have the "
+                    "same secret"
                 )
-            sha = digest(secret)
-        else:
-            assert entry.secret_sha256 is not None
-            sha = entry.secret_sha256.lower()
-        policy = KeyPolicy.model_validate(entry.model_dump(exclude={"secret_sha256", "secret_env"}))
-        if sha in keys:
-            raise KeysFile(
-                f"keys file {path}: keys '{keys[sha].name}' and '{entry.name}' have the same secret"
+            keys[sha] = StoredKey(
+                policy=policy, secret_sha256=sha, revoked_at=revoked_at, source="file"
             )
-        keys[sha] = StoredKey(policy=policy, secret_sha256=sha, source="file")
     return keys
 
 
 def masked(secret: str) -> str:
     """What an error may echo of a wrong key, as OpenAI does: `sk-slu****wxyz`."""
     return f"{secret[:6]}****{secret[-4:]}" if len(secret) > 12 else "****"
+
+
+def _stamp(path: Path | None) -> tuple[float, int] | None:
+    """What tells a changed file: its modification time and size (None if absent)."""
+    if path is None:
+        return None
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime, stat.st_size
 
 
 class KeyRing:
@@ -137,19 +184,59 @@ class KeyRing:
         store: KeyStore,
         cache_s: float,
         clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+        file_path: Path | None = None,
     ) -> None:
         self.file_keys = file_keys
         self.store = store
         self.cache_s = cache_s
         self.clock = clock
+        self.wall_clock = wall_clock
+        self.file_path = file_path  # read again when it changes (module docstring)
+        self._file_checked = clock()
+        self._file_stamp = _stamp(file_path)
         self._cache: dict[str, tuple[StoredKey | None, float]] = {}
         self._stored_keys: tuple[int, float] | None = None
+
+    def reload_file(self, force: bool = False) -> None:
+        """Read the keys file again if it changed since it was read (checked at most every
+        `cache_s` unless `force`); audit each key whose entry changed. An invalid file is
+        logged and the keys already loaded stay."""
+        if self.file_path is None:
+            return
+        now = self.clock()
+        if not force and now - self._file_checked < self.cache_s:
+            return
+        self._file_checked = now
+        stamp = _stamp(self.file_path)
+        if stamp == self._file_stamp:
+            return
+        try:
+            fresh = load_keys_file(self.file_path)
+        except KeysFile as exc:
+            logger.error("keys file not reloaded, the keys loaded before stay: %s", exc)
+            return
+        self._file_stamp = stamp
+        before = {k.name: k.policy for k in self.file_keys.values() if k.revoked_at is None}
+        after = {k.name: k.policy for k in fresh.values() if k.revoked_at is None}
+        for name in sorted(before.keys() | after.keys()):
+            old, new = before.get(name), after.get(name)
+            if old != new:
+                action = "create" if old is None else "revoke" if new is None else "update"
+                audit("keys-file", action, name, old, new)
+        secrets_before = {sha: k.name for sha, k in self.file_keys.items()}
+        for sha, key in fresh.items():
+            if sha not in secrets_before and key.name in before and key.revoked_at is None:
+                audit("keys-file", "rotate", key.name, before[key.name], key.policy)
+        self.file_keys = fresh
+        self.forget()
 
     def file_names(self) -> set[str]:
         return {k.name for k in self.file_keys.values()}
 
     async def required(self) -> bool:
         """True once any key exists or existed (so every request must carry one)."""
+        self.reload_file()
         if self.file_keys:
             return True
         if self._stored_keys is not None and self._stored_keys[0] > 0:
@@ -203,8 +290,15 @@ class KeyRing:
                 "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
             )
         key = await self.lookup(secret)
-        if key is None or key.revoked_at is not None:
+        now = self.wall_clock()
+        if key is None or not key.valid_at(now):
             raise Unauthenticated(f"Incorrect API key provided: {masked(secret)}.")
         if not key.policy.enabled:
             raise PermissionDenied(f"The API key '{key.name}' is disabled.", code="key_disabled")
+        if key.policy.expired(now):
+            assert key.policy.expires_at is not None
+            raise Unauthenticated(
+                f"The API key '{key.name}' expired at {key.policy.expires_at.isoformat()}.",
+                code="expired_api_key",
+            )
         return Principal(key.name, key.policy)

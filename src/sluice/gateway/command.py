@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import ipaddress
 import json
 import logging
+import os
+import socket
+import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from sluice.config import Settings, nested_overrides
-from sluice.gateway.keyadmin import KeyAdmin, describe_usage
+from sluice.errors import InvalidRequest
+from sluice.gateway.keyadmin import DEFAULT_GRACE_S, KeyAdmin, describe_usage
 from sluice.gateway.keys import KeyPolicy
 from sluice.gateway.service import build_keys, close_keys
 from sluice.gateway.store_redis import StoreFailure
@@ -36,7 +42,10 @@ POLICY_FLAGS = {
     "--budget-usd-window": {"choices": ["hour", "day", "month"]},
     "--priority": {"choices": ["high", "normal", "low"]},
     "--models": {"nargs": "+", "help": "allowed model ids (default: all)"},
+    "--max-concurrent": {"type": int, "help": "requests in flight at once"},
+    "--expires-at": {"help": "when the key stops working, ISO 8601 (2027-01-31T00:00:00Z)"},
 }
+CLEARABLE = [flag[2:].replace("-", "_") for flag in POLICY_FLAGS if "window" not in flag]
 
 
 # Where the keys live, as `sluice serve` takes it: flag -> (settings path, argparse options).
@@ -70,6 +79,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         create.add_argument(flag, default=None, **options)  # type: ignore[arg-type]
     create.add_argument("--disabled", action="store_true", help="create it disabled")
     command("list", "list keys (never their secrets)")
+    update = command("update", "change a key's policy in place (secret and spend stay)")
+    update.add_argument("name")
+    for flag, options in POLICY_FLAGS.items():
+        update.add_argument(flag, default=None, **options)  # type: ignore[arg-type]
+    state = update.add_mutually_exclusive_group()
+    state.add_argument("--enable", action="store_true", help="enable the key")
+    state.add_argument("--disable", action="store_true", help="disable the key")
+    update.add_argument(
+        "--clear",
+        nargs="+",
+        default=[],
+        choices=CLEARABLE,
+        metavar="FIELD",
+        help=f"remove these limits ({', '.join(CLEARABLE)})",
+    )
+    rotate = command("rotate", "give a key a new secret; the old one works for --grace")
+    rotate.add_argument("name")
+    rotate.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE_S,
+        help=f"seconds the old secret keeps working (default: {DEFAULT_GRACE_S:g})",
+    )
     revoke = command("revoke", "revoke a key")
     revoke.add_argument("name")
     usage = command("usage", "a key's spend this hour, day and month")
@@ -87,7 +119,27 @@ def store_settings(args: argparse.Namespace) -> Settings:
 
 
 def _admin(settings: Settings) -> KeyAdmin:
-    return KeyAdmin(*build_keys(settings, cache_s=0.0))
+    return KeyAdmin(*build_keys(settings, cache_s=0.0), actor=cli_actor())
+
+
+def cli_actor() -> str:
+    """Who runs `sluice keys`, for the audit line: the OS user and the host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+def _policy_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The policy flags given on the command line."""
+    fields = {}
+    for flag in POLICY_FLAGS:
+        name = flag[2:].replace("-", "_")
+        value = getattr(args, name)
+        if value is not None:
+            fields[name] = value
+    return fields
 
 
 def _when(ts: float | None) -> str:
@@ -99,25 +151,44 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     console = Console()
     try:
         if args.keys_command == "create":
-            fields = {
-                flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
-                for flag in POLICY_FLAGS
-            }
-            policy = KeyPolicy(
-                name=args.name,
-                enabled=not args.disabled,
-                **{k: v for k, v in fields.items() if v is not None},
+            policy = KeyPolicy.model_validate(
+                {"name": args.name, "enabled": not args.disabled, **_policy_fields(args)}
             )
             created = await admin.create(policy)
             console.print(f"created key '{policy.name}'. Its secret, shown only now:")
+            print(created.secret)
+        elif args.keys_command == "update":
+            changes = {**_policy_fields(args), **dict.fromkeys(args.clear)}
+            if args.enable or args.disable:
+                changes["enabled"] = bool(args.enable)
+            if not changes:
+                raise InvalidRequest("Nothing to change: give a policy flag, --clear or --enable.")
+            await admin.update(args.name, changes)
+            console.print(f"updated key '{args.name}'")
+        elif args.keys_command == "rotate":
+            created = await admin.rotate(args.name, args.grace)
+            console.print(
+                f"rotated key '{args.name}': the old secret works for {args.grace:g} s more. "
+                "The new secret, shown only now:"
+            )
             print(created.secret)
         elif args.keys_command == "list":
             table = Table(title="API keys")
             for column in ("name", "state", "priority", "rpm", "tpm", "budget", "created"):
                 table.add_column(column)
+            now = time.time()
             for key in await admin.list():
                 p = key.policy
-                state = "revoked" if key.revoked_at else ("enabled" if p.enabled else "disabled")
+                if key.revoked_at is not None:
+                    state = (
+                        "revoked"
+                        if key.revoked_at <= now
+                        else f"rotated, until {_when(key.revoked_at)}"
+                    )
+                elif p.expired(now):
+                    state = "expired"
+                else:
+                    state = "enabled" if p.enabled else "disabled"
                 budgets = [
                     f"{p.budget_tokens} tok/{p.budget_tokens_window}" if p.budget_tokens else "",
                     f"${p.budget_usd:g}/{p.budget_usd_window}" if p.budget_usd else "",

@@ -1,8 +1,13 @@
 """Key administration shared by `sluice keys …` and the admin HTTP API.
 
 Both manage the same stores the server reads: create (the secret is returned once), list,
-revoke and usage. Keys from the keys file are listed but cannot be created or revoked here:
-the file is their source of truth.
+update a policy in place, rotate a secret (the old one stays valid for a grace period),
+revoke and usage. Keys from the keys file are listed but cannot be changed here: the file is
+their source of truth.
+
+Every change writes one audit line (logger `sluice.audit`): who (`actor`: the admin API and
+the caller's address, or the CLI and the OS user), what (`action`, `key`), and the policy
+before and after. Never a secret or its digest.
 """
 
 from __future__ import annotations
@@ -11,10 +16,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sluice.errors import Conflict, NotFound
+from pydantic import ValidationError
+
+from sluice.errors import Conflict, InvalidRequest, NotFound
 from sluice.gateway.auth import KeyRing
-from sluice.gateway.keys import KeyExists, KeyPolicy, StoredKey, digest, new_secret
+from sluice.gateway.keys import KeyExists, KeyPolicy, StoredKey, audit, digest, new_secret
 from sluice.gateway.quota import QuotaStore, Usage
+
+DEFAULT_GRACE_S = 3600.0  # how long a rotated-out secret keeps working, unless told
 
 
 @dataclass(frozen=True)
@@ -26,7 +35,7 @@ class CreatedKey:
 def describe(key: StoredKey) -> dict[str, Any]:
     """A key as the API and CLI show it: its policy and history, never the digest."""
     return {
-        **key.policy.model_dump(),
+        **key.policy.model_dump(mode="json"),
         "created_at": key.created_at,
         "revoked_at": key.revoked_at,
         "source": key.source,
@@ -45,13 +54,26 @@ def describe_usage(usage: Usage) -> dict[str, Any]:
 
 
 class KeyAdmin:
-    def __init__(self, keys: KeyRing, quota: QuotaStore) -> None:
+    """The key operations, on the ring's store and the quota store, as `actor`."""
+
+    def __init__(self, keys: KeyRing, quota: QuotaStore, actor: str = "unknown") -> None:
         self.keys = keys
         self.quota = quota
+        self.actor = actor
+
+    def _audit(
+        self, action: str, name: str, before: KeyPolicy | None, after: KeyPolicy | None
+    ) -> None:
+        audit(self.actor, action, name, before, after)
+
+    def _not_in_file(self, name: str, what: str) -> None:
+        if name in self.keys.file_names():
+            raise Conflict(
+                f"The key '{name}' is defined in the keys file; {what} it there.", param="name"
+            )
 
     async def create(self, policy: KeyPolicy) -> CreatedKey:
-        if policy.name in self.keys.file_names():
-            raise Conflict(f"The key '{policy.name}' is defined in the keys file.", param="name")
+        self._not_in_file(policy.name, "change")
         secret = new_secret()
         key = StoredKey(policy=policy, secret_sha256=digest(secret))
         try:
@@ -59,20 +81,64 @@ class KeyAdmin:
         except KeyExists:
             raise Conflict(f"A key named '{policy.name}' already exists.", param="name") from None
         self.keys.forget()
+        self._audit("create", policy.name, None, policy)
         return CreatedKey(key, secret)
 
     async def list(self) -> list[StoredKey]:
         stored = await self.keys.store.all()
         return sorted([*self.keys.file_keys.values(), *stored], key=lambda k: k.name)
 
-    async def revoke(self, name: str) -> None:
-        if name in self.keys.file_names():
-            raise Conflict(
-                f"The key '{name}' is defined in the keys file; remove it there.", param="name"
+    async def update(self, name: str, changes: dict[str, Any]) -> StoredKey:
+        """Change fields of the live key's policy in place (None clears a limit); the secret,
+        the name and the spend stay. `InvalidRequest` for a bad field, `NotFound`."""
+        self._not_in_file(name, "edit")
+        if "name" in changes and changes["name"] != name:
+            raise InvalidRequest("A key's name cannot change; create a new key.", param="name")
+        current = await self._live(name)
+        try:
+            policy = KeyPolicy.model_validate(
+                {**current.policy.model_dump(), **changes, "name": name}
             )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise InvalidRequest(f"{field}: {first['msg']}", param=field) from None
+        before = await self.keys.store.update(name, policy)
+        if before is None:
+            raise NotFound(f"No live key named '{name}'.", param="name")
+        self.keys.forget()
+        self._audit("update", name, before.policy, policy)
+        return before.model_copy(update={"policy": policy})
+
+    async def rotate(self, name: str, grace_s: float) -> CreatedKey:
+        """A new secret for the live key called `name` (same policy, limits and spend); the
+        old secret keeps working for `grace_s` seconds."""
+        self._not_in_file(name, "rotate")
+        if grace_s < 0:
+            raise InvalidRequest("grace_s must be 0 or more seconds.", param="grace_s")
+        current = await self._live(name)
+        secret = new_secret()
+        new = StoredKey(policy=current.policy, secret_sha256=digest(secret))
+        before = await self.keys.store.rotate(name, new, time.time() + grace_s)
+        if before is None:
+            raise NotFound(f"No live key named '{name}'.", param="name")
+        self.keys.forget()
+        self._audit("rotate", name, before.policy, new.policy)
+        return CreatedKey(new, secret)
+
+    async def revoke(self, name: str) -> None:
+        self._not_in_file(name, "remove")
+        current = await self._live(name)
         if not await self.keys.store.revoke(name, time.time()):
             raise NotFound(f"No live key named '{name}'.", param="name")
         self.keys.forget()
+        self._audit("revoke", name, current.policy, None)
+
+    async def _live(self, name: str) -> StoredKey:
+        for key in await self.keys.store.all():
+            if key.name == name and key.revoked_at is None:
+                return key
+        raise NotFound(f"No live key named '{name}'.", param="name")
 
     async def usage(self, name: str) -> Usage:
         known = {k.name for k in await self.list()}

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 Priority = Literal["high", "normal", "low"]
 Window = Literal["hour", "day", "month"]
 
 SECRET_PREFIX = "sk-sluice-"
+AUDIT_LOGGER = "sluice.audit"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -44,9 +46,19 @@ class KeyPolicy(BaseModel):
     budget_usd: float | None = Field(None, gt=0, description="USD per budget window")
     budget_usd_window: Window = "month"
     priority: Priority = "normal"
+    max_concurrent: int | None = Field(
+        None, ge=1, description="requests in flight at once (across replicas on Redis)"
+    )
+    expires_at: AwareDatetime | None = Field(
+        None, description="when the key stops working (ISO 8601 with a zone); None = never"
+    )
 
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+    def expired(self, now: float) -> bool:
+        """Whether the key has expired at `now` (epoch seconds)."""
+        return self.expires_at is not None and self.expires_at.timestamp() <= now
 
 
 class StoredKey(BaseModel):
@@ -57,17 +69,39 @@ class StoredKey(BaseModel):
     policy: KeyPolicy
     secret_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     created_at: float = Field(default_factory=time.time)
-    revoked_at: float | None = None
+    revoked_at: float | None = None  # may lie ahead: a rotated-out secret's grace period
     source: Literal["store", "file"] = "store"
 
     @property
     def name(self) -> str:
         return self.policy.name
 
+    def valid_at(self, now: float) -> bool:
+        """Not revoked at `now` (epoch seconds); expiry and `enabled` are the policy's."""
+        return self.revoked_at is None or self.revoked_at > now
+
     @model_validator(mode="after")
     def _lowercase(self) -> StoredKey:
         self.secret_sha256 = self.secret_sha256.lower()
         return self
+
+
+def audit(
+    actor: str, action: str, name: str, before: KeyPolicy | None, after: KeyPolicy | None
+) -> None:
+    """One audit line for a change to a key: who, what, and its policy before and after
+    (never a secret or a digest)."""
+    logging.getLogger(AUDIT_LOGGER).info(
+        "key %s",
+        action,
+        extra={
+            "actor": actor,
+            "action": action,
+            "key": name,
+            "before": before.model_dump(mode="json") if before is not None else None,
+            "after": after.model_dump(mode="json") if after is not None else None,
+        },
+    )
 
 
 def new_secret() -> str:
@@ -106,6 +140,17 @@ class KeyStore(Protocol):
 
     async def revoke(self, name: str, at: float) -> bool:
         """Revoke the live key called `name`; False if there is none."""
+        ...
+
+    async def update(self, name: str, policy: KeyPolicy) -> StoredKey | None:
+        """Give the live key called `name` this policy (same name); the key as it was before,
+        or None if there is no live key by that name."""
+        ...
+
+    async def rotate(self, name: str, new: StoredKey, old_until: float) -> StoredKey | None:
+        """Make `new` (same name) the live key called `name`, atomically; the old secret stays
+        valid until `old_until` (its `revoked_at`). The old key as it was, or None if there
+        is no live key by that name (then nothing changes)."""
         ...
 
     async def count_live(self) -> int:

@@ -52,10 +52,12 @@ class Limits:
     budget_tokens_window: Window = "month"
     budget_usd: float | None = None
     budget_usd_window: Window = "month"
+    max_concurrent: int | None = None  # live reservations at once
 
     @classmethod
     def of(cls, policy: KeyPolicy) -> Limits:
         return cls(
+            max_concurrent=policy.max_concurrent,
             rpm=policy.rpm,
             tpm=policy.tpm,
             budget_tokens=policy.budget_tokens,
@@ -125,6 +127,11 @@ class Settlement:
     tokens: int
     usd: float
     at: float
+    limits: Limits | None = None  # the key's, for budget alerts (gateway/alerts.py)
+
+
+# Spend after a settlement, by spend field (`day:1763683200`): (tokens, usd) in that window.
+Spent = dict[str, tuple[int, float]]
 
 
 @dataclass(frozen=True)
@@ -154,14 +161,16 @@ class QuotaStore(Protocol):
         `QuotaExceeded` and take nothing."""
         ...
 
-    async def settle(self, grant: Grant, tokens: int, usd: float, at: float | None = None) -> None:
+    async def settle(self, grant: Grant, tokens: int, usd: float, at: float | None = None) -> Spent:
         """Replace the reservation by what was used: refund tokens, record spend. A settlement
         whose reservation is not in the store (it expired, or the fail-open fallback made it)
         records its spend all the same. `RedisQuota` counts a settlement sent twice once (the
-        gateway replays those whose first attempt failed); `LocalQuota` never fails one."""
+        gateway replays those whose first attempt failed); `LocalQuota` never fails one.
+        Spend counts in the windows that hold `at` (default: now). Returns each window's spend
+        after it (empty when nothing was added, or the settlement was a repeat)."""
         ...
 
-    async def settle_many(self, settlements: list[Settlement]) -> None:
+    async def settle_many(self, settlements: list[Settlement]) -> list[Spent]:
         """`settle` each, in one round trip where the store allows; all or none may fail."""
         ...
 
@@ -216,7 +225,9 @@ def spend_field(window: Window, now: float) -> str:
 
 # -- refusals ------------------------------------------------------------------------------
 
-RefusalKind = Literal["requests", "tokens", "budget_tokens", "budget_usd"]
+RefusalKind = Literal["concurrency", "requests", "tokens", "budget_tokens", "budget_usd"]
+# How soon a key at its concurrency cap may try again: requests end at any moment.
+CONCURRENCY_RETRY_S = 1.0
 
 
 def rate_headers(requests: RateView | None, tokens: RateView | None) -> dict[str, str]:
@@ -254,6 +265,15 @@ class Refusal:
 
     def error(self, limits: Limits, key: str) -> RateLimitExceeded | QuotaExceeded:
         headers = rate_headers(self.requests, self.tokens)
+        if self.kind == "concurrency":
+            return RateLimitExceeded(
+                f"Too many concurrent requests for key '{key}': limit {limits.max_concurrent} "
+                f"in flight. Retry after {duration(self.retry_after_s)}.",
+                retry_after_s=self.retry_after_s,
+                headers=headers,
+                error_type="requests",
+                code="concurrency_limit_exceeded",
+            )
         if self.kind == "requests":
             return RateLimitExceeded(
                 f"Rate limit reached for key '{key}' on requests per minute: limit "

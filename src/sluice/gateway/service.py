@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from sluice.config import GatewaySettings, ModelPrice, PricingSettings, Settings
 from sluice.gateway.admission import Admission
+from sluice.gateway.alerts import BudgetAlerts, BudgetCrossing
 from sluice.gateway.auth import KeyRing, Principal, load_keys_file
 from sluice.gateway.keys import KeyStore
 from sluice.gateway.quota import (
@@ -99,7 +100,13 @@ def build_keys(settings: Settings, cache_s: float | None = None) -> tuple[KeyRin
     key_store, quota = build_stores(settings)
     gw = settings.gateway
     file_keys = load_keys_file(gw.keys_file) if gw.keys_file else {}
-    return KeyRing(file_keys, key_store, gw.key_cache_s if cache_s is None else cache_s), quota
+    ring = KeyRing(
+        file_keys,
+        key_store,
+        gw.key_cache_s if cache_s is None else cache_s,
+        file_path=gw.keys_file,
+    )
+    return ring, quota
 
 
 async def close_keys(keys: KeyRing, quota: QuotaStore) -> None:
@@ -122,6 +129,7 @@ class Gateway:
         on_store_failure: Callable[[str], None] = lambda _: None,
         on_budget: Callable[[str, Limits, BudgetLeft], None] = lambda *_: None,
         clock: Clock = wall_clock,
+        alerts: BudgetAlerts | None = None,
     ) -> None:
         self.settings = settings
         self.request_timeout_s = request_timeout_s
@@ -133,6 +141,7 @@ class Gateway:
         self.fallback = LocalQuota(MemoryLedger(), clock=clock)
         self.on_store_failure = on_store_failure
         self.on_budget = on_budget
+        self.alerts = alerts or BudgetAlerts(settings.budget_alert_thresholds)
         # Settlements the store has not acknowledged, oldest first (see module docstring).
         self.pending: collections.deque[Settlement] = collections.deque()
         self._sending: asyncio.Task[None] | None = None
@@ -146,6 +155,7 @@ class Gateway:
         admission: Admission,
         on_store_failure: Callable[[str], None] = lambda _: None,
         on_budget: Callable[[str, Limits, BudgetLeft], None] = lambda *_: None,
+        on_budget_alert: Callable[[BudgetCrossing], None] = lambda _: None,
     ) -> Gateway:
         keys, quota = build_keys(settings)
         return cls(
@@ -157,6 +167,11 @@ class Gateway:
             request_timeout_s=settings.limits.request_timeout_s,
             on_store_failure=on_store_failure,
             on_budget=on_budget,
+            alerts=BudgetAlerts(
+                settings.gateway.budget_alert_thresholds,
+                settings.gateway.budget_webhook_url,
+                on_budget_alert,
+            ),
         )
 
     async def close(self) -> None:
@@ -178,6 +193,7 @@ class Gateway:
                     tokens,
                     usd,
                 )
+        await self.alerts.close()
         await close_keys(self.keys, self.quota)
 
     def _store_failed(self, operation: str, exc: Exception) -> None:
@@ -267,13 +283,15 @@ class Gateway:
         if prompt_tokens is not None:
             ticket.prompt_tokens = prompt_tokens
         used = ticket.prompt_tokens + ticket.output_tokens
-        settlement = Settlement(grant, used, ticket.usd, self.clock())
+        limits = Limits.of(ticket.principal.policy) if ticket.principal.policy else None
+        settlement = Settlement(grant, used, ticket.usd, self.clock(), limits)
         if grant.local:
             await self.fallback.settle(grant, used, settlement.usd)
             self._keep(settlement)  # the shared store has not seen this spend yet
             return
         try:
-            await self.quota.settle(grant, used, settlement.usd, settlement.at)
+            spent = await self.quota.settle(grant, used, settlement.usd, settlement.at)
+            self.alerts.observe(settlement, spent)
         except StoreFailure as exc:
             self._store_failed("settle", exc)
             self._keep(settlement)
@@ -309,7 +327,10 @@ class Gateway:
         while self.pending:
             batch = [self.pending[i] for i in range(min(REPLAY_BATCH, len(self.pending)))]
             try:
-                await self.quota.settle_many(batch)
+                for settlement, spent in zip(
+                    batch, await self.quota.settle_many(batch), strict=True
+                ):
+                    self.alerts.observe(settlement, spent)
             except StoreFailure:
                 raise
             except Exception:

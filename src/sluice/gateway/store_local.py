@@ -10,13 +10,16 @@ One SQLite file serves one process; replicas share limits through Redis instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from sluice.gateway.keys import KeyExists, StoredKey, Window
+from sluice.gateway.keys import KeyExists, KeyPolicy, StoredKey, Window
 from sluice.gateway.quota import (
+    CONCURRENCY_RETRY_S,
     WINDOWS,
     Bucket,
     BudgetLeft,
@@ -28,6 +31,7 @@ from sluice.gateway.quota import (
     Refusal,
     RefusalKind,
     Settlement,
+    Spent,
     Usage,
     WindowUsage,
     bucket_at,
@@ -110,6 +114,19 @@ class Database:
                     "usd = usd + excluded.usd",
                     [(key, f, tokens, usd) for f in fields],
                 )
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The connection inside BEGIN IMMEDIATE … COMMIT (ROLLBACK on any error), held
+        against the other users of this process's connection."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
@@ -213,6 +230,11 @@ class LocalQuota:
     ) -> Refusal | None:
         req_view = view(requests.level, limits.rpm) if requests and limits.rpm else None
         tok_view = view(tokens.level, limits.tpm) if tokens and limits.tpm else None
+        in_flight = len(state.reservations)
+        if limits.max_concurrent is not None and in_flight >= limits.max_concurrent:
+            return Refusal(
+                "concurrency", CONCURRENCY_RETRY_S, req_view, tok_view, need=1, have=in_flight
+            )
         if limits.rpm and requests is not None and requests.level < 1:
             return Refusal(
                 "requests",
@@ -253,7 +275,7 @@ class LocalQuota:
     async def reserve(self, limits: Limits, demand: Demand, reservation_id: str) -> Grant:
         return self.reserve_now(limits, demand, reservation_id)
 
-    async def settle(self, grant: Grant, tokens: int, usd: float, at: float | None = None) -> None:
+    async def settle(self, grant: Grant, tokens: int, usd: float, at: float | None = None) -> Spent:
         now = self.clock()
         state = self._keys.setdefault(grant.key, KeyState())
         held = state.reservations.pop(grant.reservation_id, None) is not None
@@ -264,10 +286,10 @@ class LocalQuota:
             state.tokens = refreshed
         fields = [spend_field(w, now if at is None else at) for w in WINDOWS]
         await self.ledger.add(grant.key, fields, tokens, usd)
+        return {f: self.ledger.spent(grant.key, f) for f in fields}
 
-    async def settle_many(self, settlements: list[Settlement]) -> None:
-        for s in settlements:
-            await self.settle(s.grant, s.tokens, s.usd, s.at)
+    async def settle_many(self, settlements: list[Settlement]) -> list[Spent]:
+        return [await self.settle(s.grant, s.tokens, s.usd, s.at) for s in settlements]
 
     async def usage(self, key: str) -> Usage:
         now = self.clock()
@@ -321,6 +343,46 @@ class SqliteKeyStore:
             (at, key.model_dump_json(), key.secret_sha256),
         )
         return True
+
+    async def update(self, name: str, policy: KeyPolicy) -> StoredKey | None:
+        return await asyncio.to_thread(self._update, name, policy)
+
+    def _update(self, name: str, policy: KeyPolicy) -> StoredKey | None:
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "SELECT body FROM keys WHERE name=? AND revoked_at IS NULL", (name,)
+            ).fetchone()
+            if row is None:
+                return None
+            before = StoredKey.model_validate_json(str(row[0]))
+            after = before.model_copy(update={"policy": policy})
+            conn.execute(
+                "UPDATE keys SET body=? WHERE secret_sha256=?",
+                (after.model_dump_json(), before.secret_sha256),
+            )
+            return before
+
+    async def rotate(self, name: str, new: StoredKey, old_until: float) -> StoredKey | None:
+        return await asyncio.to_thread(self._rotate, name, new, old_until)
+
+    def _rotate(self, name: str, new: StoredKey, old_until: float) -> StoredKey | None:
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "SELECT body FROM keys WHERE name=? AND revoked_at IS NULL", (name,)
+            ).fetchone()
+            if row is None:
+                return None
+            before = StoredKey.model_validate_json(str(row[0]))
+            retired = before.model_copy(update={"revoked_at": old_until})
+            conn.execute(
+                "UPDATE keys SET revoked_at=?, body=? WHERE secret_sha256=?",
+                (old_until, retired.model_dump_json(), before.secret_sha256),
+            )
+            conn.execute(
+                "INSERT INTO keys(name, secret_sha256, body, revoked_at) VALUES (?, ?, ?, NULL)",
+                (new.name, new.secret_sha256, new.model_dump_json()),
+            )
+            return before
 
     async def count_all(self) -> int:
         rows = await self.db.arun("SELECT count(*) FROM keys")

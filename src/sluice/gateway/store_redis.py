@@ -23,17 +23,18 @@ closed. redis-py reconnects by itself on the next call once Redis is back.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 from sluice.errors import StoreUnavailable
-from sluice.gateway.keys import KeyExists, StoredKey
+from sluice.gateway.keys import KeyExists, KeyPolicy, StoredKey
 from sluice.gateway.quota import (
+    CONCURRENCY_RETRY_S,
     WINDOWS,
     BudgetLeft,
     Clock,
@@ -43,6 +44,7 @@ from sluice.gateway.quota import (
     Refusal,
     RefusalKind,
     Settlement,
+    Spent,
     Usage,
     WindowUsage,
     closes_at,
@@ -55,10 +57,11 @@ from sluice.gateway.quota import (
 T = TypeVar("T")
 PREFIX = "sluice:"
 MAX_CONNECTIONS = 512
+WATCH_RETRIES = 5  # key changes (update, rotate) retried when another writer got between
 
 # KEYS: bucket hash, reservations hash, reservation expiry zset, spend hash.
 # ARGV: now, rpm, tpm, tokens, usd, budget_tokens, tokens_field, budget_usd, usd_field,
-#       reservation id, expires at. Limits of -1 mean "none".
+#       reservation id, expires at, max concurrent. Limits of -1 mean "none".
 # Returns {admitted, kind, retry_s, requests_level, tokens_level, need, have, tokens_left,
 # usd_left} (as strings: Lua numbers become integers in replies; `none` where the key has no
 # such budget; left counts this reservation); kind `closed` when the id is already closed.
@@ -87,6 +90,11 @@ local ltok, lusd = 'none', 'none'
 local function reply(ok, kind, retry, n, h)
   return {ok, kind, tostring(retry), tostring(rq), tostring(tk), tostring(n), tostring(h),
           tostring(ltok), tostring(lusd)}
+end
+local maxc = tonumber(ARGV[12])
+if maxc > 0 then
+  local held = redis.call('HLEN', KEYS[2])
+  if held >= maxc then return reply(0, 'concurrency', 1, 1, held) end
 end
 if rpm > 0 and rq < 1 then return reply(0, 'requests', (1 - rq) * 60 / rpm, 1, rq) end
 if tpm > 0 and tk < need then
@@ -127,12 +135,12 @@ return reply(1, 'ok', 0, need, 0)
 """
 
 # KEYS: as RESERVE. ARGV: now, tpm (-1 none), refund, reservation id, tokens, usd, closed
-# until, then the spend fields of the hour, day and month. Returns 0 when the id was already
-# closed (nothing done), else 1.
+# until, then the spend fields of the hour, day and month. Returns {0} when the id was already
+# closed (nothing done), else {1, field, tokens, usd, ...}: each window's spend after it.
 SETTLE = """
 local now, tpm, refund = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local held = redis.call('HDEL', KEYS[2], ARGV[4])
-if held == 0 and redis.call('ZSCORE', KEYS[3], ARGV[4]) then return 0 end
+if held == 0 and redis.call('ZSCORE', KEYS[3], ARGV[4]) then return {0} end
 redis.call('ZADD', KEYS[3], ARGV[7], ARGV[4])
 if held == 1 and tpm > 0 then
   local l = tonumber(redis.call('HGET', KEYS[1], 'kl'))
@@ -142,13 +150,17 @@ if held == 1 and tpm > 0 then
     redis.call('HSET', KEYS[1], 'kl', tostring(l), 'kt', ARGV[1])
   end
 end
+local spent = {1}
 if tonumber(ARGV[5]) > 0 or tonumber(ARGV[6]) > 0 then
   for i = 8, #ARGV do
-    redis.call('HINCRBY', KEYS[4], ARGV[i] .. ':t', ARGV[5])
-    redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i] .. ':u', ARGV[6])
+    local t = redis.call('HINCRBY', KEYS[4], ARGV[i] .. ':t', ARGV[5])
+    local u = redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i] .. ':u', ARGV[6])
+    table.insert(spent, ARGV[i])
+    table.insert(spent, tostring(t))
+    table.insert(spent, u)
   end
 end
-return 1
+return spent
 """
 
 # KEYS: names hash, keys hash. ARGV: name, digest, body. Adds a key unless its name is live
@@ -223,6 +235,12 @@ def _key_names(name: str) -> list[str]:
     return [f"{base}:bucket", f"{base}:res", f"{base}:resexp", f"{base}:spend"]
 
 
+def _spent(reply: list[Any]) -> Spent:
+    """`SETTLE`'s reply as `Spent`."""
+    values = [str(v) for v in reply[1:]]
+    return {values[i]: (int(values[i + 1]), float(values[i + 2])) for i in range(0, len(values), 3)}
+
+
 def _limit(value: float | None) -> str:
     return "-1" if value is None else repr(value)
 
@@ -251,6 +269,7 @@ class RedisQuota:
                     spend_field(limits.budget_usd_window, now),
                     reservation_id,
                     repr(closes_at(now, demand.ttl_s)),
+                    str(limits.max_concurrent or -1),
                 ],
             )
         )
@@ -272,7 +291,9 @@ class RedisQuota:
             )
         refusal_kind: RefusalKind = kind  # type: ignore[assignment]
         retry_s = float(retry)
-        if refusal_kind == "budget_tokens":
+        if refusal_kind == "concurrency":
+            retry_s = CONCURRENCY_RETRY_S
+        elif refusal_kind == "budget_tokens":
             retry_s = window_bounds(limits.budget_tokens_window, now)[1] - now
         elif refusal_kind == "budget_usd":
             retry_s = window_bounds(limits.budget_usd_window, now)[1] - now
@@ -301,15 +322,15 @@ class RedisQuota:
             client=client,
         )
 
-    async def settle(self, grant: Grant, tokens: int, usd: float, at: float | None = None) -> None:
+    async def settle(self, grant: Grant, tokens: int, usd: float, at: float | None = None) -> Spent:
         settlement = Settlement(grant, tokens, usd, self.clock() if at is None else at)
-        await self.store.call(self._settle(settlement))
+        return _spent(await self.store.call(self._settle(settlement)))
 
-    async def settle_many(self, settlements: list[Settlement]) -> None:
+    async def settle_many(self, settlements: list[Settlement]) -> list[Spent]:
         pipe: Any = self.store.client.pipeline(transaction=False)
         for settlement in settlements:
             await self._settle(settlement, pipe)  # queued on the pipeline, not sent
-        await self.store.call(pipe.execute())
+        return [_spent(reply) for reply in await self.store.call(pipe.execute())]
 
     async def usage(self, key: str) -> Usage:
         now = self.clock()
@@ -389,6 +410,54 @@ class RedisKeyStore:
         pipe.hdel(self.NAMES, name)
         await self.store.call(pipe.execute())
         return True
+
+    async def update(self, name: str, policy: KeyPolicy) -> StoredKey | None:
+        def change(live: StoredKey) -> dict[str, str]:
+            after = live.model_copy(update={"policy": policy})
+            return {live.secret_sha256: after.model_dump_json()}
+
+        return await self._change_live(name, change, names={})
+
+    async def rotate(self, name: str, new: StoredKey, old_until: float) -> StoredKey | None:
+        def change(live: StoredKey) -> dict[str, str]:
+            retired = live.model_copy(update={"revoked_at": old_until})
+            return {
+                live.secret_sha256: retired.model_dump_json(),
+                new.secret_sha256: new.model_dump_json(),
+            }
+
+        return await self._change_live(name, change, names={name: new.secret_sha256})
+
+    async def _change_live(
+        self,
+        name: str,
+        change: Callable[[StoredKey], dict[str, str]],
+        names: dict[str, str],
+    ) -> StoredKey | None:
+        """Read the live key called `name` and write `change(it)` (digest → body) and `names`
+        in one transaction, retried if another writer got between (WATCH)."""
+        for _ in range(WATCH_RETRIES):
+            try:
+                async with asyncio.timeout(self.store.timeout_s * 4):
+                    pipe: Any
+                    async with self.store.client.pipeline(transaction=True) as pipe:
+                        await pipe.watch(self.NAMES, self.KEYS)
+                        digest = await pipe.hget(self.NAMES, name)
+                        body = await pipe.hget(self.KEYS, digest) if digest else None
+                        if body is None:
+                            return None
+                        live = StoredKey.model_validate_json(body)
+                        pipe.multi()
+                        pipe.hset(self.KEYS, mapping=change(live))
+                        if names:
+                            pipe.hset(self.NAMES, mapping=names)
+                        await pipe.execute()
+                        return live
+            except WatchError:
+                continue
+            except (RedisError, OSError, TimeoutError) as exc:
+                raise StoreFailure(f"redis: {type(exc).__name__}: {exc}") from exc
+        raise StoreFailure(f"redis: key '{name}' kept changing under {WATCH_RETRIES} attempts")
 
     async def count_all(self) -> int:
         count: int = await self.store.call(self.store.client.hlen(self.KEYS))

@@ -12,8 +12,9 @@ torch's C++ notes and Python's deprecation warnings are not printed. Each is onl
 a variable the user has set wins.
 
 The request line (`logger: sluice.request`) carries the request id, model, key, tokens, their
-USD cost (the price table), TTFT, latency, status and, for a refusal, its reason. Prompts and outputs are logged only with
-`telemetry.log_prompts`, and then redacted (telemetry/redaction.py).
+USD cost (the price table), TTFT, latency, status and, for a refusal, its reason. Prompts and
+outputs are logged only with `telemetry.log_prompts`, and then redacted
+(telemetry/redaction.py).
 """
 
 from __future__ import annotations

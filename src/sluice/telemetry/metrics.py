@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from sluice.config import PricingSettings
 from sluice.engine.protocol import EngineStats
+from sluice.gateway.alerts import BudgetCrossing
 from sluice.gateway.quota import BudgetLeft, Limits
 from sluice.telemetry.record import RequestRecord
 
@@ -199,6 +200,12 @@ class Metrics:
             ["key", "unit"],
             registry=r,
         )
+        self.budget_alerts = Counter(
+            "sluice_budget_alerts",
+            "Budget thresholds crossed (once per key, unit, threshold and budget window).",
+            ["key", "unit", "threshold"],
+            registry=r,
+        )
         self.cost = Counter(
             "sluice_cost_usd",
             "Cost of served tokens in USD (price table).",
@@ -263,6 +270,11 @@ class Metrics:
             if limit is not None and remaining is not None:
                 self.budget_limit.labels(label, unit).set(limit)
                 self.budget_remaining.labels(label, unit).set(remaining)
+
+    def budget_alert(self, crossing: BudgetCrossing) -> None:
+        self.budget_alerts.labels(
+            self.key_label(crossing.key), crossing.unit, f"{crossing.threshold:g}"
+        ).inc()
 
     def exposition(self) -> bytes:
         """Text format of sluice's families followed by vLLM's (global registry)."""
