@@ -23,7 +23,7 @@ read before and after each run and divided by the tokens streamed in it.
 
 Load: streaming chats of up to 128 greedy output tokens at 1, 16 and 32 concurrent (as
 many requests as the concurrency times `--waves`), every setting run for each server in
-turns for `--rounds` rounds; throughput and TTFT are reported beside CPU so parity is
+turns for `--rounds` rounds (the order reversed every other round); throughput and TTFT are reported beside CPU so parity is
 visible in the same run.
 """
 
@@ -172,7 +172,9 @@ def run_all(
             output_tokens=Lengths(args.max_tokens, args.max_tokens),
         )
         for round_no in range(1, args.rounds + 1):
-            for target in targets:
+            # ABBA order: no server always runs first (or right after the same other one).
+            order = targets if round_no % 2 else list(reversed(targets))
+            for target in order:
                 endpoint = Endpoint(target.name, target.api)
                 process = cpu[target.name]
                 before = sum(process.cpu_times()[:2])
@@ -183,7 +185,7 @@ def run_all(
                     [Arrival(concurrency=concurrency)],
                     rounds=1,
                     time_limit_s=600,
-                    warmup=4 if round_no == 1 and concurrency == 1 else 0,
+                    warmup=4 if round_no == 1 else 0,
                 )
                 seconds = sum(process.cpu_times()[:2]) - before
                 rows.append(row(run, seconds, concurrency, round_no))
