@@ -305,3 +305,47 @@ def test_redis_stopped_mid_run_fails_open_or_closed_then_recovers(
     spent = usage(synth, "outage")
     assert spent["windows"]["month"]["tokens"] == served
     assert spent["reserved"]["tokens"] == 0
+
+
+def test_running_keys_across_the_pair(pair: tuple[SluiceProcess, SluiceProcess]) -> None:
+    """One process changes a key, the other enforces the change at once (key_cache_s 0): the
+    concurrency cap counts both processes' requests, a rotation keeps the old secret for its
+    grace, an update applies in place."""
+    real, synth = pair
+    old = create_key(synth, name="ops", max_concurrent=1)
+    long_stream = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Count to a thousand."}],
+        "max_tokens": 1500,  # 3 s at the synthetic engine's 500 tokens/s
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST",
+        f"{synth.api}/chat/completions",
+        json=long_stream,
+        headers={"Authorization": f"Bearer {old}"},
+        timeout=60,
+    ) as running:
+        assert running.status_code == 200
+        refused = chat(real, old)  # the other process sees the request in flight
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "concurrency_limit_exceeded"
+        for _ in running.iter_bytes():
+            pass
+    assert chat(real, old).status_code == 200
+    rotated = httpx.post(
+        f"{real.url}/admin/keys/ops/rotate", json={"grace_s": 120}, headers=ADMIN_AUTH, timeout=10
+    )
+    assert rotated.status_code == 200, rotated.text
+    new = rotated.json()["secret"]
+    for server in (real, synth):
+        for secret in (old, new):
+            assert chat(server, secret).status_code == 200
+    patched = httpx.patch(
+        f"{synth.url}/admin/keys/ops", json={"enabled": False}, headers=ADMIN_AUTH, timeout=10
+    )
+    assert patched.status_code == 200, patched.text
+    for secret in (old, new):
+        denied = chat(real, secret)
+        assert denied.status_code == 403 and denied.json()["error"]["code"] == "key_disabled"
+    assert usage(real, "ops")["reserved"]["tokens"] == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import textwrap
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -68,11 +69,11 @@ class MemoryKeyStore:
 
     async def update(self, name: str, policy: KeyPolicy) -> StoredKey | None:
         self._answer()
+        live = next((k for k in self.keys.values() if k.name == name and not k.revoked_at), None)
         for sha, key in self.keys.items():
-            if key.name == name and key.revoked_at is None:
+            if key.name == name and key.valid_at(time.time()):
                 self.keys[sha] = key.model_copy(update={"policy": policy})
-                return key
-        return None
+        return live
 
     async def rotate(self, name: str, new: StoredKey, old_until: float) -> StoredKey | None:
         self._answer()

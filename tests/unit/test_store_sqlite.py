@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -195,6 +196,20 @@ class KeyStoreContract:
         assert revoked is not None and revoked.revoked_at == 6000.0
         assert await keys.rotate("team-a", stored("team-a", secret="sk-x"), 1.0) is None
         assert await keys.find(digest("sk-x")) is None  # nothing changed
+
+    async def test_an_update_reaches_secrets_still_in_their_grace(self, keys: KeyStore) -> None:
+        """Disabling a key disables every secret of it that still works."""
+        old = stored("team-a", secret="sk-sluice-old")
+        await keys.add(old)
+        new = stored("team-a", secret="sk-sluice-new")
+        await keys.rotate("team-a", new, time.time() + 600)
+        newer = stored("team-a", secret="sk-sluice-newer")
+        await keys.rotate("team-a", newer, time.time() - 1)  # `new` ended at once
+        await keys.update("team-a", KeyPolicy(name="team-a", enabled=False))
+        found = {k.secret_sha256: k for k in await keys.all()}
+        assert not found[newer.secret_sha256].policy.enabled
+        assert not found[old.secret_sha256].policy.enabled  # in its grace: follows
+        assert found[new.secret_sha256].policy.enabled  # over: kept as it ended
 
     async def test_a_revoked_name_can_be_added_again(self, keys: KeyStore) -> None:
         old = stored("team-a", secret="sk-sluice-old")

@@ -143,8 +143,9 @@ class KeyStore(Protocol):
         ...
 
     async def update(self, name: str, policy: KeyPolicy) -> StoredKey | None:
-        """Give the live key called `name` this policy (same name); the key as it was before,
-        or None if there is no live key by that name."""
+        """Give the live key called `name` this policy (same name), and its rotated-out
+        secrets still in their grace period too; the live key as it was before, or None if
+        there is no live key by that name."""
         ...
 
     async def rotate(self, name: str, new: StoredKey, old_until: float) -> StoredKey | None:

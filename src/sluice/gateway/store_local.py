@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -355,11 +356,20 @@ class SqliteKeyStore:
             if row is None:
                 return None
             before = StoredKey.model_validate_json(str(row[0]))
-            after = before.model_copy(update={"policy": policy})
-            conn.execute(
-                "UPDATE keys SET body=? WHERE secret_sha256=?",
-                (after.model_dump_json(), before.secret_sha256),
-            )
+            # Secrets rotated out but still in their grace period follow the policy too.
+            working = conn.execute(
+                "SELECT body FROM keys WHERE name=? AND (revoked_at IS NULL OR revoked_at > ?)",
+                (name, time.time()),
+            ).fetchall()
+            for (body,) in working:
+                key = StoredKey.model_validate_json(str(body))
+                conn.execute(
+                    "UPDATE keys SET body=? WHERE secret_sha256=?",
+                    (
+                        key.model_copy(update={"policy": policy}).model_dump_json(),
+                        key.secret_sha256,
+                    ),
+                )
             return before
 
     async def rotate(self, name: str, new: StoredKey, old_until: float) -> StoredKey | None:

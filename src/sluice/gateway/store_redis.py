@@ -23,6 +23,7 @@ closed. redis-py reconnects by itself on the next call once Redis is back.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -412,45 +413,66 @@ class RedisKeyStore:
         return True
 
     async def update(self, name: str, policy: KeyPolicy) -> StoredKey | None:
-        def change(live: StoredKey) -> dict[str, str]:
-            after = live.model_copy(update={"policy": policy})
-            return {live.secret_sha256: after.model_dump_json()}
+        def change(live: StoredKey, in_grace: list[StoredKey]) -> dict[str, str]:
+            # Secrets rotated out but still in their grace period follow the policy too:
+            # disabling a key disables every secret that still works.
+            return {
+                key.secret_sha256: key.model_copy(update={"policy": policy}).model_dump_json()
+                for key in (live, *in_grace)
+            }
 
-        return await self._change_live(name, change, names={})
+        return await self._change_live(name, change)
 
     async def rotate(self, name: str, new: StoredKey, old_until: float) -> StoredKey | None:
-        def change(live: StoredKey) -> dict[str, str]:
+        def change(live: StoredKey, _: list[StoredKey]) -> dict[str, str]:
             retired = live.model_copy(update={"revoked_at": old_until})
             return {
                 live.secret_sha256: retired.model_dump_json(),
                 new.secret_sha256: new.model_dump_json(),
             }
 
-        return await self._change_live(name, change, names={name: new.secret_sha256})
+        return await self._change_live(
+            name, change, names={name: new.secret_sha256}, retire=(new, old_until)
+        )
+
+    def _previous(self, name: str) -> str:
+        """The sorted set of a name's rotated-out digests, scored by when each ends."""
+        return f"{PREFIX}keyprev:{name}"
 
     async def _change_live(
         self,
         name: str,
-        change: Callable[[StoredKey], dict[str, str]],
-        names: dict[str, str],
+        change: Callable[[StoredKey, list[StoredKey]], dict[str, str]],
+        names: dict[str, str] | None = None,
+        retire: tuple[StoredKey, float] | None = None,
     ) -> StoredKey | None:
-        """Read the live key called `name` and write `change(it)` (digest → body) and `names`
-        in one transaction, retried if another writer got between (WATCH)."""
+        """Read the live key called `name` and its rotated-out secrets still in their grace,
+        and write `change(live, in_grace)` (digest → body), `names` and, for a rotation
+        (`retire`: the new key and when the old secret ends), the old digest's end, in one
+        transaction, retried if another writer got between (WATCH)."""
+        previous = self._previous(name)
         for _ in range(WATCH_RETRIES):
             try:
                 async with asyncio.timeout(self.store.timeout_s * 4):
                     pipe: Any
                     async with self.store.client.pipeline(transaction=True) as pipe:
-                        await pipe.watch(self.NAMES, self.KEYS)
+                        await pipe.watch(self.NAMES, self.KEYS, previous)
                         digest = await pipe.hget(self.NAMES, name)
                         body = await pipe.hget(self.KEYS, digest) if digest else None
                         if body is None:
                             return None
                         live = StoredKey.model_validate_json(body)
+                        now = time.time()
+                        grace = await pipe.zrangebyscore(previous, f"({now!r}", "+inf")
+                        bodies = await pipe.hmget(self.KEYS, grace) if grace else []
+                        in_grace = [StoredKey.model_validate_json(b) for b in bodies if b]
                         pipe.multi()
-                        pipe.hset(self.KEYS, mapping=change(live))
+                        pipe.hset(self.KEYS, mapping=change(live, in_grace))
                         if names:
                             pipe.hset(self.NAMES, mapping=names)
+                        if retire is not None:
+                            pipe.zadd(previous, {live.secret_sha256: retire[1]})
+                            pipe.zremrangebyscore(previous, "-inf", f"({now!r}")
                         await pipe.execute()
                         return live
             except WatchError:
