@@ -238,7 +238,13 @@ async def disconnect_during(
         if after_chunks is not None and len(chunks) >= after_chunks:
             leave.set()
 
-    scope = {
+    await test_client.app(asgi_scope(path, len(raw)), receive, send)  # type: ignore[arg-type]
+    return sent
+
+
+def asgi_scope(path: str, content_length: int) -> dict[str, Any]:
+    """The ASGI scope of a JSON POST to `path` declaring `content_length` bytes."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
         "http_version": "1.1",
@@ -248,10 +254,11 @@ async def disconnect_during(
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(raw))],
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % content_length),
+        ],
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 80),
         "state": {},
     }
-    await test_client.app(scope, receive, send)  # type: ignore[arg-type]
-    return sent

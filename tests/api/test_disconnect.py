@@ -10,6 +10,7 @@ from typing import Any
 
 from tests.api.conftest import (
     app_client,
+    asgi_scope,
     assert_settled,
     chat_body,
     completion_body,
@@ -78,21 +79,7 @@ def test_a_client_that_leaves_while_uploading_its_body_is_counted_as_499() -> No
         async def send(message: dict[str, Any]) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v1/completions",
-            "raw_path": b"/v1/completions",
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"content-type", b"application/json"), (b"content-length", b"500")],
-            "client": ("127.0.0.1", 50000),
-            "server": ("127.0.0.1", 80),
-            "state": {},
-        }
+        scope = asgi_scope("/v1/completions", 500)
         client.portal.call(client.app, scope, receive, send)
         assert sent == []  # nobody to answer
         assert engine.requests == []

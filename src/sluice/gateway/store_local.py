@@ -350,12 +350,9 @@ class SqliteKeyStore:
 
     def _update(self, name: str, policy: KeyPolicy) -> StoredKey | None:
         with self.db.transaction() as conn:
-            row = conn.execute(
-                "SELECT body FROM keys WHERE name=? AND revoked_at IS NULL", (name,)
-            ).fetchone()
-            if row is None:
+            before = _live(conn, name)
+            if before is None:
                 return None
-            before = StoredKey.model_validate_json(str(row[0]))
             # Secrets rotated out but still in their grace period follow the policy too.
             working = conn.execute(
                 "SELECT body FROM keys WHERE name=? AND (revoked_at IS NULL OR revoked_at > ?)",
@@ -377,12 +374,9 @@ class SqliteKeyStore:
 
     def _rotate(self, name: str, new: StoredKey, old_until: float) -> StoredKey | None:
         with self.db.transaction() as conn:
-            row = conn.execute(
-                "SELECT body FROM keys WHERE name=? AND revoked_at IS NULL", (name,)
-            ).fetchone()
-            if row is None:
+            before = _live(conn, name)
+            if before is None:
                 return None
-            before = StoredKey.model_validate_json(str(row[0]))
             retired = before.model_copy(update={"revoked_at": old_until})
             conn.execute(
                 "UPDATE keys SET revoked_at=?, body=? WHERE secret_sha256=?",
@@ -404,3 +398,10 @@ class SqliteKeyStore:
 
     async def close(self) -> None:
         self.db.close()
+
+
+def _live(conn: sqlite3.Connection, name: str) -> StoredKey | None:
+    """The live (unrevoked) key called `name`, inside a transaction."""
+    row = conn.execute("SELECT body FROM keys WHERE name=? AND revoked_at IS NULL", (name,))
+    found = row.fetchone()
+    return StoredKey.model_validate_json(str(found[0])) if found else None
