@@ -23,8 +23,8 @@ read before and after each run and divided by the tokens streamed in it.
 
 Load: streaming chats of up to 128 greedy output tokens at 1, 16 and 32 concurrent (as
 many requests as the concurrency times `--waves`), every setting run for each server in
-turns for `--rounds` rounds (the order reversed every other round); throughput and TTFT are reported beside CPU so parity is
-visible in the same run.
+turns for `--rounds` rounds (the order reversed every other round); throughput and TTFT are
+reported beside CPU so parity is visible in the same run.
 """
 
 from __future__ import annotations
