@@ -72,6 +72,7 @@ def prometheus(server: SluiceProcess, tmp_path: Path) -> Iterator[str]:
     # The shipped config, pointed at the test server and scraping every second.
     config = yaml.safe_load((ROOT / "prometheus.yml").read_text())
     config["global"]["scrape_interval"] = "1s"
+    config["global"]["evaluation_interval"] = "1s"  # the alert rules, evaluated in the test
     (job,) = config["scrape_configs"]
     job["static_configs"] = [{"targets": [server.url.removeprefix("http://")]}]
     config["rule_files"] = [str(RULES)]  # the config is written elsewhere: an absolute path
@@ -132,8 +133,13 @@ def test_every_dashboard_query_returns_data(
     assert empty == []
     # The alert rules load and evaluate against the real series, and none fires on a
     # healthy server.
-    rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
-    loaded = [rule for group in rules for rule in group["rules"]]
+    deadline = time.monotonic() + 30
+    while True:  # a rule's health is "unknown" until its first evaluation
+        rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+        loaded = [rule for group in rules for rule in group["rules"]]
+        if all(rule["health"] != "unknown" for rule in loaded) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(loaded) == 7 and all(rule["health"] == "ok" for rule in loaded), loaded
     assert all(rule["state"] == "inactive" for rule in loaded), loaded
     # The scrape also carries vLLM's own metrics.
