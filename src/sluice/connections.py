@@ -16,7 +16,8 @@ limits, the ones Node's HTTP server (`headersTimeout`, `requestTimeout`) and ngi
   OpenAI's error shape with `Retry-After` and is closed.
 
 The time a response takes (a long stream) is not bounded here; the per-request time limit
-(`limits.request_timeout_s`) does that.
+(`limits.request_timeout_s`) does that. A request pipelined behind a response still being
+sent gets no deadline (uvicorn reads nothing more until that response is done).
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ class GuardedProtocol(HttpToolsProtocol):
     max_connections: int = 2048
 
     _deadline: asyncio.TimerHandle | None = None
-    _awaiting_headers = False
+    # What the connection is reading: "headers" (from its opening or a request's first byte),
+    # "body", or "idle" (the last request was read whole).
+    _phase = "headers"
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -80,29 +83,49 @@ class GuardedProtocol(HttpToolsProtocol):
             transport.write(OVER_CAPACITY)
             transport.close()
             return
-        self._wait_for_headers()
+        self._arm(self.headers_timeout_s, self._headers_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
+        busy = self._busy()
         super().on_message_begin()
-        if not self._awaiting_headers:  # the next request on a kept-alive connection
-            self._wait_for_headers()
+        if self._phase == "headers" and not busy:
+            return  # the connection's first request: its deadline runs from the opening
+        self._phase = "headers"
+        self._deadline_for_phase(busy)
 
     def on_headers_complete(self) -> None:
-        self._awaiting_headers = False
-        self._arm(self.body_timeout_s, self._body_timed_out)
+        self._phase = "body"
+        self._deadline_for_phase(self._busy())
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        self._phase = "idle"
         self._disarm()
         super().on_message_complete()
 
-    def _wait_for_headers(self) -> None:
-        self._awaiting_headers = True
-        self._arm(self.headers_timeout_s, self._headers_timed_out)
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._phase != "idle" and not self.transport.is_closing():
+            self._deadline_for_phase(busy=False)  # a pipelined request's turn: time it now
+
+    def _deadline_for_phase(self, busy: bool) -> None:
+        """Time what is being read, unless a response is still being sent on this connection:
+        a request pipelined behind it waits its turn (uvicorn reads nothing more meanwhile),
+        and a deadline now would cut the response in progress."""
+        if busy:
+            self._disarm()
+        elif self._phase == "headers":
+            self._arm(self.headers_timeout_s, self._headers_timed_out)
+        elif self._phase == "body":
+            self._arm(self.body_timeout_s, self._body_timed_out)
+
+    def _busy(self) -> bool:
+        """A response is still being sent on this connection."""
+        return self.cycle is not None and not self.cycle.response_complete
 
     def _arm(self, seconds: float, expire: object) -> None:
         self._disarm()

@@ -6,6 +6,7 @@ engine's queue behind another."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import select
 import socket
 import time
@@ -102,6 +103,33 @@ def test_half_open_connections_are_closed_after_the_headers_timeout(
         for sock in silent + partial:
             sock.close()
     assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
+
+
+def test_a_request_pipelined_behind_a_long_stream_is_timed_from_its_turn(
+    server: SluiceProcess,
+) -> None:
+    """Half a request pipelined behind a stream that runs past the deadlines: the stream
+    finishes whole (no deadline while it is sent), then the half request gets its 408."""
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 50, "stream": True})
+    stream = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+    half = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "
+    sock = _connect(server, stream + half)  # 50 tokens at 20/s: 2.5 s, past both deadlines
+    try:
+        received = b""
+        closed = False
+        started = time.monotonic()
+        while not closed and time.monotonic() - started < 30:
+            closed, chunk = _closed_by_server(sock, 5)
+            received += chunk
+    finally:
+        sock.close()
+    assert b"data: [DONE]" in received, received[-300:]  # the stream was not cut
+    assert closed  # and the half request was not kept forever
+    assert received.rstrip().endswith(b'"code": "request_timeout"}}')
+    assert time.monotonic() - started < 2.5 + HEADERS_TIMEOUT_S + 5
 
 
 def test_connections_past_the_cap_get_503_and_are_closed(server: SluiceProcess) -> None:

@@ -21,7 +21,7 @@ from sluice.gateway.auth import (
     load_keys_file,
     masked,
 )
-from sluice.gateway.keys import KeyExists, KeyPolicy, Priority, StoredKey, digest
+from sluice.gateway.keys import KeyExists, KeyPolicy, PolicyChange, Priority, StoredKey, digest
 from sluice.gateway.store_redis import StoreFailure
 from tests.conftest import FakeClock
 
@@ -61,28 +61,38 @@ class MemoryKeyStore:
 
     async def revoke(self, name: str, at: float) -> bool:
         self._answer()
+        if self._live(name) is None:
+            return False
         for sha, key in self.keys.items():
-            if key.name == name and key.revoked_at is None:
+            if key.name == name and key.valid_at(at):
                 self.keys[sha] = key.model_copy(update={"revoked_at": at})
-                return True
-        return False
+        return True
 
-    async def update(self, name: str, policy: KeyPolicy) -> StoredKey | None:
+    def _live(self, name: str) -> StoredKey | None:
+        return next((k for k in self.keys.values() if k.name == name and not k.revoked_at), None)
+
+    async def update(self, name: str, change: PolicyChange) -> tuple[StoredKey, KeyPolicy] | None:
         self._answer()
-        live = next((k for k in self.keys.values() if k.name == name and not k.revoked_at), None)
+        live = self._live(name)
+        if live is None:
+            return None
+        policy = change(live.policy)
         for sha, key in self.keys.items():
             if key.name == name and key.valid_at(time.time()):
                 self.keys[sha] = key.model_copy(update={"policy": policy})
-        return live
+        return live, policy
 
-    async def rotate(self, name: str, new: StoredKey, old_until: float) -> StoredKey | None:
+    async def rotate(
+        self, name: str, secret_sha256: str, old_until: float
+    ) -> tuple[StoredKey, StoredKey] | None:
         self._answer()
-        for sha, key in self.keys.items():
-            if key.name == name and key.revoked_at is None:
-                self.keys[sha] = key.model_copy(update={"revoked_at": old_until})
-                self.keys[new.secret_sha256] = new.model_copy(deep=True)
-                return key
-        return None
+        live = self._live(name)
+        if live is None:
+            return None
+        new = StoredKey(policy=live.policy, secret_sha256=secret_sha256)
+        self.keys[live.secret_sha256] = live.model_copy(update={"revoked_at": old_until})
+        self.keys[secret_sha256] = new
+        return live, new.model_copy(deep=True)
 
     async def count_all(self) -> int:
         self._answer()
@@ -518,7 +528,7 @@ async def test_a_rotated_out_secret_works_until_its_grace_ends(
     store: MemoryKeyStore, clock: FakeClock
 ) -> None:
     await store.add(stored("team-a"))
-    await store.rotate("team-a", stored("team-a", secret=OTHER), clock() + 300)
+    await store.rotate("team-a", digest(OTHER), clock() + 300)
     ring = KeyRing({}, store, cache_s=0.0, clock=clock, wall_clock=clock)
     for secret in (SECRET, OTHER):
         assert (await ring.authenticate(bearer(secret))).name == "team-a"  # one identity

@@ -151,6 +151,31 @@ async def test_a_reservation_redis_runs_after_the_gateway_gave_up_is_not_left_be
     assert await shared(redis_server) == (spent + USED, 0)
 
 
+async def test_a_request_cancelled_while_redis_holds_its_reservation_leaves_nothing(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    """The client goes away while a stalled Redis has the RESERVE: it runs later, and the
+    gateway closes it."""
+    gateway = make_gateway("closed")
+    team = principal(budget_tokens=1000, max_concurrent=1)
+    await serve(gateway, team)  # connected
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        waiting = asyncio.create_task(
+            gateway.reserve(team, "m", prompt_tokens=PROMPT, max_output_tokens=OUTPUT)
+        )
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    await asyncio.sleep(0.2)  # Redis runs the stalled reservation now
+    await gateway.send_pending()
+    assert await shared(redis_server) == (USED, 0)
+    await serve(gateway, team)  # its concurrency slot is free again
+
+
 async def test_what_cannot_be_sent_at_shutdown_is_logged_with_its_total(
     make_gateway: GatewayFactory, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -166,25 +166,39 @@ class KeyStoreContract:
         key = stored("team-a", rpm=5)
         await keys.add(key)
         await keys.add(stored("team-b", rpm=7))
-        policy = KeyPolicy(name="team-a", rpm=50, max_concurrent=2, priority="high")
-        before = await keys.update("team-a", policy)
-        assert before == key
+        result = await keys.update(
+            "team-a", lambda p: p.model_copy(update={"rpm": p.rpm * 10, "max_concurrent": 2})
+        )
+        assert result is not None
+        before, policy = result
+        assert before == key and (policy.rpm, policy.max_concurrent) == (50, 2)
         found = await keys.find(key.secret_sha256)
         assert found is not None and found.policy == policy  # same secret, same history
         assert (found.created_at, found.revoked_at) == (key.created_at, None)
         other = await keys.find(stored("team-b").secret_sha256)
         assert other is not None and other.policy.rpm == 7
-        assert await keys.update("nobody", KeyPolicy(name="nobody")) is None
+        assert await keys.update("nobody", lambda p: p) is None
+
+        def refuse(_: KeyPolicy) -> KeyPolicy:
+            raise ValueError("no")
+
+        with pytest.raises(ValueError, match="no"):
+            await keys.update("team-a", refuse)  # what the change raises: nothing changes
+        unchanged = await keys.find(key.secret_sha256)
+        assert unchanged is not None and unchanged.policy == policy
         await keys.revoke("team-a", 2000.0)
-        assert await keys.update("team-a", policy) is None  # only live keys change
+        assert await keys.update("team-a", lambda p: p) is None  # only live keys change
 
     async def test_rotate_swaps_the_secret_and_keeps_the_old_until_its_grace_ends(
         self, keys: KeyStore
     ) -> None:
         old = stored("team-a", secret="sk-sluice-old", rpm=5)
         await keys.add(old)
-        new = stored("team-a", secret="sk-sluice-new", rpm=5)
-        assert await keys.rotate("team-a", new, 5000.0) == old
+        result = await keys.rotate("team-a", digest("sk-sluice-new"), 5000.0)
+        assert result is not None
+        before, new = result
+        assert before == old and new.policy == old.policy
+        assert new.secret_sha256 == digest("sk-sluice-new") and new.revoked_at is None
         found_old = await keys.find(old.secret_sha256)
         assert found_old is not None and found_old.revoked_at == 5000.0
         assert found_old.valid_at(4999.0) and not found_old.valid_at(5000.0)
@@ -194,22 +208,27 @@ class KeyStoreContract:
         assert await keys.revoke("team-a", 6000.0) is True
         revoked = await keys.find(new.secret_sha256)
         assert revoked is not None and revoked.revoked_at == 6000.0
-        assert await keys.rotate("team-a", stored("team-a", secret="sk-x"), 1.0) is None
+        assert await keys.rotate("team-a", digest("sk-x"), 1.0) is None
         assert await keys.find(digest("sk-x")) is None  # nothing changed
 
-    async def test_an_update_reaches_secrets_still_in_their_grace(self, keys: KeyStore) -> None:
-        """Disabling a key disables every secret of it that still works."""
+    async def test_an_update_and_a_revocation_reach_secrets_still_in_their_grace(
+        self, keys: KeyStore
+    ) -> None:
+        """Disabling or revoking a key stops every secret of it that still works."""
         old = stored("team-a", secret="sk-sluice-old")
         await keys.add(old)
-        new = stored("team-a", secret="sk-sluice-new")
-        await keys.rotate("team-a", new, time.time() + 600)
-        newer = stored("team-a", secret="sk-sluice-newer")
-        await keys.rotate("team-a", newer, time.time() - 1)  # `new` ended at once
-        await keys.update("team-a", KeyPolicy(name="team-a", enabled=False))
+        await keys.rotate("team-a", digest("sk-sluice-new"), time.time() + 600)
+        await keys.rotate("team-a", digest("sk-sluice-newer"), time.time() - 1)  # `new` ended
+        await keys.update("team-a", lambda p: p.model_copy(update={"enabled": False}))
         found = {k.secret_sha256: k for k in await keys.all()}
-        assert not found[newer.secret_sha256].policy.enabled
+        assert not found[digest("sk-sluice-newer")].policy.enabled
         assert not found[old.secret_sha256].policy.enabled  # in its grace: follows
-        assert found[new.secret_sha256].policy.enabled  # over: kept as it ended
+        assert found[digest("sk-sluice-new")].policy.enabled  # over: kept as it ended
+        now = time.time()
+        assert await keys.revoke("team-a", now) is True
+        for key in await keys.all():
+            assert not key.valid_at(now + 0.001), key.secret_sha256  # none works any more
+        assert await keys.count_live() == 0
 
     async def test_a_revoked_name_can_be_added_again(self, keys: KeyStore) -> None:
         old = stored("team-a", secret="sk-sluice-old")

@@ -87,6 +87,7 @@ class SSEResponse(Response):
         self.disconnected = False
         self._pull: asyncio.Future[str] | None = None  # an advance of `frames` under way
         self._last_sent = 0.0  # event-loop time of the last bytes sent
+        self._pings = anyio.CancelScope()  # cancelled before the last message (`_stop_pings`)
         self._clock = time.monotonic  # the event loop's clock once the stream starts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -161,19 +162,26 @@ class SSEResponse(Response):
         except Exception as exc:  # a serving generator that does not catch its errors
             await self._fail(self.exchange.error or from_exception(exc), scope, receive, send)
             return
-        self.finished = True
+        self._stop_pings()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _ping_while_idle(self, send: Send) -> None:
         """Send `: ping` whenever nothing was sent for `keep_alive_s` (one sleeping task per
         stream: nothing is added to the per-chunk path)."""
-        while True:
-            await asyncio.sleep(max(0.0, self._last_sent + self.keep_alive_s - self._clock()))
-            if self.finished or self.disconnected:
-                return
-            if self._clock() - self._last_sent >= self.keep_alive_s:
-                self._last_sent = self._clock()
-                await send({"type": "http.response.body", "body": PING, "more_body": True})
+        with self._pings:
+            while True:
+                await asyncio.sleep(max(0.0, self._last_sent + self.keep_alive_s - self._clock()))
+                if self.finished or self.disconnected:
+                    return
+                if self._clock() - self._last_sent >= self.keep_alive_s:
+                    self._last_sent = self._clock()
+                    await send({"type": "http.response.body", "body": PING, "more_body": True})
+
+    def _stop_pings(self) -> None:
+        """No ping after this: one blocked in the server's send (a slow reader) is cancelled
+        before it writes, so it cannot follow the response's last message."""
+        self.finished = True
+        self._pings.cancel()
 
     async def _send_frame(self, frame: str, send: Send) -> None:
         self._last_sent = self._clock()
@@ -218,7 +226,7 @@ class SSEResponse(Response):
 
     async def _fail(self, error: SluiceError, scope: Scope, receive: Receive, send: Send) -> None:
         self._note(spec_for(error).status, error_code(error))
-        self.finished = True
+        self._stop_pings()
         if not self.started:
             await error_response(error)(scope, receive, send)
             return

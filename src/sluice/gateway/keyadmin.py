@@ -90,22 +90,24 @@ class KeyAdmin:
 
     async def update(self, name: str, changes: dict[str, Any]) -> StoredKey:
         """Change fields of the live key's policy in place (None clears a limit); the secret,
-        the name and the spend stay. `InvalidRequest` for a bad field, `NotFound`."""
+        the name and the spend stay. The fields apply to the policy as the store holds it in
+        the same transaction. `InvalidRequest` for a bad field, `NotFound`."""
         self._not_in_file(name, "edit")
         if "name" in changes and changes["name"] != name:
             raise InvalidRequest("A key's name cannot change; create a new key.", param="name")
-        current = await self._live(name)
-        try:
-            policy = KeyPolicy.model_validate(
-                {**current.policy.model_dump(), **changes, "name": name}
-            )
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            raise InvalidRequest(f"{field}: {first['msg']}", param=field) from None
-        before = await self.keys.store.update(name, policy)
-        if before is None:
+
+        def change(current: KeyPolicy) -> KeyPolicy:
+            try:
+                return KeyPolicy.model_validate({**current.model_dump(), **changes, "name": name})
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                field = ".".join(str(p) for p in first["loc"])
+                raise InvalidRequest(f"{field}: {first['msg']}", param=field) from None
+
+        result = await self.keys.store.update(name, change)
+        if result is None:
             raise NotFound(f"No live key named '{name}'.", param="name")
+        before, policy = result
         self.keys.forget()
         self._audit("update", name, before.policy, policy)
         return before.model_copy(update={"policy": policy})
@@ -116,17 +118,17 @@ class KeyAdmin:
         self._not_in_file(name, "rotate")
         if grace_s < 0:
             raise InvalidRequest("grace_s must be 0 or more seconds.", param="grace_s")
-        current = await self._live(name)
         secret = new_secret()
-        new = StoredKey(policy=current.policy, secret_sha256=digest(secret))
-        before = await self.keys.store.rotate(name, new, time.time() + grace_s)
-        if before is None:
+        result = await self.keys.store.rotate(name, digest(secret), time.time() + grace_s)
+        if result is None:
             raise NotFound(f"No live key named '{name}'.", param="name")
+        before, new = result
         self.keys.forget()
         self._audit("rotate", name, before.policy, new.policy)
         return CreatedKey(new, secret)
 
     async def revoke(self, name: str) -> None:
+        """Revoke the key: its live secret and any rotated-out one still in its grace."""
         self._not_in_file(name, "remove")
         current = await self._live(name)
         if not await self.keys.store.revoke(name, time.time()):

@@ -18,6 +18,7 @@ import hmac
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
@@ -119,6 +120,9 @@ def matches(secret: str, key: StoredKey) -> bool:
     return hmac.compare_digest(digest(secret), key.secret_sha256)
 
 
+PolicyChange = Callable[[KeyPolicy], KeyPolicy]
+
+
 class KeyExists(Exception):
     """A key with this name already exists."""
 
@@ -139,19 +143,25 @@ class KeyStore(Protocol):
         ...
 
     async def revoke(self, name: str, at: float) -> bool:
-        """Revoke the live key called `name`; False if there is none."""
+        """Revoke the live key called `name` and every rotated-out secret of it still in its
+        grace, in one transaction; False if there is no live key by that name."""
         ...
 
-    async def update(self, name: str, policy: KeyPolicy) -> StoredKey | None:
-        """Give the live key called `name` this policy (same name), and its rotated-out
-        secrets still in their grace period too; the live key as it was before, or None if
-        there is no live key by that name."""
+    async def update(self, name: str, change: PolicyChange) -> tuple[StoredKey, KeyPolicy] | None:
+        """Give the live key called `name` the policy `change` makes of its current one, read
+        and written in one transaction (concurrent changes do not overwrite each other), and
+        its rotated-out secrets still in their grace too. The live key as it was and the new
+        policy, or None if there is no live key by that name. What `change` raises propagates
+        and nothing changes."""
         ...
 
-    async def rotate(self, name: str, new: StoredKey, old_until: float) -> StoredKey | None:
-        """Make `new` (same name) the live key called `name`, atomically; the old secret stays
-        valid until `old_until` (its `revoked_at`). The old key as it was, or None if there
-        is no live key by that name (then nothing changes)."""
+    async def rotate(
+        self, name: str, secret_sha256: str, old_until: float
+    ) -> tuple[StoredKey, StoredKey] | None:
+        """Make a key with this digest and the current policy the live key called `name`, in
+        one transaction; the old secret stays valid until `old_until` (its `revoked_at`).
+        The old key as it was and the new one, or None if there is no live key by that name
+        (then nothing changes)."""
         ...
 
     async def count_live(self) -> int:

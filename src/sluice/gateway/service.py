@@ -245,19 +245,37 @@ class Gateway:
         try:
             if self.pending:
                 await self.send_pending()  # the budget below must count the backlog
+        except StoreFailure as exc:
+            return self._store_down(limits, demand, reservation_id, exc, sent=False)
+        try:
             return await self.quota.reserve(limits, demand, reservation_id)
         except StoreFailure as exc:
-            self._store_failed("reserve", exc)
-            if not self.fail_open:
-                # The store may still run the reservation (a stall): close it when it can.
-                tpm = RateView(limits.tpm, 0, 0.0) if limits.tpm else None  # refund against it
-                closing = Grant(
-                    reservation_id, demand.key, demand.tokens, 0.0, None, tpm, ttl_s=demand.ttl_s
-                )
-                self._keep(Settlement(closing, 0, 0.0, self.clock()))
-                raise  # a StoreFailure is already the 503 `store_unavailable`
-            local = self.fallback.reserve_now(limits, demand, reservation_id)
-            return dataclasses.replace(local, local=True)
+            return self._store_down(limits, demand, reservation_id, exc, sent=True)
+        except asyncio.CancelledError:
+            # The client went away while Redis was running it: the reservation may be made.
+            self._close(limits, demand, reservation_id)
+            raise
+
+    def _store_down(
+        self, limits: Limits, demand: Demand, reservation_id: str, exc: StoreFailure, sent: bool
+    ) -> Grant:
+        """Fail open (a local reservation) or closed (raise `exc`, the 503); a reservation
+        that was sent may still be made by a stalled store, so it is closed later."""
+        self._store_failed("reserve", exc)
+        if not self.fail_open:
+            if sent:
+                self._close(limits, demand, reservation_id)
+            raise exc  # a StoreFailure is already the 503 `store_unavailable`
+        local = self.fallback.reserve_now(limits, demand, reservation_id)
+        return dataclasses.replace(local, local=True)
+
+    def _close(self, limits: Limits, demand: Demand, reservation_id: str) -> None:
+        """Queue a zero-use settlement for a reservation the gateway gave up on."""
+        tpm = RateView(limits.tpm, 0, 0.0) if limits.tpm else None  # refund against it
+        closing = Grant(
+            reservation_id, demand.key, demand.tokens, 0.0, None, tpm, ttl_s=demand.ttl_s
+        )
+        self._keep(Settlement(closing, 0, 0.0, self.clock()))
 
     def on_tokens(self, ticket: Ticket, count: int) -> None:
         """Tokens arrived for `ticket` (the first ones take it out of the queue)."""
@@ -301,14 +319,18 @@ class Gateway:
     def _keep(self, settlement: Settlement) -> None:
         """Hold `settlement` for the store and make sure something keeps sending it."""
         if len(self.pending) >= MAX_PENDING_SETTLEMENTS:
-            dropped = self.pending.popleft()
-            logger.error(
-                "more than %d settlements wait for the limits store; dropped the oldest "
-                "(%d tokens of key %s)",
-                MAX_PENDING_SETTLEMENTS,
-                dropped.tokens,
-                dropped.grant.key,
-            )
+            # Closings (no spend) go first; then the oldest spend, which is logged.
+            closing = next((s for s in self.pending if not s.tokens and not s.usd), None)
+            dropped = closing if closing is not None else self.pending[0]
+            self.pending.remove(dropped)
+            if closing is None:
+                logger.error(
+                    "more than %d settlements wait for the limits store; dropped the oldest "
+                    "(%d tokens of key %s)",
+                    MAX_PENDING_SETTLEMENTS,
+                    dropped.tokens,
+                    dropped.grant.key,
+                )
         self.pending.append(settlement)
         if self._retrying is None or self._retrying.done():
             self._retrying = asyncio.get_running_loop().create_task(self._retry_until_sent())
@@ -335,8 +357,9 @@ class Gateway:
                 raise
             except Exception:
                 logger.exception("dropped %d settlements the limits store refused", len(batch))
-            for _ in batch:
-                self.pending.popleft()
+            for settlement in batch:  # sent: still first, unless `_keep` dropped it meanwhile
+                if self.pending and self.pending[0] is settlement:
+                    self.pending.popleft()
             sent += len(batch)
         if sent:
             logger.info("limits store answers again; sent %d pending settlement(s)", sent)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from sluice.gateway.keys import KeyExists, KeyPolicy, StoredKey, Window
+from sluice.gateway.keys import KeyExists, KeyPolicy, PolicyChange, StoredKey, Window
 from sluice.gateway.quota import (
     CONCURRENCY_RETRY_S,
     WINDOWS,
@@ -128,10 +128,11 @@ class Database:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     async def arun(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         return await asyncio.to_thread(self.run, sql, args)
@@ -332,51 +333,51 @@ class SqliteKeyStore:
         return [StoredKey.model_validate_json(str(r[0])) for r in rows]
 
     async def revoke(self, name: str, at: float) -> bool:
-        rows = await self.db.arun(
-            "SELECT body FROM keys WHERE name=? AND revoked_at IS NULL", (name,)
-        )
-        if not rows:
-            return False
-        key = StoredKey.model_validate_json(str(rows[0][0]))
-        key.revoked_at = at
-        await self.db.arun(
-            "UPDATE keys SET revoked_at=?, body=? WHERE secret_sha256=?",
-            (at, key.model_dump_json(), key.secret_sha256),
-        )
-        return True
+        return await asyncio.to_thread(self._revoke, name, at)
 
-    async def update(self, name: str, policy: KeyPolicy) -> StoredKey | None:
-        return await asyncio.to_thread(self._update, name, policy)
+    def _revoke(self, name: str, at: float) -> bool:
+        with self.db.transaction() as conn:
+            if _live(conn, name) is None:
+                return False
+            for key in _working(conn, name, at):  # the live secret and those in their grace
+                ended = key.model_copy(update={"revoked_at": at})
+                conn.execute(
+                    "UPDATE keys SET revoked_at=?, body=? WHERE secret_sha256=?",
+                    (at, ended.model_dump_json(), key.secret_sha256),
+                )
+            return True
 
-    def _update(self, name: str, policy: KeyPolicy) -> StoredKey | None:
+    async def update(self, name: str, change: PolicyChange) -> tuple[StoredKey, KeyPolicy] | None:
+        return await asyncio.to_thread(self._update, name, change)
+
+    def _update(self, name: str, change: PolicyChange) -> tuple[StoredKey, KeyPolicy] | None:
         with self.db.transaction() as conn:
             before = _live(conn, name)
             if before is None:
                 return None
+            policy = change(before.policy)
             # Secrets rotated out but still in their grace period follow the policy too.
-            working = conn.execute(
-                "SELECT body FROM keys WHERE name=? AND (revoked_at IS NULL OR revoked_at > ?)",
-                (name, time.time()),
-            ).fetchall()
-            for (body,) in working:
-                key = StoredKey.model_validate_json(str(body))
+            for key in _working(conn, name, time.time()):
+                changed = key.model_copy(update={"policy": policy})
                 conn.execute(
                     "UPDATE keys SET body=? WHERE secret_sha256=?",
-                    (
-                        key.model_copy(update={"policy": policy}).model_dump_json(),
-                        key.secret_sha256,
-                    ),
+                    (changed.model_dump_json(), key.secret_sha256),
                 )
-            return before
+            return before, policy
 
-    async def rotate(self, name: str, new: StoredKey, old_until: float) -> StoredKey | None:
-        return await asyncio.to_thread(self._rotate, name, new, old_until)
+    async def rotate(
+        self, name: str, secret_sha256: str, old_until: float
+    ) -> tuple[StoredKey, StoredKey] | None:
+        return await asyncio.to_thread(self._rotate, name, secret_sha256, old_until)
 
-    def _rotate(self, name: str, new: StoredKey, old_until: float) -> StoredKey | None:
+    def _rotate(
+        self, name: str, secret_sha256: str, old_until: float
+    ) -> tuple[StoredKey, StoredKey] | None:
         with self.db.transaction() as conn:
             before = _live(conn, name)
             if before is None:
                 return None
+            new = StoredKey(policy=before.policy, secret_sha256=secret_sha256)
             retired = before.model_copy(update={"revoked_at": old_until})
             conn.execute(
                 "UPDATE keys SET revoked_at=?, body=? WHERE secret_sha256=?",
@@ -386,7 +387,7 @@ class SqliteKeyStore:
                 "INSERT INTO keys(name, secret_sha256, body, revoked_at) VALUES (?, ?, ?, NULL)",
                 (new.name, new.secret_sha256, new.model_dump_json()),
             )
-            return before
+            return before, new
 
     async def count_all(self) -> int:
         rows = await self.db.arun("SELECT count(*) FROM keys")
@@ -405,3 +406,12 @@ def _live(conn: sqlite3.Connection, name: str) -> StoredKey | None:
     row = conn.execute("SELECT body FROM keys WHERE name=? AND revoked_at IS NULL", (name,))
     found = row.fetchone()
     return StoredKey.model_validate_json(str(found[0])) if found else None
+
+
+def _working(conn: sqlite3.Connection, name: str, now: float) -> list[StoredKey]:
+    """Every secret of `name` that still works at `now`: the live one and those in grace."""
+    rows = conn.execute(
+        "SELECT body FROM keys WHERE name=? AND (revoked_at IS NULL OR revoked_at > ?)",
+        (name, now),
+    ).fetchall()
+    return [StoredKey.model_validate_json(str(body)) for (body,) in rows]

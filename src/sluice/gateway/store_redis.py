@@ -23,8 +23,10 @@ closed. redis-py reconnects by itself on the next call once Redis is back.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -33,7 +35,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
 
 from sluice.errors import StoreUnavailable
-from sluice.gateway.keys import KeyExists, KeyPolicy, StoredKey
+from sluice.gateway.keys import KeyExists, KeyPolicy, PolicyChange, StoredKey
 from sluice.gateway.quota import (
     CONCURRENCY_RETRY_S,
     WINDOWS,
@@ -56,6 +58,7 @@ from sluice.gateway.quota import (
 )
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 PREFIX = "sluice:"
 MAX_CONNECTIONS = 512
 WATCH_RETRIES = 5  # key changes (update, rotate) retried when another writer got between
@@ -331,7 +334,22 @@ class RedisQuota:
         pipe: Any = self.store.client.pipeline(transaction=False)
         for settlement in settlements:
             await self._settle(settlement, pipe)  # queued on the pipeline, not sent
-        return [_spent(reply) for reply in await self.store.call(pipe.execute())]
+        # A reply Redis refused (a script error) drops that settlement, logged; it must not
+        # hold up the rest. Connection trouble still raises (StoreFailure).
+        replies = await self.store.call(pipe.execute(raise_on_error=False))
+        spent: list[Spent] = []
+        for settlement, reply in zip(settlements, replies, strict=True):
+            if isinstance(reply, Exception):
+                logger.error(
+                    "the limits store refused the settlement of %s (key %s): %s",
+                    settlement.grant.reservation_id,
+                    settlement.grant.key,
+                    reply,
+                )
+                spent.append({})
+            else:
+                spent.append(_spent(reply))
+        return spent
 
     async def usage(self, key: str) -> Usage:
         now = self.clock()
@@ -363,6 +381,16 @@ class RedisQuota:
 
     async def close(self) -> None:
         await self.store.close()
+
+
+@dataclass(frozen=True)
+class KeyChange:
+    """What one key change writes: digest → key body, and what happens to the name."""
+
+    bodies: dict[str, str]
+    new_live: str | None = None  # the digest the name now means (a rotation)
+    retire_until: float | None = None  # the old live digest's end (a rotation)
+    drop_name: bool = False  # no live key any more (a revocation)
 
 
 class RedisKeyStore:
@@ -397,59 +425,63 @@ class RedisKeyStore:
         return sorted(keys, key=lambda k: (k.name, k.revoked_at is not None, k.revoked_at or 0))
 
     async def revoke(self, name: str, at: float) -> bool:
-        digest: str | None = await self.store.call(
-            self.store.client.hget(self.NAMES, name)  # type: ignore[arg-type]
-        )
-        if digest is None:
-            return False
-        key = await self.find(digest)
-        if key is None:
-            return False
-        key.revoked_at = at
-        pipe: Any = self.store.client.pipeline(transaction=True)
-        pipe.hset(self.KEYS, digest, key.model_dump_json())
-        pipe.hdel(self.NAMES, name)
-        await self.store.call(pipe.execute())
-        return True
-
-    async def update(self, name: str, policy: KeyPolicy) -> StoredKey | None:
-        def change(live: StoredKey, in_grace: list[StoredKey]) -> dict[str, str]:
-            # Secrets rotated out but still in their grace period follow the policy too:
-            # disabling a key disables every secret that still works.
-            return {
-                key.secret_sha256: key.model_copy(update={"policy": policy}).model_dump_json()
+        def change(live: StoredKey, in_grace: list[StoredKey]) -> KeyChange:
+            ended = {
+                key.secret_sha256: key.model_copy(update={"revoked_at": at}).model_dump_json()
                 for key in (live, *in_grace)
             }
+            return KeyChange(ended, drop_name=True)
 
-        return await self._change_live(name, change)
+        return await self._change_live(name, change, at) is not None
 
-    async def rotate(self, name: str, new: StoredKey, old_until: float) -> StoredKey | None:
-        def change(live: StoredKey, _: list[StoredKey]) -> dict[str, str]:
+    async def update(self, name: str, change: PolicyChange) -> tuple[StoredKey, KeyPolicy] | None:
+        made: list[KeyPolicy] = []
+
+        def write(live: StoredKey, in_grace: list[StoredKey]) -> KeyChange:
+            policy = change(live.policy)
+            made[:] = [policy]
+            # Secrets rotated out but still in their grace period follow the policy too.
+            return KeyChange(
+                {
+                    key.secret_sha256: key.model_copy(update={"policy": policy}).model_dump_json()
+                    for key in (live, *in_grace)
+                }
+            )
+
+        before = await self._change_live(name, write, time.time())
+        return None if before is None else (before, made[0])
+
+    async def rotate(
+        self, name: str, secret_sha256: str, old_until: float
+    ) -> tuple[StoredKey, StoredKey] | None:
+        made: list[StoredKey] = []
+
+        def change(live: StoredKey, _: list[StoredKey]) -> KeyChange:
+            new = StoredKey(policy=live.policy, secret_sha256=secret_sha256)
+            made[:] = [new]
             retired = live.model_copy(update={"revoked_at": old_until})
-            return {
-                live.secret_sha256: retired.model_dump_json(),
-                new.secret_sha256: new.model_dump_json(),
-            }
+            return KeyChange(
+                {
+                    live.secret_sha256: retired.model_dump_json(),
+                    new.secret_sha256: new.model_dump_json(),
+                },
+                new_live=new.secret_sha256,
+                retire_until=old_until,
+            )
 
-        return await self._change_live(
-            name, change, names={name: new.secret_sha256}, retire=(new, old_until)
-        )
+        before = await self._change_live(name, change, time.time())
+        return None if before is None else (before, made[0])
 
     def _previous(self, name: str) -> str:
         """The sorted set of a name's rotated-out digests, scored by when each ends."""
         return f"{PREFIX}keyprev:{name}"
 
     async def _change_live(
-        self,
-        name: str,
-        change: Callable[[StoredKey, list[StoredKey]], dict[str, str]],
-        names: dict[str, str] | None = None,
-        retire: tuple[StoredKey, float] | None = None,
+        self, name: str, change: Callable[[StoredKey, list[StoredKey]], KeyChange], now: float
     ) -> StoredKey | None:
-        """Read the live key called `name` and its rotated-out secrets still in their grace,
-        and write `change(live, in_grace)` (digest → body), `names` and, for a rotation
-        (`retire`: the new key and when the old secret ends), the old digest's end, in one
-        transaction, retried if another writer got between (WATCH)."""
+        """Read the live key called `name` and its rotated-out secrets still working at `now`,
+        and write what `change(live, in_grace)` says, in one transaction, retried if another
+        writer got between (WATCH). The live key as it was, or None if there is none."""
         previous = self._previous(name)
         for _ in range(WATCH_RETRIES):
             try:
@@ -462,17 +494,20 @@ class RedisKeyStore:
                         if body is None:
                             return None
                         live = StoredKey.model_validate_json(body)
-                        now = time.time()
                         grace = await pipe.zrangebyscore(previous, f"({now!r}", "+inf")
                         bodies = await pipe.hmget(self.KEYS, grace) if grace else []
                         in_grace = [StoredKey.model_validate_json(b) for b in bodies if b]
+                        write = change(live, in_grace)
                         pipe.multi()
-                        pipe.hset(self.KEYS, mapping=change(live, in_grace))
-                        if names:
-                            pipe.hset(self.NAMES, mapping=names)
-                        if retire is not None:
-                            pipe.zadd(previous, {live.secret_sha256: retire[1]})
+                        pipe.hset(self.KEYS, mapping=write.bodies)
+                        if write.new_live is not None:
+                            pipe.hset(self.NAMES, name, write.new_live)
+                        if write.retire_until is not None:
+                            pipe.zadd(previous, {live.secret_sha256: write.retire_until})
                             pipe.zremrangebyscore(previous, "-inf", f"({now!r}")
+                        if write.drop_name:
+                            pipe.hdel(self.NAMES, name)
+                            pipe.delete(previous)
                         await pipe.execute()
                         return live
             except WatchError:
