@@ -108,8 +108,9 @@ class FrontendEngine:
         return await in_daemon_thread(config)
 
     def stats(self) -> EngineStats:
+        """The engine's own latest scheduler figures (those behind `vllm:num_requests_running`),
+        not the front end's count: aborted requests run on until the engine core drops them."""
         if self._llm is None:
             return EngineStats(running=0, waiting=0, kv_cache_usage=0.0)
-        from sluice.engine.frontend import engine_stats
-
-        return engine_stats(self._llm, self._snapshot)
+        latest: EngineStats = self._snapshot.latest
+        return latest

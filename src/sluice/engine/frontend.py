@@ -90,9 +90,3 @@ def build_llm(
             stat_loggers=[snapshot_logger],
         )
     return llm, snapshots[0]
-
-
-def engine_stats(llm: Any, snapshot: SchedulerSnapshot) -> EngineStats:
-    """The engine's own latest scheduler figures (those behind `vllm:num_requests_running`),
-    not the front end's count: aborted requests run on until the engine core drops them."""
-    return snapshot.latest
