@@ -417,14 +417,15 @@ def test_admin_updates_rotates_and_audits_keys(
     assert keyed.post("/v1/completions", json=completion_body(), headers=newest).is_success
     usage = keyed.get("/admin/keys/svc/usage", headers=ADMIN_AUTH).json()
     assert usage["windows"]["hour"]["tokens"] == 6 * 6  # one key: its spend survived it all
-    audit = [(r.action, r.key, r.actor) for r in caplog.records]  # type: ignore[attr-defined]
+    lines = [r for r in caplog.records if r.name == "sluice.audit"]
+    audit = [(r.action, r.key, r.actor) for r in lines]  # type: ignore[attr-defined]
     assert audit == [
         ("create", "svc", "admin-api:testclient"),
         ("update", "svc", "admin-api:testclient"),
         ("rotate", "svc", "admin-api:testclient"),
         ("rotate", "svc", "admin-api:testclient"),
     ]
-    update = caplog.records[1]
+    update = lines[1]
     assert update.before["rpm"] == 5 and update.after["rpm"] is None  # type: ignore[attr-defined]
     logged = " ".join(str(r.__dict__) for r in caplog.records)
     assert old_secret not in logged and "secret_sha256" not in logged

@@ -59,14 +59,15 @@ class MemoryKeyStore:
         self._answer()
         return sorted(self.keys.values(), key=lambda k: k.name)
 
-    async def revoke(self, name: str, at: float) -> bool:
+    async def revoke(self, name: str, at: float) -> StoredKey | None:
         self._answer()
-        if self._live(name) is None:
-            return False
+        live = self._live(name)
+        if live is None:
+            return None
         for sha, key in self.keys.items():
             if key.name == name and key.valid_at(at):
                 self.keys[sha] = key.model_copy(update={"revoked_at": at})
-        return True
+        return live
 
     def _live(self, name: str) -> StoredKey | None:
         return next((k for k in self.keys.values() if k.name == name and not k.revoked_at), None)
@@ -563,7 +564,8 @@ def test_keys_file_rotation_and_reload_with_audit_lines(
     by_secret = {sha: key for sha, key in ring.file_keys.items()}
     assert by_secret[digest(OTHER)].policy.rpm == 9
     assert by_secret[digest(SECRET)].revoked_at == pytest.approx(clock() + 3599, abs=2)
-    lines = [(r.action, r.key, r.actor) for r in caplog.records]  # type: ignore[attr-defined]
+    audit = [r for r in caplog.records if r.name == "sluice.audit"]
+    lines = [(r.action, r.key, r.actor) for r in audit]  # type: ignore[attr-defined]
     assert lines == [
         ("update", "a", "keys-file"),
         ("create", "b", "keys-file"),

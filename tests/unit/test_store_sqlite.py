@@ -124,7 +124,7 @@ class KeyStoreContract:
         assert await keys.all() == []
         assert await keys.count_live() == 0
         assert await keys.find(digest("sk-sluice-nobody")) is None
-        assert await keys.revoke("nobody", 2000.0) is False
+        assert await keys.revoke("nobody", 2000.0) is None
 
     async def test_add_and_find(self, keys: KeyStore) -> None:
         key = stored("team-a", rpm=60, priority="low", models=["m"])
@@ -145,8 +145,8 @@ class KeyStoreContract:
         key = stored("team-a")
         await keys.add(key)
         await keys.add(stored("team-b"))
-        assert await keys.revoke("team-a", 2000.0) is True
-        assert await keys.revoke("team-a", 3000.0) is False  # already revoked
+        assert await keys.revoke("team-a", 2000.0) == key  # the key as it was
+        assert await keys.revoke("team-a", 3000.0) is None  # already revoked
         found = await keys.find(key.secret_sha256)
         assert found is not None and found.revoked_at == 2000.0  # still found, as revoked
         assert await keys.count_live() == 1
@@ -205,7 +205,7 @@ class KeyStoreContract:
         assert await keys.find(new.secret_sha256) == new
         assert await keys.count_live() == 1
         # the name now means the new key: the next rotation or revocation acts on it
-        assert await keys.revoke("team-a", 6000.0) is True
+        assert await keys.revoke("team-a", 6000.0) == new
         revoked = await keys.find(new.secret_sha256)
         assert revoked is not None and revoked.revoked_at == 6000.0
         assert await keys.rotate("team-a", digest("sk-x"), 1.0) is None
@@ -225,7 +225,7 @@ class KeyStoreContract:
         assert not found[old.secret_sha256].policy.enabled  # in its grace: follows
         assert found[digest("sk-sluice-new")].policy.enabled  # over: kept as it ended
         now = time.time()
-        assert await keys.revoke("team-a", now) is True
+        assert await keys.revoke("team-a", now) is not None
         for key in await keys.all():
             assert not key.valid_at(now + 0.001), key.secret_sha256  # none works any more
         assert await keys.count_live() == 0
@@ -242,7 +242,7 @@ class KeyStoreContract:
         assert await keys.count_live() == 1
         assert sorted(k.revoked_at or 0 for k in await keys.all()) == [0, 2000.0]
         # Revoking by name now means the new key.
-        assert await keys.revoke("team-a", 3000.0) is True
+        assert await keys.revoke("team-a", 3000.0) == new
         found_new = await keys.find(new.secret_sha256)
         assert found_new is not None and found_new.revoked_at == 3000.0
         assert await keys.count_live() == 0

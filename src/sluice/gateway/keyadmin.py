@@ -130,17 +130,11 @@ class KeyAdmin:
     async def revoke(self, name: str) -> None:
         """Revoke the key: its live secret and any rotated-out one still in its grace."""
         self._not_in_file(name, "remove")
-        current = await self._live(name)
-        if not await self.keys.store.revoke(name, time.time()):
+        before = await self.keys.store.revoke(name, time.time())
+        if before is None:
             raise NotFound(f"No live key named '{name}'.", param="name")
         self.keys.forget()
-        self._audit("revoke", name, current.policy, None)
-
-    async def _live(self, name: str) -> StoredKey:
-        for key in await self.keys.store.all():
-            if key.name == name and key.revoked_at is None:
-                return key
-        raise NotFound(f"No live key named '{name}'.", param="name")
+        self._audit("revoke", name, before.policy, None)
 
     async def usage(self, name: str) -> Usage:
         known = {k.name for k in await self.list()}

@@ -142,9 +142,9 @@ class KeyStore(Protocol):
         """Every key, revoked ones included, by name."""
         ...
 
-    async def revoke(self, name: str, at: float) -> bool:
+    async def revoke(self, name: str, at: float) -> StoredKey | None:
         """Revoke the live key called `name` and every rotated-out secret of it still in its
-        grace, in one transaction; False if there is no live key by that name."""
+        grace, in one transaction; the live key as it was, or None if there is none."""
         ...
 
     async def update(self, name: str, change: PolicyChange) -> tuple[StoredKey, KeyPolicy] | None:

@@ -332,20 +332,21 @@ class SqliteKeyStore:
         rows = await self.db.arun("SELECT body FROM keys ORDER BY name, revoked_at")
         return [StoredKey.model_validate_json(str(r[0])) for r in rows]
 
-    async def revoke(self, name: str, at: float) -> bool:
+    async def revoke(self, name: str, at: float) -> StoredKey | None:
         return await asyncio.to_thread(self._revoke, name, at)
 
-    def _revoke(self, name: str, at: float) -> bool:
+    def _revoke(self, name: str, at: float) -> StoredKey | None:
         with self.db.transaction() as conn:
-            if _live(conn, name) is None:
-                return False
+            before = _live(conn, name)
+            if before is None:
+                return None
             for key in _working(conn, name, at):  # the live secret and those in their grace
                 ended = key.model_copy(update={"revoked_at": at})
                 conn.execute(
                     "UPDATE keys SET revoked_at=?, body=? WHERE secret_sha256=?",
                     (at, ended.model_dump_json(), key.secret_sha256),
                 )
-            return True
+            return before
 
     async def update(self, name: str, change: PolicyChange) -> tuple[StoredKey, KeyPolicy] | None:
         return await asyncio.to_thread(self._update, name, change)

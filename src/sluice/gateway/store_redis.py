@@ -424,7 +424,7 @@ class RedisKeyStore:
         # As SQLite orders them: by name, the live key first, then revoked ones by date.
         return sorted(keys, key=lambda k: (k.name, k.revoked_at is not None, k.revoked_at or 0))
 
-    async def revoke(self, name: str, at: float) -> bool:
+    async def revoke(self, name: str, at: float) -> StoredKey | None:
         def change(live: StoredKey, in_grace: list[StoredKey]) -> KeyChange:
             ended = {
                 key.secret_sha256: key.model_copy(update={"revoked_at": at}).model_dump_json()
@@ -432,7 +432,7 @@ class RedisKeyStore:
             }
             return KeyChange(ended, drop_name=True)
 
-        return await self._change_live(name, change, at) is not None
+        return await self._change_live(name, change, at)
 
     async def update(self, name: str, change: PolicyChange) -> tuple[StoredKey, KeyPolicy] | None:
         made: list[KeyPolicy] = []
