@@ -76,6 +76,7 @@ class Ticket:
     started: bool = False
     settled: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    limits: Limits | None = None  # the key's, as reserved against (None: no quota)
 
     @property
     def usd(self) -> float:
@@ -232,7 +233,7 @@ class Gateway:
                 price.cost(prompt_tokens, max_output_tokens),
                 ttl_s=self.request_timeout_s,
             )
-            limits = Limits.of(principal.policy)
+            limits = ticket.limits = Limits.of(principal.policy)
             ticket.grant = await self._reserve(limits, demand)
             ticket.headers = rate_headers(ticket.grant.requests, ticket.grant.token_view)
             if limits.budget_tokens is not None or limits.budget_usd is not None:
@@ -301,8 +302,7 @@ class Gateway:
         if prompt_tokens is not None:
             ticket.prompt_tokens = prompt_tokens
         used = ticket.prompt_tokens + ticket.output_tokens
-        limits = Limits.of(ticket.principal.policy) if ticket.principal.policy else None
-        settlement = Settlement(grant, used, ticket.usd, self.clock(), limits)
+        settlement = Settlement(grant, used, ticket.usd, self.clock(), ticket.limits)
         if grant.local:
             await self.fallback.settle(grant, used, settlement.usd)
             self._keep(settlement)  # the shared store has not seen this spend yet
