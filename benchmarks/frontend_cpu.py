@@ -34,8 +34,6 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import psutil
@@ -44,41 +42,20 @@ from rich.table import Table
 
 from sluice.app import DEFAULT_MODEL_TOOLS
 from sluice.bench.command import Endpoint, measure
-from sluice.bench.compare import Target, bench_key, free_port, gateway_on_redis, running
+from sluice.bench.compare import (
+    VLLM_CPU_ENV,
+    OtlpSink,
+    Target,
+    bench_key,
+    free_port,
+    gateway_on_redis,
+    running,
+)
 from sluice.bench.load import LoadSpec
 from sluice.bench.report import Run
 from sluice.bench.workload import Arrival, Lengths, shapes
 from sluice.config import DEFAULT_MODEL_NAME, Settings
 from sluice.engine.models import ensure_default_model
-
-VLLM_CPU_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_HOST_IP": "127.0.0.1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "HF_HUB_OFFLINE": "1",
-}
-
-
-class _Sink(BaseHTTPRequestHandler):
-    """Accepts OTLP/HTTP exports and drops them."""
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        self.send_response(200)
-        self.send_header("content-type", "application/x-protobuf")
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def otlp_sink() -> str:
-    """A local OTLP/HTTP trace receiver; its traces URL."""
-    server = HTTPServer(("127.0.0.1", 0), _Sink)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
 
 
 def main() -> None:
@@ -99,7 +76,7 @@ def main() -> None:
     with gateway_on_redis(work) as gateway_env:
         sluice_env = {
             **gateway_env,
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp_sink(),
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": OtlpSink().url,
             "SLUICE_TELEMETRY__TRACE_SAMPLE_RATIO": "1.0",
         }
         targets = [

@@ -27,20 +27,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sluice.bench.compare import SERVING_LOAD, Target, compare, free_port
+from sluice.bench.compare import SERVING_LOAD, VLLM_CPU_ENV, Target, compare, free_port
 from sluice.config import DEFAULT_MODEL_NAME, Settings
 from sluice.engine.models import default_gguf, ensure_default_model
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMACPP_VENV = ROOT / ".venv-llamacpp"
 LLAMACPP = "llama-cpp-python[server]==0.3.36"
-VLLM_CPU_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_HOST_IP": "127.0.0.1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "HF_HUB_OFFLINE": "1",
-}
 
 
 def sluice_target() -> Target:

@@ -13,32 +13,13 @@ the OTLP endpoint differ. Goal: telemetry costs at most 3% of throughput.
 from __future__ import annotations
 
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from sluice.bench.compare import SERVING_LOAD, Target, compare, free_port
+from sluice.bench.compare import SERVING_LOAD, OtlpSink, Target, compare, free_port
 from sluice.config import DEFAULT_MODEL_NAME
 
 
-class _Sink(BaseHTTPRequestHandler):
-    """An OTLP/HTTP endpoint that accepts and drops everything (counts the exports)."""
-
-    exports = 0
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        _Sink.exports += 1
-        self.send_response(200)
-        self.send_header("content-type", "application/x-protobuf")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def main() -> None:
-    sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
-    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    sink = OtlpSink()
     on_port, off_port = free_port(), free_port()
 
     def serve(port: int) -> list[str]:
@@ -51,13 +32,13 @@ def main() -> None:
             on_port,
             {
                 "SLUICE_TELEMETRY__TRACE_SAMPLE_RATIO": "1.0",
-                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}/v1/traces",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": sink.url,
             },
         ),
         Target("telemetry-off", serve(off_port), off_port, {"SLUICE_TELEMETRY__ENABLED": "false"}),
     ]
     code = compare(targets, ["--model", DEFAULT_MODEL_NAME, *SERVING_LOAD, *sys.argv[1:]])
-    print(f"\nOTLP exports received from telemetry-on: {_Sink.exports}")
+    print(f"\nOTLP exports received from telemetry-on: {sink.exports}")
     raise SystemExit(code)
 
 

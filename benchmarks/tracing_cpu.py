@@ -24,9 +24,9 @@ import tempfile
 from pathlib import Path
 
 import psutil
-from frontend_cpu import otlp_sink, report, run_all
+from frontend_cpu import report, run_all
 
-from sluice.bench.compare import Target, free_port, running
+from sluice.bench.compare import OtlpSink, Target, free_port, running
 from sluice.bench.load import LoadSpec
 from sluice.config import DEFAULT_MODEL_NAME, Settings
 from sluice.engine.models import ensure_default_model
@@ -46,7 +46,7 @@ def main() -> None:
 
     ensure_default_model(Settings().cache_dir)  # the synthetic engine's tokenizer
     work = Path(tempfile.mkdtemp(prefix="sluice-tracing-cpu-"))
-    sink = otlp_sink()
+    sink = OtlpSink().url
     targets = []
     for name, ratio in (("traced", "1.0"), ("untraced", "0.0")):
         port = free_port()

@@ -14,10 +14,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -27,6 +29,42 @@ from sluice.bench.load import bearer
 START_TIMEOUT_S = 300.0
 # The load the serving comparisons default to (arguments of `sluice bench`).
 SERVING_LOAD = ["--concurrency", "16", "--requests", "48", "--max-tokens", "64", "--rounds", "3"]
+
+
+# The environment vLLM's own server runs with beside sluice on a CPU: what sluice sets for its
+# engine (app.py's PROCESS_ENV and KV cache) and offline, as for the packaged model.
+VLLM_CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+class OtlpSink:
+    """A local OTLP/HTTP trace receiver that accepts every export, counts it and drops it,
+    serving in a daemon thread from construction on; `url` is its traces endpoint."""
+
+    def __init__(self) -> None:
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                sink.exports += 1
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.exports = 0
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1/traces"
 
 
 def free_port() -> int:
