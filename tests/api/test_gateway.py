@@ -431,6 +431,26 @@ def test_admin_updates_rotates_and_audits_keys(
     assert old_secret not in logged and "secret_sha256" not in logged
 
 
+def test_admin_refuses_infinite_budgets_and_grace_periods(keyed: TestClient) -> None:
+    """JSON's 1e999 is infinity, which a stored key would keep as null: a budget or a grace
+    period's end would silently vanish."""
+    json_headers = {**ADMIN_AUTH, "content-type": "application/json"}
+    created = keyed.post(
+        "/admin/keys", content='{"name": "inf", "budget_usd": 1e999}', headers=json_headers
+    )
+    assert_error(created, 400, param="budget_usd")
+    assert keyed.post("/admin/keys", json={"name": "fin"}, headers=ADMIN_AUTH).status_code == 201
+    patched = keyed.patch("/admin/keys/fin", content='{"budget_usd": 1e999}', headers=json_headers)
+    assert_error(patched, 400, param="budget_usd")
+    for grace in ("1e999", "1e300"):
+        rotated = keyed.post(
+            "/admin/keys/fin/rotate", content=f'{{"grace_s": {grace}}}', headers=json_headers
+        )
+        assert_error(rotated, 400, param="grace_s")
+    listed = {k["name"]: k for k in keyed.get("/admin/keys", headers=ADMIN_AUTH).json()["data"]}
+    assert "inf" not in listed and listed["fin"]["budget_usd"] is None
+
+
 def test_max_concurrent_refuses_the_request_past_the_cap(
     engine_slow_keep_alive: FakeEngine, tmp_path: Path
 ) -> None:

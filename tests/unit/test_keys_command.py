@@ -151,6 +151,10 @@ def test_keys_update_and_rotate_from_the_command_line(
         )
         assert main(["keys", "update", "svc"]) == 1  # nothing to change
         assert "Nothing to change" in capsys.readouterr().err
+        assert main(["keys", "rotate", "svc", "--grace", "inf"]) == 1
+        assert "grace_s must be between 0 and" in capsys.readouterr().err
+        assert main(["keys", "update", "svc", "--budget-usd", "inf"]) == 1
+        assert "budget_usd" in capsys.readouterr().err
         assert main(["keys", "rotate", "svc", "--grace", "60"]) == 0
     second = capsys.readouterr().out.strip().splitlines()[-1]
     assert second.startswith("sk-sluice-") and second != first

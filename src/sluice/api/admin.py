@@ -20,7 +20,13 @@ from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadL
 
 from sluice.api.deps import GatewayDep, ServingDep, SettingsDep
 from sluice.errors import PermissionDenied, Unauthenticated, from_vllm
-from sluice.gateway.keyadmin import DEFAULT_GRACE_S, KeyAdmin, describe, describe_usage
+from sluice.gateway.keyadmin import (
+    DEFAULT_GRACE_S,
+    MAX_GRACE_S,
+    KeyAdmin,
+    describe,
+    describe_usage,
+)
 from sluice.gateway.keys import KeyPolicy
 
 
@@ -65,7 +71,13 @@ class Rotation(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    grace_s: float = Field(DEFAULT_GRACE_S, ge=0, description="seconds; 0 ends it at once")
+    grace_s: float = Field(
+        DEFAULT_GRACE_S,
+        ge=0,
+        le=MAX_GRACE_S,
+        allow_inf_nan=False,
+        description="seconds; 0 ends it at once",
+    )
 
 
 @router.patch("/keys/{name}")

@@ -24,6 +24,7 @@ from sluice.gateway.keys import KeyExists, KeyPolicy, StoredKey, audit, digest, 
 from sluice.gateway.quota import QuotaStore, Usage
 
 DEFAULT_GRACE_S = 3600.0  # how long a rotated-out secret keeps working, unless told
+MAX_GRACE_S = 365 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,10 @@ class KeyAdmin:
         """A new secret for the live key called `name` (same policy, limits and spend); the
         old secret keeps working for `grace_s` seconds."""
         self._not_in_file(name, "rotate")
-        if grace_s < 0:
-            raise InvalidRequest("grace_s must be 0 or more seconds.", param="grace_s")
+        if not 0 <= grace_s <= MAX_GRACE_S:  # NaN fails both
+            raise InvalidRequest(
+                f"grace_s must be between 0 and {MAX_GRACE_S:.0f} seconds.", param="grace_s"
+            )
         secret = new_secret()
         result = await self.keys.store.rotate(name, digest(secret), time.time() + grace_s)
         if result is None:

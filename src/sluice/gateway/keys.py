@@ -34,7 +34,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 class KeyPolicy(BaseModel):
     """A key's settings; `None` limits mean "no limit"."""
 
-    model_config = ConfigDict(extra="forbid")
+    # No infinities: JSON would store them as null (a budget or an end that silently vanishes).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(pattern=NAME_PATTERN, description="identity in limits, metrics and logs")
     enabled: bool = True
@@ -65,7 +66,8 @@ class KeyPolicy(BaseModel):
 class StoredKey(BaseModel):
     """A key as a store keeps it: the policy, the secret's digest and its history."""
 
-    model_config = ConfigDict(extra="forbid")
+    # No infinities: JSON would store them as null (a budget or an end that silently vanishes).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     policy: KeyPolicy
     secret_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
