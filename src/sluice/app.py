@@ -35,6 +35,8 @@ from sluice.api.middleware import (
 from sluice.api.routes import router
 from sluice.api.serving import Serving
 from sluice.api.sse import SERVER_SEND
+from sluice.backends.proxy import RetryBudget
+from sluice.backends.registry import Backends
 from sluice.config import DEFAULT_MODEL_NAME, Settings
 from sluice.engine.base import in_daemon_thread
 from sluice.engine.models import (
@@ -220,6 +222,7 @@ def create_app(
     `span_exporter` to receive spans without OTLP (tests)."""
     the_engine = engine if engine is not None else build_engine(settings)
     model = the_engine.served_model_names[0]
+    backends = Backends(settings, the_engine.served_model_names)  # ValueError: bad routing
     telemetry = settings.telemetry
     errors = ErrorRateWindow(telemetry.error_window_s)
     tracer_provider = build_tracer_provider(
@@ -246,6 +249,10 @@ def create_app(
         app.state.lifecycle = lifecycle
         app.state.tracer = tracer
         app.state.serving = None
+        app.state.backends = backends
+        app.state.retry_budget = RetryBudget(settings.routing.retry_budget)
+        backends.start()
+        metrics.watch_backends(backends.states)
         engine_stats = lambda: the_engine.stats() if the_engine.ready else None  # noqa: E731
         admission = Admission(settings.admission, engine_stats)
         gateway = Gateway.build(
@@ -272,6 +279,7 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await the_engine.shutdown()
+            await backends.close()
             await gateway.close()
             tracer_provider.shutdown()
 

@@ -228,6 +228,125 @@ class AdmissionSettings(BaseModel):
     )
 
 
+class UpstreamTimeouts(BaseModel):
+    """An upstream's time limits, seconds. `first_token_s` runs from sending the request to
+    the first streamed event (or, not streamed, to the response headers); `total_s` bounds
+    the whole answer (the server's `limits.request_timeout_s` still applies)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    connect_s: float = Field(5.0, gt=0, description="to open a connection")
+    first_token_s: float = Field(60.0, gt=0, description="to the first streamed event")
+    total_s: float = Field(600.0, gt=0, description="to the end of the answer")
+
+
+class BackendSettings(BaseModel):
+    """One upstream OpenAI-compatible server (another sluice, `vllm serve`, llama.cpp's
+    server, a paid API)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="label in metrics")
+    base_url: str = Field(description="up to and including /v1, e.g. http://host:8000/v1")
+    api_key_env: str | None = Field(
+        None, description="environment variable holding the upstream's API key"
+    )
+    models: dict[str, str] = Field(
+        description="served name → the upstream's model name (the same name if unmapped)"
+    )
+    pricing: dict[str, ModelPrice] = Field(
+        default_factory=dict, description="per served name; else the server's price table"
+    )
+    timeouts: UpstreamTimeouts = Field(default_factory=UpstreamTimeouts)
+    max_concurrent: int | None = Field(
+        None, ge=1, description="requests in flight to this upstream; past it, the next one"
+    )
+    health_check_interval_s: float | None = Field(
+        10.0, gt=0, description="GET /models this often; None = passive ejection only"
+    )
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _listed(cls, value: Any) -> Any:
+        """A plain list of names means no mapping."""
+        return {name: name for name in value} if isinstance(value, list) else value
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class RouteSettings(BaseModel):
+    """A routing alias: per request, the cheapest of `models` that meets its constraints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(min_length=1, description="candidates (served names)")
+    max_usd_per_mtok: float | None = Field(
+        None, ge=0, description="price ceiling: output USD per million tokens"
+    )
+    max_ttft_s: float | None = Field(
+        None, gt=0, description="latency ceiling: the model's recent p50 time to first token"
+    )
+
+
+class CascadeSettings(BaseModel):
+    """A cascade alias: try `models` in order, escalating when a signal fires."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(min_length=2, description="cheapest first (served names)")
+    escalate_on: list[Literal["length", "schema", "logprob"]] = Field(
+        default=["length", "schema"],
+        description="length: finish_reason length; schema: output fails response_format's "
+        "JSON schema; logprob: mean token logprob under min_mean_logprob",
+    )
+    min_mean_logprob: float = Field(-1.0, le=0, description="threshold of the logprob signal")
+
+
+class ModelSpec(BaseModel):
+    """What sluice knows of a served model, for routing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    context_length: int | None = Field(None, ge=1, description="prompt + output tokens")
+    tags: list[str] = Field(
+        default_factory=list, description="capabilities: tools, vision, json_schema, ..."
+    )
+
+
+class RoutingSettings(BaseModel):
+    """Names clients use and what answers them: aliases, fallbacks, retries, breakers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aliases: dict[str, str] = Field(default_factory=dict, description="alias → served name")
+    fallbacks: dict[str, list[str]] = Field(
+        default_factory=dict, description="served name → models tried next, in order"
+    )
+    routes: dict[str, RouteSettings] = Field(default_factory=dict)
+    cascades: dict[str, CascadeSettings] = Field(default_factory=dict)
+    models: dict[str, ModelSpec] = Field(default_factory=dict, description="per served name")
+    static_fallback: dict[str, str] = Field(
+        default_factory=dict,
+        description="served name → the message answered when every backend failed",
+    )
+    retries: int = Field(1, ge=0, description="retries of one model before its fallbacks")
+    retry_budget: float = Field(
+        0.2, ge=0, le=1, description="retries at most this share of requests (10 s window)"
+    )
+    retry_backoff_s: float = Field(0.05, ge=0, description="first retry's backoff, doubling")
+    breaker_failures: int = Field(
+        5, ge=1, description="consecutive failures that open a backend's circuit breaker"
+    )
+    breaker_recovery_s: float = Field(
+        10.0, gt=0, description="seconds an open breaker waits before a half-open probe"
+    )
+
+
 class Settings(BaseSettings):
     """Everything `sluice serve` needs; see module docstring for precedence."""
 
@@ -255,6 +374,10 @@ class Settings(BaseSettings):
     pricing: PricingSettings = Field(default_factory=PricingSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    backends: list[BackendSettings] = Field(
+        default_factory=list, description="upstream OpenAI-compatible servers"
+    )
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     vllm: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM's serve options by name (as in vLLM's --config YAML), passed to "

@@ -20,6 +20,8 @@ Code anywhere in sluice raises a `SluiceError` subclass; only this module knows 
     │   ├── EngineDead            503 code=engine_dead
     │   └── StoreUnavailable      503 code=store_unavailable
     ├── RequestTimedOut           504 code=request_timeout
+    ├── UpstreamError             502 code=upstream_error (or the upstream's own status:
+    │                             400 for the request's fault, 504 upstream_timeout)
     └── InternalError             500 server_error
 
 Every body is `{"error": {"message", "type", "param", "code"}}` with all four keys.
@@ -31,6 +33,7 @@ classes above, so clients see one shape whichever layer refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -145,6 +148,15 @@ class RequestTimedOut(SluiceError):
     """The request ran past the configured per-request time limit."""
 
 
+class UpstreamError(SluiceError):
+    """An upstream backend failed or refused (backends/proxy.py): a 502 unless `status`
+    carries the upstream's own (a 400 for the request's fault, 504 for its timeout)."""
+
+    def __init__(self, message: str, *, status: int | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.status = status
+
+
 class InternalError(SluiceError):
     """Anything unexpected; the message never carries internals."""
 
@@ -174,15 +186,18 @@ ERROR_TABLE: dict[type[SluiceError], ErrorSpec] = {
     StoreUnavailable: ErrorSpec(503, "server_error", "store_unavailable"),
     ServiceUnavailable: ErrorSpec(503, "server_error", "overloaded"),
     RequestTimedOut: ErrorSpec(504, "timeout_error", "request_timeout"),
+    UpstreamError: ErrorSpec(502, "server_error", "upstream_error"),
     InternalError: ErrorSpec(500, "server_error", None),
 }
 
 
 def spec_for(exc: SluiceError) -> ErrorSpec:
-    """The table row for `exc`, most specific class first."""
+    """The table row for `exc`, most specific class first (an upstream's own status wins)."""
     for cls in type(exc).__mro__:
         if cls in ERROR_TABLE:
-            return ERROR_TABLE[cls]
+            spec = ERROR_TABLE[cls]
+            status = getattr(exc, "status", None)
+            return spec if status is None else dataclasses.replace(spec, status=status)
     return ERROR_TABLE[InternalError]
 
 

@@ -48,9 +48,10 @@ class Lifecycle:
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY
 
-    def admit(self) -> None:
-        """Count one generation request in, or refuse it with the reason."""
-        if self.phase is Phase.LOADING:
+    def admit(self, needs_engine: bool = True) -> None:
+        """Count one generation request in, or refuse it with the reason; a request an
+        upstream serves (`needs_engine=False`) is taken while the engine loads."""
+        if self.phase is Phase.LOADING and needs_engine:
             raise ModelLoading(
                 "The model is still loading. Retry shortly.", retry_after_s=LOADING_RETRY_AFTER_S
             )

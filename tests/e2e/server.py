@@ -24,12 +24,18 @@ STOP_TIMEOUT_S = 90.0
 class SluiceProcess:
     """One server process; `url` is its base URL, `api` its `/v1` base."""
 
-    def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        log_path: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api = f"{self.url}/v1"
         self.log_path = log_path
-        self._log = log_path.open("wb")
+        self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sluice", "serve", "--port", str(self.port), *args],
             stdout=self._log,

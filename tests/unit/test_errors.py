@@ -32,6 +32,7 @@ from sluice.errors import (
     SluiceError,
     StoreUnavailable,
     Unauthenticated,
+    UpstreamError,
     as_sluice_error,
     error_body,
     error_response,
@@ -59,6 +60,7 @@ EXPECTED = [
     (Draining, 503, "server_error", "draining"),
     (EngineDead, 503, "server_error", "engine_dead"),
     (RequestTimedOut, 504, "timeout_error", "request_timeout"),
+    (UpstreamError, 502, "server_error", "upstream_error"),
     (InternalError, 500, "server_error", None),
 ]
 
@@ -71,6 +73,14 @@ def test_table_row(cls: type[SluiceError], status: int, type_: str, code: str | 
 
 def test_table_covers_every_error_class() -> None:
     assert set(ERROR_TABLE) == {cls for cls, *_ in EXPECTED}
+
+
+def test_an_upstream_error_keeps_the_upstream_status_it_carries() -> None:
+    refused = UpstreamError("bad field", status=400, error_type="invalid_request_error")
+    response = error_response(refused)
+    assert response.status_code == 400
+    assert json.loads(bytes(response.body))["error"]["type"] == "invalid_request_error"
+    assert error_response(UpstreamError("timed out", status=504)).status_code == 504
 
 
 def test_subclass_without_row_uses_its_parents_row() -> None:

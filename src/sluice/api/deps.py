@@ -5,7 +5,7 @@ a thread hop per dependency per request for what is an attribute read."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from opentelemetry import trace
@@ -47,9 +47,14 @@ async def _tracer(request: Request) -> trace.Tracer:
 
 async def _serving(request: Request) -> Serving:
     """vLLM's serving objects; 503 until the engine has loaded (or after it died)."""
-    serving: Serving | None = request.app.state.serving
+    return serving_of(request.app.state)
+
+
+def serving_of(state: Any) -> Serving:
+    """`state.serving`, or 503 `model_loading` / `engine_dead` while there is none."""
+    serving: Serving | None = state.serving
     if serving is None:
-        lifecycle: Lifecycle = request.app.state.lifecycle
+        lifecycle: Lifecycle = state.lifecycle
         if lifecycle.phase is Phase.DEAD:
             raise EngineDead(
                 "The inference engine has failed and the server is restarting.",

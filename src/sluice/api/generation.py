@@ -1,6 +1,15 @@
-"""`Generation`: what every generating route does around its call into vLLM's serving layer.
+"""`Generation`: what every generating route does around its call into vLLM's serving layer
+or an upstream backend.
 
-In order: the key (a dependency, so 401/403 come before the body is looked at), the body's
+`dispatch` reads the body's `model` first: a name the in-process engine serves (or one the
+routing knows nothing of) goes to the route's local handler, which parses the body with
+vLLM's request model and calls `serve`; an upstream model or an alias of one goes to
+`UpstreamCall` (backends/proxy.py) with the body as the client sent it. A fallback chain may
+cross from one to the other: an engine that is loading or overloaded hands the request to
+the next model of the chain, and a chain of upstreams that reaches an engine model hands it
+back.
+
+`serve`, in order: the key (a dependency, so 401/403 come before the body is looked at), the body's
 fields (unknown ones refused), the key's model allowlist and the `max_tokens`/`n` caps, then
 an `Exchange` (lifecycle slot and admission), then vLLM's serving call with the exchange as
 the observer of every engine request it starts, under the request's time limit and with the
@@ -13,23 +22,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.message
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
 from opentelemetry import trace
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
 from sluice.api.deps import (
     GatewayDep,
     LifecycleDep,
     PrincipalDep,
-    ServingDep,
     SettingsDep,
     TracerDep,
+    serving_of,
 )
 from sluice.api.exchange import Exchange
 from sluice.api.requests import check_fields
@@ -40,9 +53,18 @@ from sluice.api.sse import (
     SSEResponse,
     until_disconnected,
 )
+from sluice.backends.proxy import LocalHandoff, UpstreamCall
+from sluice.backends.registry import LOCAL, Backends
 from sluice.config import Settings
 from sluice.engine.protocol import REQUEST_OBSERVER
-from sluice.errors import from_exception, from_vllm
+from sluice.errors import (
+    Draining,
+    InvalidRequest,
+    ServiceUnavailable,
+    from_exception,
+    from_vllm,
+    validation_error,
+)
 from sluice.gateway.auth import Principal
 from sluice.gateway.guards import check_allowed, check_max_tokens, check_n
 from sluice.gateway.service import Gateway
@@ -69,6 +91,79 @@ def prompt_count(prompt: Any) -> int:
     return 1
 
 
+# What each endpoint calls its output cap (OpenAI's names).
+MAX_TOKENS_PARAMS = {
+    "chat": ("max_completion_tokens", "max_tokens"),
+    "text_completion": ("max_tokens",),
+    "generate_content": ("max_output_tokens",),
+    "embeddings": (),
+}
+
+
+class UpstreamShape(BaseModel):
+    """The fields of a body forwarded to an upstream that sluice itself reads (the rest
+    goes as it came; the upstream judges it)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
+    n: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: int | None = Field(None, ge=1)
+
+
+async def read_json(request: Request) -> Any:
+    """The request's JSON body, read as FastAPI reads a body parameter: an empty body is
+    missing, a content type other than JSON (`application/json`, `*+json`) or none is not
+    an object, invalid JSON is a parse error (each a 400)."""
+    raw = await request.body()
+    if not raw:
+        raise InvalidRequest(
+            "The request body is missing; send a JSON object with 'Content-Type: application/json'."
+        )
+    content_type = request.headers.get("content-type")
+    if content_type:
+        message = email.message.Message()
+        message["content-type"] = content_type
+        subtype = message.get_content_subtype()
+        if message.get_content_maintype() != "application" or not (
+            subtype == "json" or subtype.endswith("+json")
+        ):
+            raise _not_an_object()
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. The OpenAI API expects a "
+            "JSON payload."
+        ) from None
+
+
+def _not_an_object() -> InvalidRequest:
+    return InvalidRequest(
+        "The request body must be a JSON object sent with 'Content-Type: application/json'."
+    )
+
+
+@functools.cache
+def _adapter(body_type: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(body_type)
+
+
+def parse_body(body_type: Any, raw: Any) -> Any:
+    """`raw` as `body_type` (vLLM's request model, api/requests.py), or the 400 naming the
+    first bad field."""
+    if not isinstance(raw, dict):
+        raise _not_an_object()
+    try:
+        return _adapter(body_type).validate_python(raw)
+    except ValidationError as exc:
+        raise validation_error(RequestValidationError(exc.errors(include_url=False))) from None
+
+
 @dataclass(frozen=True)
 class Generation:
     """Everything a generating route needs, resolved once (the key before the body)."""
@@ -76,10 +171,111 @@ class Generation:
     request: Request
     principal: Principal
     settings: Settings
-    serving: Serving
     lifecycle: Lifecycle
     gateway: Gateway
     tracer: trace.Tracer
+    backends: Backends
+    allowed: set[str] = dataclass_field(default_factory=set)  # models the dispatch already checked
+
+    @property
+    def serving(self) -> Serving:
+        """vLLM's serving objects (503 while the engine loads)."""
+        return serving_of(self.request.app.state)
+
+    async def dispatch(
+        self, operation: str, local: Callable[[dict[str, Any]], Awaitable[Response]]
+    ) -> Response:
+        """Serve the body with the engine (`local`, given the parsed JSON) or upstream
+        backends (module docstring)."""
+        raw = await read_json(self.request)
+        backends = self.backends
+        name = raw.get("model") if isinstance(raw, dict) else None
+        if not isinstance(name, str) or name in backends.local_names or not backends.serves(name):
+            return await local(raw)
+        check_allowed(name, self.principal)
+        resolved = backends.resolve(name)
+        self.allowed.update(resolved.chain)
+        index = 0
+        while True:
+            model = resolved.chain[index]
+            if backends.is_local(model):
+                try:
+                    return await local({**raw, "model": model})
+                except ServiceUnavailable as exc:  # loading, overloaded: the next model
+                    if isinstance(exc, Draining) or index + 1 >= len(resolved.chain):
+                        raise
+                    index += 1
+                    continue
+            try:
+                return await self._upstream(raw, operation, resolved.chain[index:], name)
+            except LocalHandoff as handoff:
+                index += handoff.index
+
+    async def _upstream(
+        self, raw: dict[str, Any], operation: str, chain: tuple[str, ...], requested: str
+    ) -> Response:
+        """The request through upstream backends (backends/proxy.py)."""
+        shape: UpstreamShape = parse_body(UpstreamShape, raw)
+        limits = self.settings.limits
+        params = MAX_TOKENS_PARAMS[operation]
+        named = next((p for p in params if getattr(shape, p) is not None), None)
+        requested_max = getattr(shape, named) if named is not None else None
+        check_max_tokens(requested_max, named or "max_tokens", self.principal, limits)
+        check_n(shape.n, 1, limits)
+        body = dict(raw)
+        max_tokens = requested_max
+        if max_tokens is None:
+            policy = self.principal.policy
+            caps = [limits.max_tokens_cap, policy.max_tokens if policy else None]
+            max_tokens = min(cap for cap in caps if cap is not None)
+            if params:  # bound the output the reservation holds, as the engine path does
+                body[params[-1]] = max_tokens
+        record = record_of(self.request.scope)
+        if record is not None:
+            record.model = chain[0]
+        state = self.request.app.state
+        call = UpstreamCall(
+            body=body,
+            operation=operation,
+            chain=chain,
+            requested=requested,
+            principal=self.principal,
+            settings=self.settings,
+            backends=self.backends,
+            gateway=self.gateway,
+            lifecycle=self.lifecycle,
+            budget=state.retry_budget,
+            metrics=state.metrics if self.settings.telemetry.enabled else None,
+            record=record,
+            tracer=self.tracer,
+            request_id=self.request.headers.get("x-request-id")
+            or (record.request_id if record is not None else ""),
+            max_tokens=0 if operation == "embeddings" else max_tokens,
+        )
+        try:
+            await call.reserve()
+            outcome, result = await _run(self.request, call.open, call.deadline)
+        except BaseException as exc:
+            await call.close(exc)
+            raise
+        if outcome == "timeout":
+            error = call.timed_out()
+            await call.close(error)
+            raise error
+        if outcome == "disconnected":
+            if record is not None:
+                record.fail(CLIENT_CLOSED_REQUEST, "client_closed_request")
+            await call.close(ClientDisconnected())
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if isinstance(result, Response):  # the static fallback
+            await call.close()
+            return result
+        if result.stream is not None:
+            keep_alive = float(getattr(self.serving_args, "sse_keep_alive_interval", 0) or 0)
+            return SSEResponse(call.frames(result), call, keep_alive)
+        response = call.body_response(result)
+        await call.close()
+        return response
 
     def serves(self, model: str) -> bool:
         """`model` is one of the base model's names or a loaded LoRA adapter."""
@@ -102,13 +298,15 @@ class Generation:
         it returns into the response (module docstring)."""
         check_fields(body)
         model = self.model_of(body)
-        check_allowed(model, self.principal)
+        if model not in self.allowed:
+            check_allowed(model, self.principal)
         limits = self.settings.limits
         check_max_tokens(shape.max_tokens, shape.max_tokens_param, self.principal, limits)
         check_n(shape.n, shape.prompts, limits)
         record = record_of(self.request.scope)
         if record is not None and self.serves(model):
             record.model = model  # a metric label: only ids this server serves (bounded)
+            record.backend = LOCAL
         exchange = Exchange.open(
             principal=self.principal,
             gateway=self.gateway,
@@ -146,7 +344,7 @@ class Generation:
             )
         if hasattr(result, "__anext__"):
             keep_alive = float(getattr(self.serving_args, "sse_keep_alive_interval", 0) or 0)
-            return SSEResponse(result, exchange, keep_alive)
+            return SSEResponse(result, exchange, keep_alive, observer=exchange)
         await exchange.close()
         if isinstance(result, Response):
             result.headers.update(exchange.headers)
@@ -164,13 +362,13 @@ async def _generation(
     request: Request,
     principal: PrincipalDep,
     settings: SettingsDep,
-    serving: ServingDep,
     lifecycle: LifecycleDep,
     gateway: GatewayDep,
     tracer: TracerDep,
 ) -> Generation:
     # a coroutine, not the class itself: FastAPI would run a class in a worker thread
-    return Generation(request, principal, settings, serving, lifecycle, gateway, tracer)
+    backends: Backends = request.app.state.backends
+    return Generation(request, principal, settings, lifecycle, gateway, tracer, backends)
 
 
 GenerationDep = Annotated[Generation, Depends(_generation)]

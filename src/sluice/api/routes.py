@@ -16,8 +16,15 @@ from vllm.entrypoints.openai.responses.api_router import _convert_stream_to_sse_
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
 from sluice import __version__
-from sluice.api.deps import EngineDep, LifecycleDep, PrincipalDep, ServingDep, SettingsDep
-from sluice.api.generation import GenerationDep, Shape, prompt_count
+from sluice.api.deps import (
+    EngineDep,
+    LifecycleDep,
+    PrincipalDep,
+    ServingDep,
+    SettingsDep,
+    serving_of,
+)
+from sluice.api.generation import GenerationDep, Shape, parse_body, prompt_count
 from sluice.api.requests import (
     ChatBody,
     CompletionBody,
@@ -28,6 +35,7 @@ from sluice.api.requests import (
     check_fields,
 )
 from sluice.api.serving import Serving
+from sluice.backends.registry import Backends
 from sluice.errors import ModelNotFound, Unauthenticated, from_vllm
 from sluice.gateway.auth import Principal
 from sluice.gateway.guards import check_allowed
@@ -36,59 +44,80 @@ from sluice.lifecycle import DRAINING_RETRY_AFTER_S, LOADING_RETRY_AFTER_S, Phas
 router = APIRouter()
 
 
+# Each generating route: `dispatch` sends the body to an upstream backend, or to the local
+# handler, which parses it with vLLM's request model (a 400 naming the field) and serves it
+# with the engine.
+
+
 @router.post("/v1/chat/completions")
-async def create_chat_completion(body: ChatBody, generation: GenerationDep) -> Response:
-    named = body.max_completion_tokens is not None
-    shape = Shape(
-        # past pydantic's descriptor: vLLM marks `max_tokens` deprecated (as OpenAI does)
-        max_tokens=body.max_completion_tokens if named else vars(body)["max_tokens"],
-        max_tokens_param="max_completion_tokens" if named else "max_tokens",
-        n=body.n,
-    )
-    chat = generation.serving.chat
-    return await generation.serve(
-        body, "chat", lambda: chat.create_chat_completion(body, generation.request), shape
-    )
+async def create_chat_completion(generation: GenerationDep) -> Response:
+    async def local(raw: dict[str, Any]) -> Response:
+        body = parse_body(ChatBody, raw)
+        named = body.max_completion_tokens is not None
+        shape = Shape(
+            # past pydantic's descriptor: vLLM marks `max_tokens` deprecated (as OpenAI does)
+            max_tokens=body.max_completion_tokens if named else vars(body)["max_tokens"],
+            max_tokens_param="max_completion_tokens" if named else "max_tokens",
+            n=body.n,
+        )
+        chat = generation.serving.chat
+        return await generation.serve(
+            body, "chat", lambda: chat.create_chat_completion(body, generation.request), shape
+        )
+
+    return await generation.dispatch("chat", local)
 
 
 @router.post("/v1/completions")
-async def create_completion(body: CompletionBody, generation: GenerationDep) -> Response:
-    if body.prompt is None and body.prompt_embeds is None:
-        # OpenAI: no prompt means "from the start of a new document" (its <|endoftext|>).
-        tokenizer = generation.serving.models.engine_client.renderer.get_tokenizer()
-        start = tokenizer.bos_token_id
-        body.prompt = [start if start is not None else tokenizer.eos_token_id]
-    shape = Shape(max_tokens=body.max_tokens, n=body.n, prompts=prompt_count(body.prompt))
-    completion = generation.serving.completion
-    return await generation.serve(
-        body,
-        "text_completion",
-        lambda: completion.create_completion(body, generation.request),
-        shape,
-    )
+async def create_completion(generation: GenerationDep) -> Response:
+    async def local(raw: dict[str, Any]) -> Response:
+        body = parse_body(CompletionBody, raw)
+        if body.prompt is None and body.prompt_embeds is None:
+            # OpenAI: no prompt means "from the start of a new document" (its <|endoftext|>).
+            tokenizer = generation.serving.models.engine_client.renderer.get_tokenizer()
+            start = tokenizer.bos_token_id
+            body.prompt = [start if start is not None else tokenizer.eos_token_id]
+        shape = Shape(max_tokens=body.max_tokens, n=body.n, prompts=prompt_count(body.prompt))
+        completion = generation.serving.completion
+        return await generation.serve(
+            body,
+            "text_completion",
+            lambda: completion.create_completion(body, generation.request),
+            shape,
+        )
+
+    return await generation.dispatch("text_completion", local)
 
 
 @router.post("/v1/responses")
-async def create_response(body: ResponsesBody, generation: GenerationDep) -> Response:
-    responses = generation.serving.responses
+async def create_response(generation: GenerationDep) -> Response:
+    async def local(raw: dict[str, Any]) -> Response:
+        body = parse_body(ResponsesBody, raw)
+        responses = generation.serving.responses
 
-    async def call() -> Any:
-        result = await responses.create_responses(body, generation.request)
-        if hasattr(result, "__anext__"):
-            return _convert_stream_to_sse_events(result)
-        return result
+        async def call() -> Any:
+            result = await responses.create_responses(body, generation.request)
+            if hasattr(result, "__anext__"):
+                return _convert_stream_to_sse_events(result)
+            return result
 
-    shape = Shape(max_tokens=body.max_output_tokens, max_tokens_param="max_output_tokens")
-    return await generation.serve(body, "generate_content", call, shape)
+        shape = Shape(max_tokens=body.max_output_tokens, max_tokens_param="max_output_tokens")
+        return await generation.serve(body, "generate_content", call, shape)
+
+    return await generation.dispatch("generate_content", local)
 
 
 @router.post("/v1/embeddings")
-async def create_embedding(body: EmbeddingBody, generation: GenerationDep) -> Response:
-    embedding = generation.serving.embedding
-    shape = Shape(prompts=prompt_count(getattr(body, "input", None)))
-    return await generation.serve(
-        body, "embeddings", lambda: embedding(body, generation.request), shape
-    )
+async def create_embedding(generation: GenerationDep) -> Response:
+    async def local(raw: dict[str, Any]) -> Response:
+        body = parse_body(EmbeddingBody, raw)
+        embedding = generation.serving.embedding
+        shape = Shape(prompts=prompt_count(getattr(body, "input", None)))
+        return await generation.serve(
+            body, "embeddings", lambda: embedding(body, generation.request), shape
+        )
+
+    return await generation.dispatch("embeddings", local)
 
 
 def _tokenizing(body: Any, principal: Principal, serving: Serving) -> None:
@@ -120,25 +149,35 @@ async def detokenize(
     return _json(await serving.tokenization.create_detokenize(body, request))
 
 
-async def _models(serving: Serving, principal: Principal) -> list[dict[str, Any]]:
-    """The base model's names and LoRA adapters this key may use, as OpenAI model objects."""
-    listing = await serving.models.show_available_models()
-    policy = principal.policy
-    return [
-        card.model_dump() for card in listing.data if policy is None or policy.allows_model(card.id)
+async def _models(request: Request, principal: Principal) -> list[dict[str, Any]]:
+    """The models this key may use, as OpenAI model objects: the engine's names and LoRA
+    adapters (once it has loaded), then every upstream model and alias."""
+    state = request.app.state
+    cards: list[dict[str, Any]] = []
+    if state.serving is not None:
+        listing = await state.serving.models.show_available_models()
+        cards = [card.model_dump() for card in listing.data]
+    elif not state.backends.upstreams:
+        serving_of(state)  # 503 while the engine loads, as before there were upstreams
+    backends: Backends = state.backends
+    cards += [
+        {"id": name, "object": "model", "created": backends.created, "owned_by": owner}
+        for name, owner in backends.client_names()
     ]
+    policy = principal.policy
+    return [card for card in cards if policy is None or policy.allows_model(card["id"])]
 
 
 @router.get("/v1/models")
-async def list_models(serving: ServingDep, principal: PrincipalDep) -> dict[str, Any]:
-    return {"object": "list", "data": await _models(serving, principal)}
+async def list_models(request: Request, principal: PrincipalDep) -> dict[str, Any]:
+    return {"object": "list", "data": await _models(request, principal)}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(
-    model_id: str, serving: ServingDep, principal: PrincipalDep
+    model_id: str, request: Request, principal: PrincipalDep
 ) -> dict[str, Any]:
-    for card in await _models(serving, principal):
+    for card in await _models(request, principal):
         if card["id"] == model_id:
             return card
     raise ModelNotFound(
@@ -178,8 +217,9 @@ async def version() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(lifecycle: LifecycleDep, engine: EngineDep) -> JSONResponse:
-    """Readiness: 200 only when generation requests would be served."""
+async def readyz(request: Request, lifecycle: LifecycleDep, engine: EngineDep) -> JSONResponse:
+    """Readiness: 200 only when generation requests would be served; the body also gives
+    each upstream backend's breaker state, health and requests in flight."""
     body: dict[str, Any] = {
         "status": lifecycle.phase.value,
         "in_flight": lifecycle.in_flight,
@@ -194,6 +234,9 @@ async def readyz(lifecycle: LifecycleDep, engine: EngineDep) -> JSONResponse:
             "waiting": stats.waiting,
             "kv_cache_usage": stats.kv_cache_usage,
         }
+    backends: Backends = request.app.state.backends
+    if backends.upstreams:
+        body["backends"] = backends.states()
     status = 200 if lifecycle.phase is Phase.READY else 503
     retry_after = (
         DRAINING_RETRY_AFTER_S if lifecycle.phase is Phase.DRAINING else LOADING_RETRY_AFTER_S

@@ -29,15 +29,14 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from sluice.api.exchange import Exchange
-from sluice.engine.protocol import REQUEST_OBSERVER
+from sluice.engine.protocol import REQUEST_OBSERVER, RequestObserver
 from sluice.errors import (
     SluiceError,
     error_body,
@@ -47,6 +46,7 @@ from sluice.errors import (
     from_vllm,
     spec_for,
 )
+from sluice.telemetry.record import RequestRecord
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -64,6 +64,23 @@ PING = b": ping\n\n"
 CLIENT_CLOSED_REQUEST = 499
 
 
+class StreamOwner(Protocol):
+    """What owns a stream's request: `Exchange` (the engine) or `UpstreamCall` (an
+    upstream backend)."""
+
+    record: RequestRecord | None
+    error: SluiceError | None
+    acceptance: asyncio.Event
+    deadline: float  # event-loop time
+
+    @property
+    def headers(self) -> dict[str, str]: ...
+
+    def timed_out(self) -> SluiceError: ...
+
+    async def close(self, error: BaseException | None = None) -> None: ...
+
+
 class ClientDisconnected(Exception):
     """The client went away before the response was complete (recorded on spans; never
     sent, there is nobody to send it to)."""
@@ -75,13 +92,15 @@ class SSEResponse(Response):
     def __init__(
         self,
         frames: AsyncGenerator[str, None],
-        exchange: Exchange,
+        exchange: StreamOwner,
         keep_alive_s: float = 0.0,
+        observer: RequestObserver | None = None,
     ) -> None:
         super().__init__(media_type="text/event-stream")
         self.frames = frames
         self.exchange = exchange
         self.keep_alive_s = keep_alive_s
+        self.observer = observer
         self.started = False
         self.finished = False  # the last byte was sent
         self.disconnected = False
@@ -91,7 +110,7 @@ class SSEResponse(Response):
         self._clock = time.monotonic  # the event loop's clock once the stream starts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        REQUEST_OBSERVER.set(self.exchange)  # engine requests the stream starts are observed
+        REQUEST_OBSERVER.set(self.observer)  # engine requests the stream starts are observed
         error: BaseException | None = None
         try:
             async with anyio.create_task_group() as group:

@@ -77,6 +77,7 @@ class Ticket:
     settled: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     limits: Limits | None = None  # the key's, as reserved against (None: no quota)
+    engine: bool = True  # the in-process engine serves it (admission counts its tokens)
 
     @property
     def usd(self) -> float:
@@ -221,11 +222,20 @@ class Gateway:
         return self.admission.check(principal.priority)
 
     async def reserve(
-        self, principal: Principal, model: str, prompt_tokens: int, max_output_tokens: int
+        self,
+        principal: Principal,
+        model: str,
+        prompt_tokens: int,
+        max_output_tokens: int,
+        *,
+        price: ModelPrice | None = None,
+        engine: bool = True,
     ) -> Ticket:
-        """Reserve `prompt + max output` tokens and their price, or raise 429/503."""
-        price = self.pricing.price_of(model)
-        ticket = Ticket(principal, None, prompt_tokens, price)
+        """Reserve `prompt + max output` tokens and their price (`price`, default the price
+        table's for `model`), or raise 429/503. `engine=False`: an upstream serves it, so
+        admission (the engine's queue) does not count it."""
+        price = price or self.pricing.price_of(model)
+        ticket = Ticket(principal, None, prompt_tokens, price, engine=engine)
         if principal.policy is not None:
             demand = Demand(
                 principal.name,
@@ -238,7 +248,8 @@ class Gateway:
             ticket.headers = rate_headers(ticket.grant.requests, ticket.grant.token_view)
             if limits.budget_tokens is not None or limits.budget_usd is not None:
                 self.on_budget(principal.name, limits, ticket.grant.budget_left)
-        self.admission.queued(prompt_tokens)
+        if engine:
+            self.admission.queued(prompt_tokens)
         return ticket
 
     async def _reserve(self, limits: Limits, demand: Demand) -> Grant:
@@ -293,9 +304,10 @@ class Gateway:
         if ticket.settled:
             return
         ticket.settled = True
-        if not ticket.started:
-            self.admission.started(ticket.prompt_tokens)
-        self.admission.finished()
+        if ticket.engine:
+            if not ticket.started:
+                self.admission.started(ticket.prompt_tokens)
+            self.admission.finished()
         grant = ticket.grant
         if grant is None:
             return

@@ -183,6 +183,8 @@ def log_request(record: RequestRecord, finished_at: float) -> None:
             "trace_id": record.trace_id,
             "endpoint": record.endpoint,
             "model": record.model,
+            "backend": record.backend,
+            "attempt": record.attempt,
             "key": record.key_name,
             "status": record.status,
             "reason": record.error_code,

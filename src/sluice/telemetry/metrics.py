@@ -27,6 +27,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from sluice.backends.upstream import BREAKER_STATES
 from sluice.config import PricingSettings
 from sluice.engine.protocol import EngineStats
 from sluice.gateway.alerts import BudgetCrossing
@@ -61,6 +62,35 @@ class KeyLabels:
             return "other"
         self._seen.add(name)
         return name
+
+
+class _BackendCollector(Collector):
+    """Upstream gauges, read when Prometheus scrapes."""
+
+    def __init__(self, states: Callable[[], dict[str, dict[str, object]]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        breaker = GaugeMetricFamily(
+            "sluice_circuit_breaker_state",
+            "Each upstream's circuit breaker: 0 closed, 1 open, 2 half-open.",
+            labels=["backend"],
+        )
+        up = GaugeMetricFamily(
+            "sluice_backend_up", "1 while an upstream passes its health checks.", labels=["backend"]
+        )
+        outstanding = GaugeMetricFamily(
+            "sluice_backend_outstanding_requests",
+            "Requests in flight to each upstream.",
+            labels=["backend"],
+        )
+        for name, state in self._states().items():
+            breaker.add_metric([name], BREAKER_STATES.get(str(state["breaker"]), 0))
+            up.add_metric([name], 1.0 if state["healthy"] else 0.0)
+            outstanding.add_metric([name], float(str(state["outstanding"])))
+        yield breaker
+        yield up
+        yield outstanding
 
 
 @dataclass(frozen=True)
@@ -212,6 +242,20 @@ class Metrics:
             ["model", "key"],
             registry=r,
         )
+        self.upstream_attempts = Counter(
+            "sluice_upstream_attempts",
+            "Requests sent to upstream backends, by backend, model, attempt (1 = first) and "
+            "outcome (ok, error, refused, or the failure: connect, timeout, status_5xx, "
+            "status_429, status_503, stream_cut).",
+            ["backend", "model", "attempt", "outcome"],
+            registry=r,
+        )
+        self.static_fallbacks = Counter(
+            "sluice_static_fallbacks",
+            "Requests answered with a model's static fallback message (every backend failed).",
+            ["model"],
+            registry=r,
+        )
         self.model_load = Gauge(
             "sluice_model_load_seconds",
             "Cold start: seconds the engine took to load the model.",
@@ -244,9 +288,8 @@ class Metrics:
             self.slo_latency.labels(model).observe(latency)
             met = "met" if latency <= self.slo.latency_s else "missed"
             self.slo_requests.labels(model, met).inc()
-        record.cost_usd = self.pricing.price_of(model).cost(
-            record.prompt_tokens, record.completion_tokens
-        )
+        price = record.price or self.pricing.price_of(model)
+        record.cost_usd = price.cost(record.prompt_tokens, record.completion_tokens)
         self.cost.labels(model, key).inc(record.cost_usd)
         if record.prompt_tokens:
             self.prompt_tokens.labels(model, key).inc(record.prompt_tokens)
@@ -259,6 +302,13 @@ class Metrics:
         itl = self.itl.labels(model)
         for gap in record.token_gaps:
             itl.observe(gap)
+
+    def upstream_attempt(self, backend: str, model: str, attempt: int, outcome: str) -> None:
+        self.upstream_attempts.labels(backend, model, str(attempt), outcome).inc()
+
+    def watch_backends(self, states: Callable[[], dict[str, dict[str, object]]]) -> None:
+        """Breaker state, health and requests in flight of each upstream, at scrape time."""
+        self.registry.register(_BackendCollector(states))
 
     def budget(self, key: str, limits: Limits, left: BudgetLeft) -> None:
         """A key's budgets after one of its reservations."""

@@ -38,6 +38,9 @@ class RequestRecord:
     trace_id: str | None = None
     trace_context: Any = None  # the OpenTelemetry context of the server span
     cost_usd: float | None = None  # of the tokens served, from the price table (metrics)
+    backend: str | None = None  # the upstream that answered (None: the engine, or nobody)
+    attempt: int | None = None  # the attempt that answered (1: the first)
+    price: Any = None  # the answering backend's ModelPrice, where it is not the table's
 
     def on_tokens(self, now: float, count: int) -> None:
         """`count` new tokens arrived at `now`; gaps between arrivals are spread per token."""

@@ -1,0 +1,1 @@
+"""Upstream backends: the servers besides the engine, routing, retries and breakers."""

@@ -1,0 +1,696 @@
+"""`UpstreamCall`: one client request served by upstream backends, from reservation to
+settlement.
+
+`open` runs the attempts: for each model of the chain (the model, then its fallbacks) it
+picks the least-loaded available upstream (backends/registry.py) and sends the request;
+a failure (`UpstreamFailure`: connection error, timeout, 5xx, 429, a stream cut before its
+first event) is retried on that model with exponential backoff and jitter (tenacity) up to
+`routing.retries` times while the retry budget allows, then the next model is tried. Nothing
+is retried once a byte went to the client: a stream counts as answered at its first event,
+and the client's status is sent only then. A 4xx from an upstream is the request's own
+fault and is answered as it is (status and message), never retried. When every attempt
+failed: the model's static fallback message if one is configured (header
+`x-sluice-fallback: static`), else the last failure as an error in OpenAI's shape.
+
+Around the attempts it owns what `Exchange` owns for the engine: the lifecycle slot (upstream
+requests are served while the engine loads), the gateway's reservation (the prompt's tokens
+estimated from its text, plus `max_tokens * n`, priced at the answering backend's prices),
+the record (model that answered, `backend`, `attempt`, first-token time, gaps) and one
+client span per attempt (`traceparent` goes to the upstream). Streams always ask the
+upstream for usage (`stream_options.include_usage`) so settlement and metrics use the
+upstream's own counts; the usage chunk is dropped again when the client did not ask.
+`close` settles once from that usage (the estimate where an upstream sent none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from starlette.responses import Response
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+
+from sluice.backends.registry import Backends
+from sluice.backends.upstream import Upstream, UpstreamFailure, failure_of_status
+from sluice.config import ModelPrice, RoutingSettings, Settings
+from sluice.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    RateLimitExceeded,
+    RequestTimedOut,
+    ServiceUnavailable,
+    SluiceError,
+    UpstreamError,
+)
+from sluice.gateway.auth import Principal
+from sluice.gateway.service import Gateway, Ticket
+from sluice.lifecycle import Lifecycle
+from sluice.telemetry.metrics import Metrics
+from sluice.telemetry.record import RequestRecord
+
+logger = logging.getLogger(__name__)
+
+# OpenAI's rule of thumb: a token is about 4 characters of English text; each chat message
+# adds about 4 tokens of framing ("How to count tokens with tiktoken", OpenAI Cookbook).
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+RETRY_BUDGET_WINDOW_S = 10.0
+RETRY_BUDGET_FLOOR = 3  # retries always allowed per window, so a quiet server still retries
+MAX_ERROR_BODY = 65_536
+PATHS = {
+    "chat": "/chat/completions",
+    "text_completion": "/completions",
+    "generate_content": "/responses",
+    "embeddings": "/embeddings",
+}
+STREAMS_USAGE = {"chat", "text_completion"}  # endpoints with stream_options.include_usage
+
+
+class RetryBudget:
+    """Retries at most `ratio` of the requests of the last `window_s` seconds (plus
+    `RETRY_BUDGET_FLOOR`), so an outage cannot multiply the load on the backends (the retry
+    budget of Finagle and Envoy)."""
+
+    def __init__(self, ratio: float, window_s: float = RETRY_BUDGET_WINDOW_S) -> None:
+        self.ratio = ratio
+        self.window_s = window_s
+        self._requests: deque[float] = deque()
+        self._retries: deque[float] = deque()
+
+    def _prune(self, now: float) -> None:
+        for times in (self._requests, self._retries):
+            while times and times[0] < now - self.window_s:
+                times.popleft()
+
+    def request(self) -> None:
+        """Count one request."""
+        now = time.monotonic()
+        self._prune(now)
+        self._requests.append(now)
+
+    def try_retry(self) -> bool:
+        """Take one retry from the budget, or False when it is spent."""
+        now = time.monotonic()
+        self._prune(now)
+        if len(self._retries) >= self.ratio * len(self._requests) + RETRY_BUDGET_FLOOR:
+            return False
+        self._retries.append(now)
+        return True
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """Prompt tokens of a body, estimated from its text (`CHARS_PER_TOKEN`): chat messages
+    (plus `TOKENS_PER_MESSAGE` each), `prompt`, `input`, `instructions`; token-id lists
+    count one per id. Only the reservation uses it; settlement uses the upstream's usage."""
+    chars = 0
+    tokens = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        tokens += TOKENS_PER_MESSAGE * len(messages)
+        chars += len(json.dumps(messages, ensure_ascii=False))
+    for field in ("prompt", "input", "instructions"):
+        value = body.get(field)
+        if isinstance(value, str):
+            chars += len(value)
+        elif isinstance(value, list):
+            flat = [x for item in value for x in (item if isinstance(item, list) else [item])]
+            tokens += sum(1 for x in flat if isinstance(x, int))
+            texts = [x for x in flat if not isinstance(x, int)]
+            chars += sum(len(json.dumps(x, ensure_ascii=False)) for x in texts)
+    return tokens + math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def usage_of(obj: Any) -> tuple[int, int] | None:
+    """`(prompt, completion)` tokens of an OpenAI body or chunk: chat/completions/embeddings
+    `usage` or the Responses API's `usage` / `response.usage` (`input_tokens`)."""
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    if usage is None and isinstance(obj.get("response"), dict):
+        usage = obj["response"].get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return prompt, completion
+
+
+@dataclass
+class Answer:
+    """What a successful attempt got: a body (not streamed) or an open stream."""
+
+    upstream: Upstream
+    model: str
+    attempt: int
+    status: int = 200
+    body: bytes | None = None
+    stream: httpx.Response | None = None
+    lines: AsyncIterator[str] | None = None
+    first_event: str | None = None
+
+
+class LocalHandoff(Exception):
+    """The chain reached a model of the in-process engine at `index`."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
+
+
+class _Unavailable(Exception):
+    """No upstream of a model can take a request now (all down, open or at their cap)."""
+
+
+class UpstreamCall:
+    """One request through upstream backends (module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        body: dict[str, Any],
+        operation: str,
+        chain: tuple[str, ...],
+        requested: str,
+        principal: Principal,
+        settings: Settings,
+        backends: Backends,
+        gateway: Gateway,
+        lifecycle: Lifecycle,
+        budget: RetryBudget,
+        metrics: Metrics | None,
+        record: RequestRecord | None,
+        tracer: trace.Tracer,
+        request_id: str,
+        max_tokens: int,
+    ) -> None:
+        self.body = body
+        self.operation = operation
+        self.chain = chain
+        self.requested = requested
+        self.principal = principal
+        self.routing: RoutingSettings = settings.routing
+        self.backends = backends
+        self.gateway = gateway
+        self.lifecycle = lifecycle
+        self.budget = budget
+        self.metrics = metrics
+        self.record = record
+        self.tracer = tracer
+        self.request_id = request_id
+        self.max_tokens = max_tokens
+        self.stream = bool(body.get("stream"))
+        options = body.get("stream_options")
+        self.client_wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        n = body.get("n")
+        self.n: int = n if isinstance(n, int) else 1
+        self.error: SluiceError | None = None
+        self.acceptance = asyncio.Event()
+        self.timeout_s = settings.limits.request_timeout_s
+        self.deadline = asyncio.get_running_loop().time() + self.timeout_s
+        self.ticket: Ticket | None = None
+        self.answer: Answer | None = None
+        self.usage: tuple[int, int] | None = None
+        self.prompt_estimate = estimate_prompt_tokens(body)
+        self.output_chunks = 0
+        self.static = False
+        self._extra_headers: dict[str, str] = {}
+        self._slot = False
+        self._closed = False
+        self._span: trace.Span | None = None
+        self._probe = False  # the answering attempt was a half-open breaker's probe
+
+    # -- the exchange interface SSEResponse uses -----------------------------------------------
+    @property
+    def headers(self) -> dict[str, str]:
+        """Rate-limit headers, and which backend and model answered."""
+        headers = dict(self.ticket.headers) if self.ticket is not None else {}
+        headers.update(self._extra_headers)
+        return headers
+
+    def timed_out(self) -> RequestTimedOut:
+        return RequestTimedOut(
+            f"The request ran past this server's time limit of {self.timeout_s:g} seconds and "
+            "was stopped."
+        )
+
+    # -- opening ------------------------------------------------------------------------------
+    async def reserve(self) -> None:
+        """Take a lifecycle slot and reserve quota (503 draining, 429 limits)."""
+        self.lifecycle.admit(needs_engine=False)
+        self._slot = True
+        self.budget.request()
+        first = self.chain[0]
+        self.ticket = await self.gateway.reserve(
+            self.principal,
+            first,
+            self.prompt_estimate,
+            self.max_tokens * self.n,
+            price=self._price(first, None),
+            engine=False,
+        )
+
+    async def open(self) -> Answer | Response:
+        """Run the attempts (module docstring): the first answer, the static fallback, or
+        raise the error to answer with. `LocalHandoff` when the chain reaches the engine."""
+        last: UpstreamFailure | None = None
+        attempt = 0
+        for index, model in enumerate(self.chain):
+            if self.backends.is_local(model):
+                raise LocalHandoff(index)
+            retrying = AsyncRetrying(
+                retry=retry_if_exception_type(UpstreamFailure),
+                stop=self._stop_retrying,
+                wait=wait_exponential_jitter(
+                    initial=self.routing.retry_backoff_s,
+                    max=max(1.0, self.routing.retry_backoff_s),
+                    jitter=self.routing.retry_backoff_s,
+                ),
+                reraise=True,
+            )
+            try:
+                async for trial in retrying:
+                    with trial:
+                        upstream = self.backends.pick(model)
+                        if upstream is None:
+                            raise _Unavailable(model)
+                        attempt += 1
+                        answer = await self._attempt(upstream, model, attempt)
+                        self._answered(answer)
+                        return answer
+            except UpstreamFailure as failure:
+                last = failure
+            except _Unavailable:
+                if last is None:
+                    last = UpstreamFailure(
+                        "-", "unavailable", f"no backend of '{model}' can take a request now"
+                    )
+        static = self.routing.static_fallback.get(self.chain[0])
+        if static is not None and self.operation in ("chat", "text_completion"):
+            return self._static(static, last)
+        raise self._error_of(last)
+
+    def _stop_retrying(self, state: RetryCallState) -> bool:
+        return state.attempt_number > self.routing.retries or not self.budget.try_retry()
+
+    def _price(self, model: str, upstream: Upstream | None) -> ModelPrice:
+        if upstream is None:
+            upstreams = self.backends.by_model.get(model)
+            upstream = upstreams[0] if upstreams else None
+        return (
+            upstream.price_of(model)
+            if upstream is not None
+            else (self.gateway.pricing.price_of(model))
+        )
+
+    def _payload(self, upstream: Upstream, model: str) -> dict[str, Any]:
+        payload = dict(self.body)
+        payload["model"] = upstream.models[model]
+        if self.stream and self.operation in STREAMS_USAGE:
+            options = payload.get("stream_options")
+            payload["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+        return payload
+
+    async def _attempt(self, upstream: Upstream, model: str, attempt: int) -> Answer:
+        """One request to `upstream`: its answer, or raise `UpstreamFailure` / the error."""
+        span = self.tracer.start_span(
+            f"{self.operation} {model}",
+            context=self.record.trace_context if self.record is not None else None,
+            kind=SpanKind.CLIENT,
+            attributes={
+                "gen_ai.operation.name": self.operation,
+                "gen_ai.system": "openai",
+                "gen_ai.request.model": model,
+                "sluice.backend": upstream.name,
+                "sluice.attempt": attempt,
+                "server.address": upstream.settings.base_url,
+            },
+        )
+        headers = {"x-request-id": self.request_id}
+        propagate.inject(headers, context=trace.set_span_in_context(span))
+        probe = upstream.begin()
+        try:
+            answer = await self._send(upstream, model, attempt, headers)
+        except UpstreamFailure as failure:
+            upstream.failed(failure)
+            upstream.end(probe)
+            self._count(upstream, model, attempt, failure.reason)
+            span.set_status(Status(StatusCode.ERROR, failure.reason))
+            span.end()
+            raise
+        except BaseException as exc:
+            upstream.end(probe)
+            if isinstance(exc, SluiceError):  # the upstream answered: the request's fault
+                upstream.succeeded()
+                self._count(upstream, model, attempt, "refused")
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            span.end()
+            raise
+        upstream.succeeded()
+        self._probe = probe
+        self._span = span
+        return answer
+
+    async def _send(
+        self, upstream: Upstream, model: str, attempt: int, headers: dict[str, str]
+    ) -> Answer:
+        timeouts = upstream.settings.timeouts
+        path = PATHS[self.operation]
+        payload = self._payload(upstream, model)
+        name = upstream.name
+        try:
+            if not self.stream:
+                response = await asyncio.wait_for(
+                    upstream.client.post(
+                        path,
+                        json=payload,
+                        headers=headers,
+                        timeout=httpx.Timeout(
+                            timeouts.total_s, connect=timeouts.connect_s, pool=None
+                        ),
+                    ),
+                    timeouts.total_s,
+                )
+                self._check_status(name, response.status_code, response.content, response.headers)
+                return Answer(upstream, model, attempt, body=response.content)
+            request = upstream.client.build_request("POST", path, json=payload, headers=headers)
+            async with asyncio.timeout(timeouts.first_token_s + timeouts.connect_s):
+                stream = await upstream.client.send(request, stream=True)
+                try:
+                    if stream.status_code != 200:
+                        content = await _read_bounded(stream)
+                        self._check_status(name, stream.status_code, content, stream.headers)
+                    lines = stream.aiter_lines()
+                    first = await _next_event(lines)
+                except BaseException:
+                    await stream.aclose()
+                    raise
+            if first is None:
+                await stream.aclose()
+                raise UpstreamFailure(name, "stream_cut", "the stream ended before any event")
+            return Answer(upstream, model, attempt, stream=stream, lines=lines, first_event=first)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise UpstreamFailure(name, "connect", f"cannot connect: {exc!r}") from exc
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            raise UpstreamFailure(name, "timeout", "no answer within its time limit") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamFailure(name, "stream_cut", f"the connection failed: {exc!r}") from exc
+
+    def _check_status(
+        self, backend: str, status: int, content: bytes, headers: httpx.Headers
+    ) -> None:
+        if status == 200:
+            return
+        try:
+            body = json.loads(content)
+        except ValueError:
+            body = None
+        body = body if isinstance(body, dict) else None
+        failure = failure_of_status(backend, status, body, headers)
+        if failure is not None:
+            raise failure
+        raise _refusal(backend, status, body)
+
+    def _answered(self, answer: Answer) -> None:
+        self.answer = answer
+        upstream, model = answer.upstream, answer.model
+        if self.ticket is not None:
+            self.ticket.price = upstream.price_of(model)
+        self._extra_headers = {
+            "x-sluice-backend": upstream.name,
+            "x-sluice-model": model,
+            "x-sluice-attempt": str(answer.attempt),
+        }
+        record = self.record
+        if record is not None:
+            record.model = model
+            record.backend = upstream.name
+            record.attempt = answer.attempt
+            record.price = upstream.price_of(model)
+        self.acceptance.set()
+
+    def _count(self, upstream: Upstream, model: str, attempt: int, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.upstream_attempt(upstream.name, model, attempt, outcome)
+
+    def _error_of(self, failure: UpstreamFailure | None) -> SluiceError:
+        """The client's error when every attempt failed with `failure` (the last)."""
+        if failure is None or failure.reason == "unavailable":
+            return ServiceUnavailable(
+                f"No backend of the model '{self.requested}' can take a request now (all "
+                "are down, overloaded or cooling off after errors). Retry shortly.",
+                retry_after_s=1,
+            )
+        message = f"The upstream backend failed: {failure.message}"
+        if failure.reason == "status_429":
+            return RateLimitExceeded(
+                f"The upstream backend is rate limiting: {failure.message}",
+                retry_after_s=failure.retry_after_s or 1,
+            )
+        if failure.reason == "status_503":
+            return ServiceUnavailable(message, retry_after_s=failure.retry_after_s or 1)
+        if failure.reason == "timeout":
+            return UpstreamError(message, status=504, code="upstream_timeout")
+        return UpstreamError(message)
+
+    def _static(self, message: str, failure: UpstreamFailure | None) -> Response:
+        """The deterministic answer of last resort."""
+        model = self.chain[0]
+        self.static = True
+        if self.metrics is not None:
+            self.metrics.static_fallbacks.labels(model).inc()
+        logger.warning(
+            "every backend of %s failed (%s); answering with its static fallback",
+            model,
+            failure.message if failure is not None else "none available",
+        )
+        created = int(time.time())
+        ident = f"fallback-{uuid.uuid4().hex}"
+        chat = self.operation == "chat"
+        headers = {**self.headers, "x-sluice-fallback": "static", "x-sluice-model": model}
+        if chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": message},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        else:
+            choice = {"index": 0, "text": message, "finish_reason": "stop", "logprobs": None}
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        obj = "chat.completion" if chat else "text_completion"
+        head = {"id": ident, "object": obj, "created": created, "model": model}
+        if not self.stream:
+            body = {**head, "choices": [choice], "usage": usage}
+            return Response(json.dumps(body), media_type="application/json", headers=headers)
+        if chat:
+            delta = {"role": "assistant", "content": message}
+            choice = {"index": 0, "delta": delta, "finish_reason": "stop", "logprobs": None}
+            head["object"] = "chat.completion.chunk"
+        chunk: dict[str, Any] = {**head, "choices": [choice]}
+        frames = [f"data: {json.dumps(chunk)}\n\n"]
+        if self.client_wants_usage:
+            frames.append(f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n")
+        frames.append("data: [DONE]\n\n")
+        return Response("".join(frames), media_type="text/event-stream", headers=headers)
+
+    # -- relaying -------------------------------------------------------------------------------
+    def body_response(self, answer: Answer) -> Response:
+        """The upstream's body as it came (its usage recorded)."""
+        content = answer.body or b""
+        try:
+            self.usage = usage_of(json.loads(content))
+        except ValueError:
+            self.usage = None
+        if self.record is not None and self.usage is not None:
+            self.record.on_tokens(time.perf_counter(), self.usage[1])
+        return Response(content, media_type="application/json", headers=self.headers)
+
+    async def frames(self, answer: Answer) -> AsyncGenerator[str, None]:
+        """The upstream's stream as SSE frames, event by event as they arrive; usage is
+        captured and stripped again when the client did not ask for it."""
+        assert answer.lines is not None and answer.stream is not None
+        lines = answer.lines
+        event = answer.first_event
+        try:
+            while event is not None:
+                frame = self._relay(event)
+                if frame is not None:
+                    yield frame
+                event = await _next_event(lines)
+        except httpx.HTTPError as exc:
+            failure = UpstreamFailure(answer.upstream.name, "stream_cut", repr(exc))
+            answer.upstream.failed(failure)
+            self._count(answer.upstream, answer.model, answer.attempt, "stream_cut")
+            self.error = UpstreamError(
+                "The upstream backend's stream was cut before it ended.", code="upstream_error"
+            )
+            raise self.error from exc
+        finally:
+            await answer.stream.aclose()
+
+    def _relay(self, event: str) -> str | None:
+        """One event's frame for the client (None: dropped); records tokens and usage."""
+        data = _data_of(event)
+        if data is None:
+            return event + "\n\n"
+        if data == "[DONE]":
+            return "data: [DONE]\n\n"
+        if data.startswith('{"error"'):
+            self.error = _stream_error(data)
+            return event + "\n\n"
+        record = self.record
+        if record is not None and _has_output(data):
+            self.output_chunks += 1
+            record.on_tokens(time.perf_counter(), 1)
+        if '"usage"' not in data:
+            return event + "\n\n"
+        obj = json.loads(data)
+        usage = usage_of(obj)
+        if usage is not None:
+            self.usage = usage
+        if self.client_wants_usage or self.operation not in STREAMS_USAGE:
+            return event + "\n\n"
+        if obj.get("choices") == []:
+            return None  # the usage chunk the client did not ask for
+        obj.pop("usage", None)
+        return "data: " + json.dumps(obj, separators=(",", ":")) + "\n\n"
+
+    # -- the ending ---------------------------------------------------------------------------
+    async def close(self, error: BaseException | None = None) -> None:
+        """Settle, release the slot and the upstream, end the span; once, shielded."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            answer = self.answer
+            if answer is not None:
+                answer.upstream.end(self._probe)
+                if answer.stream is not None:
+                    await answer.stream.aclose()
+                outcome = "ok" if error is None and self.error is None else "error"
+                self._count(answer.upstream, answer.model, answer.attempt, outcome)
+            prompt, completion = self._used(answer is not None)
+            record = self.record
+            if record is not None and answer is not None:
+                record.prompt_tokens = prompt
+                record.completion_tokens = completion
+            if self.ticket is not None:
+                self.ticket.output_tokens = completion
+                await self.gateway.settle(self.ticket, prompt)
+            if self._slot:
+                self.lifecycle.release()
+            if self._span is not None:
+                self._span.set_attributes(
+                    {
+                        "gen_ai.usage.input_tokens": prompt,
+                        "gen_ai.usage.output_tokens": completion,
+                    }
+                )
+                failure = error or self.error
+                if failure is not None:
+                    self._span.record_exception(failure)
+                    self._span.set_status(Status(StatusCode.ERROR, type(failure).__name__))
+                self._span.end()
+
+    def _used(self, answered: bool) -> tuple[int, int]:
+        """`(prompt, completion)` tokens to settle: the upstream's usage, else the estimate
+        and the chunks relayed; nothing when no upstream answered."""
+        if not answered:
+            return 0, 0
+        if self.usage is not None:
+            return self.usage
+        return self.prompt_estimate, self.output_chunks
+
+
+def _refusal(backend: str, status: int, body: dict[str, Any] | None) -> SluiceError:
+    """An upstream's 4xx as the client's error: its message, and its status where it is the
+    request's fault (400, 404 model, 413, 422 → 400); credentials or routing problems of
+    sluice's own (401, 403, other 404s) are a 502."""
+    error = (body or {}).get("error")
+    error = error if isinstance(error, dict) else {}
+    message = str(error.get("message") or f"HTTP {status}")
+    param = error.get("param") if isinstance(error.get("param"), str) else None
+    code = error.get("code") if isinstance(error.get("code"), str) else None
+    if status in (400, 422):
+        return InvalidRequest(message, param=param, code=code)
+    if status == 413:
+        return PayloadTooLarge(message)
+    logger.warning("backend %s refused sluice's request with %d: %s", backend, status, message)
+    return UpstreamError(f"The upstream backend refused the request ({status}): {message}")
+
+
+def _stream_error(data: str) -> UpstreamError:
+    """An `{"error": ...}` event of an upstream's stream, as the error sent in its place."""
+    try:
+        error = json.loads(data).get("error") or {}
+    except ValueError:
+        error = {}
+    message = str(error.get("message") or "The upstream backend failed while streaming.")
+    code = error.get("code")
+    return UpstreamError(message, code=code if isinstance(code, str) else "upstream_error")
+
+
+def _data_of(event: str) -> str | None:
+    """The data of an SSE event (its `data:` lines joined), or None if it has none."""
+    if event.startswith("data: ") and "\n" not in event:
+        return event[6:]
+    parts = [line[5:].removeprefix(" ") for line in event.split("\n") if line.startswith("data:")]
+    return "\n".join(parts) if parts else None
+
+
+def _has_output(data: str) -> bool:
+    """A chunk carrying generated text (content, reasoning, tool arguments, completion text),
+    found without parsing it: the per-chunk path stays cheap."""
+    return (
+        ('"content":"' in data and '"content":""' not in data)
+        or '"text":"' in data
+        or '"arguments":"' in data
+        or '"delta":"' in data
+    )
+
+
+async def _next_event(lines: AsyncIterator[str]) -> str | None:
+    """The next SSE event (its lines, comments dropped), or None at the end."""
+    parts: list[str] = []
+    async for line in lines:
+        if line:
+            if not line.startswith(":"):
+                parts.append(line)
+        elif parts:
+            return "\n".join(parts)
+    return "\n".join(parts) if parts else None
+
+
+async def _read_bounded(response: httpx.Response) -> bytes:
+    content = bytearray()
+    async for chunk in response.aiter_bytes():
+        content += chunk
+        if len(content) > MAX_ERROR_BODY:
+            break
+    return bytes(content)
+
+
+def check_upstream_body(body: Any) -> dict[str, Any]:
+    """A forwarded body must be a JSON object with a string `model` (or none)."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(
+            "The request body must be a JSON object sent with 'Content-Type: application/json'."
+        )
+    return body

@@ -1,0 +1,150 @@
+"""`Backends`: which backend serves each model name, and the names clients may use.
+
+A served name belongs either to the in-process engine (its `served_model_name`s and LoRA
+adapters) or to one or more upstreams (`backends:` in the settings), never both. On top:
+
+- aliases (`routing.aliases`): another name for a served name;
+- fallback chains (`routing.fallbacks`): the models tried, in order, when every backend of
+  a model failed (engine or upstream);
+- routing aliases (`routing.routes`) and cascades (`routing.cascades`), resolved per
+  request (backends/router.py).
+
+A model several upstreams serve is balanced by least outstanding requests among the
+available ones (healthy, under their cap, breaker not open; ties go to the first listed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sluice.backends.upstream import Upstream
+from sluice.config import Settings
+
+LOCAL = "engine"  # the `backend` label of the in-process engine
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A client's model name resolved: the served name to try first and its chain."""
+
+    requested: str
+    chain: tuple[str, ...]  # served names, in order: the model, then its fallbacks
+
+
+class Backends:
+    """The upstreams and the names they serve (module docstring)."""
+
+    def __init__(self, settings: Settings, local_names: Iterable[str]) -> None:
+        routing = settings.routing
+        self.routing = routing
+        self.local_names = set(local_names)
+        self.upstreams = [
+            Upstream(
+                backend,
+                settings.pricing,
+                breaker_failures=routing.breaker_failures,
+                breaker_recovery_s=routing.breaker_recovery_s,
+            )
+            for backend in settings.backends
+        ]
+        self.by_model: dict[str, list[Upstream]] = {}
+        for upstream in self.upstreams:
+            for name in upstream.models:
+                self.by_model.setdefault(name, []).append(upstream)
+        self._check()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.created = int(time.time())
+
+    def _check(self) -> None:
+        """Refuse a configuration that names what nothing serves."""
+        names = [upstream.name for upstream in self.upstreams]
+        if len(set(names)) != len(names) or LOCAL in names:
+            raise ValueError(f"backend names must be unique and not '{LOCAL}': {names}")
+        shared = self.local_names & set(self.by_model)
+        if shared:
+            raise ValueError(
+                f"{sorted(shared)}: served by the engine and by an upstream; give one a "
+                "different served name"
+            )
+        served = self.local_names | set(self.by_model)
+        routing = self.routing
+        clients = set(routing.aliases) | set(routing.routes) | set(routing.cascades)
+        if clients & served:
+            raise ValueError(f"{sorted(clients & served)}: an alias with a served model's name")
+        wanted: list[str] = list(routing.aliases.values())
+        for name, chain in routing.fallbacks.items():
+            wanted += [name, *chain]
+        for route in routing.routes.values():
+            wanted += route.models
+        for cascade in routing.cascades.values():
+            wanted += cascade.models
+        wanted += list(routing.static_fallback)
+        unknown = sorted({name for name in wanted if name not in served})
+        if unknown:
+            raise ValueError(f"routing names models nothing serves: {unknown}")
+
+    def serves(self, name: str) -> bool:
+        """`name` is a served name, an alias, a routing alias or a cascade."""
+        routing = self.routing
+        return (
+            name in self.local_names
+            or name in self.by_model
+            or name in routing.aliases
+            or name in routing.routes
+            or name in routing.cascades
+        )
+
+    def resolve(self, name: str) -> Resolved:
+        """The chain of served names an alias or a served name stands for."""
+        model = self.routing.aliases.get(name, name)
+        return Resolved(name, (model, *self.routing.fallbacks.get(model, ())))
+
+    def is_local(self, model: str) -> bool:
+        return model in self.local_names
+
+    def pick(self, model: str) -> Upstream | None:
+        """The available upstream serving `model` with the fewest requests in flight."""
+        best: Upstream | None = None
+        for upstream in self.by_model.get(model, ()):
+            if upstream.available() and (best is None or upstream.outstanding < best.outstanding):
+                best = upstream
+        return best
+
+    def client_names(self) -> list[tuple[str, str]]:
+        """`(name, owner)` of every upstream model and client-side alias, for /v1/models."""
+        names = [(model, upstreams[0].name) for model, upstreams in self.by_model.items()]
+        routing = self.routing
+        names += [(alias, "sluice") for alias in routing.aliases]
+        names += [(alias, "sluice") for alias in routing.routes]
+        names += [(alias, "sluice") for alias in routing.cascades]
+        return names
+
+    def start(self) -> None:
+        """Start the active health checks."""
+        for upstream in self.upstreams:
+            if upstream.settings.health_check_interval_s is not None:
+                self._tasks.append(asyncio.create_task(upstream.watch_health()))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for upstream in self.upstreams:
+            await upstream.aclose()
+
+    def states(self) -> dict[str, dict[str, object]]:
+        """Each upstream's breaker state, health and requests in flight (for /readyz)."""
+        return {
+            upstream.name: {
+                "breaker": upstream.state,
+                "healthy": upstream.healthy,
+                "outstanding": upstream.outstanding,
+            }
+            for upstream in self.upstreams
+        }

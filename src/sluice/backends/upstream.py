@@ -1,0 +1,202 @@
+"""`Upstream`: one OpenAI-compatible server sluice forwards requests to.
+
+It owns the HTTP client (httpx, one connection pool per upstream), the names it serves and
+their mapping to the upstream's own names, its prices, its concurrency cap, its health
+(active checks: `GET {base_url}/models` every `health_check_interval_s`) and its circuit
+breaker (the `circuitbreaker` library: `breaker_failures` consecutive failures open it; after
+`breaker_recovery_s` it is half-open and one request at a time probes it; a success closes
+it, a failure opens it again).
+
+What counts as a failure (`UpstreamFailure`, `retryable`): a connection error, a timeout, a
+5xx, a 429 or a stream cut short. A 4xx is the request's own fault: the upstream answered,
+which counts as a success for the breaker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any
+
+import httpx
+from circuitbreaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, CircuitBreaker
+
+from sluice.config import BackendSettings, ModelPrice, PricingSettings
+
+logger = logging.getLogger(__name__)
+
+# The breaker's state as a number, for the `sluice_circuit_breaker_state` gauge.
+BREAKER_STATES = {STATE_CLOSED: 0, STATE_OPEN: 1, STATE_HALF_OPEN: 2}
+
+
+class UpstreamFailure(Exception):
+    """An attempt on an upstream failed in a way another backend (or a later retry) may not.
+
+    `reason` is bounded (a metric label): `connect`, `timeout`, `status_5xx`, `status_429`,
+    `status_503`, `stream_cut`. `status`, `body` and `retry_after_s` are the upstream's
+    answer, where there was one."""
+
+    def __init__(
+        self,
+        backend: str,
+        reason: str,
+        message: str,
+        *,
+        status: int | None = None,
+        body: dict[str, Any] | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(f"{backend}: {message}")
+        self.backend = backend
+        self.reason = reason
+        self.message = message
+        self.status = status
+        self.body = body
+        self.retry_after_s = retry_after_s
+
+
+def failure_of_status(
+    backend: str, status: int, body: dict[str, Any] | None, headers: httpx.Headers
+) -> UpstreamFailure | None:
+    """The failure an upstream's error status is (429, 5xx), or None for a 4xx (the
+    request's own fault, not retried)."""
+    if status != 429 and status < 500:
+        return None
+    reason = "status_429" if status == 429 else "status_503" if status == 503 else "status_5xx"
+    retry_after: float | None = None
+    with contextlib.suppress(TypeError, ValueError):
+        retry_after = float(headers.get("retry-after", ""))
+    message = _message_of(body) or f"HTTP {status}"
+    return UpstreamFailure(
+        backend, reason, message, status=status, body=body, retry_after_s=retry_after
+    )
+
+
+def _message_of(body: dict[str, Any] | None) -> str | None:
+    error = (body or {}).get("error")
+    if isinstance(error, dict):
+        return str(error.get("message", "")) or None
+    return None
+
+
+class Upstream:
+    """One upstream server (module docstring). `outstanding` counts requests in flight to
+    it (the least-outstanding balancer reads it)."""
+
+    def __init__(
+        self,
+        settings: BackendSettings,
+        pricing: PricingSettings,
+        *,
+        breaker_failures: int = 5,
+        breaker_recovery_s: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.models = dict(settings.models)
+        self._pricing = pricing
+        headers: dict[str, str] = {}
+        if settings.api_key_env is not None:
+            key = os.environ.get(settings.api_key_env)
+            if not key:
+                raise ValueError(
+                    f"backend {settings.name}: the environment variable "
+                    f"{settings.api_key_env} (its API key) is not set"
+                )
+            headers["authorization"] = f"Bearer {key}"
+        timeouts = settings.timeouts
+        self.client = httpx.AsyncClient(
+            base_url=settings.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=timeouts.connect_s,
+                read=timeouts.first_token_s,
+                write=timeouts.connect_s,
+                pool=None,  # the concurrency cap below bounds what waits for a connection
+            ),
+            limits=httpx.Limits(
+                max_connections=settings.max_concurrent,
+                max_keepalive_connections=min(settings.max_concurrent or 256, 256),
+            ),
+        )
+        self.breaker = CircuitBreaker(
+            failure_threshold=breaker_failures,
+            recovery_timeout=breaker_recovery_s,
+            expected_exception=UpstreamFailure,
+            name=settings.name,
+        )
+        self.outstanding = 0
+        self.healthy = True
+        self._probing = False  # a half-open probe is under way
+
+    def price_of(self, model: str) -> ModelPrice:
+        """The price of `model` (a served name) on this upstream: its own, else the table's."""
+        return self.settings.pricing.get(model) or self._pricing.price_of(model)
+
+    @property
+    def state(self) -> str:
+        """The breaker's state: `closed`, `open` or `half_open`."""
+        return str(self.breaker.state)
+
+    def available(self) -> bool:
+        """Healthy, under its concurrency cap, and its breaker lets a request through (in
+        half-open: one probe at a time)."""
+        if not self.healthy:
+            return False
+        cap = self.settings.max_concurrent
+        if cap is not None and self.outstanding >= cap:
+            return False
+        state = self.state
+        if state == STATE_OPEN:
+            return False
+        return not (state == STATE_HALF_OPEN and self._probing)
+
+    def begin(self) -> bool:
+        """Count a request in; True if it is the half-open probe."""
+        self.outstanding += 1
+        probe = bool(self.state == STATE_HALF_OPEN)
+        if probe:
+            self._probing = True
+        return probe
+
+    def end(self, probe: bool) -> None:
+        """Count a request out (after `begin`)."""
+        self.outstanding -= 1
+        if probe:
+            self._probing = False
+
+    def succeeded(self) -> None:
+        """The upstream answered: the breaker closes (and forgets earlier failures)."""
+        with self.breaker:
+            pass
+
+    def failed(self, failure: UpstreamFailure) -> None:
+        """Count `failure` against the breaker."""
+        with contextlib.suppress(UpstreamFailure), self.breaker:
+            raise failure
+
+    async def check_health(self) -> bool:
+        """`GET /models`: the upstream answers 200. Marks `healthy`; logs a change."""
+        try:
+            response = await self.client.get("/models")
+            healthy = response.status_code == 200
+        except httpx.HTTPError:
+            healthy = False
+        if healthy != self.healthy:
+            logger.warning("backend %s is %s", self.name, "up" if healthy else "down")
+        self.healthy = healthy
+        return healthy
+
+    async def watch_health(self) -> None:
+        """Check health every `health_check_interval_s` until cancelled."""
+        interval = self.settings.health_check_interval_s
+        if interval is None:
+            return
+        while True:
+            await self.check_health()
+            await asyncio.sleep(interval)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
