@@ -144,6 +144,9 @@ async def _load(app: FastAPI, engine: Engine, metrics: Metrics, tracer: trace.Tr
             lifecycle.step = "loading model"
             await engine.start()
             app.state.serving = await Serving.build(engine)
+            app.state.backends.local_context = int(
+                app.state.serving.models.engine_client.model_config.max_model_len
+            )
         except Exception as exc:
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, "engine start-up failed"))
@@ -300,7 +303,9 @@ def create_app(
     # Added innermost first: request id and record (metrics, log line) → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     if telemetry.enabled:
-        app.add_middleware(RequestMiddleware, metrics=metrics, errors=errors)
+        app.add_middleware(
+            RequestMiddleware, metrics=metrics, errors=errors, on_record=backends.observe
+        )
     else:
         app.add_middleware(RequestMiddleware)  # the request id only
     if telemetry.enabled:

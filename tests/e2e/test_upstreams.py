@@ -68,6 +68,10 @@ def cluster(logs: Path) -> Iterator[dict[str, SluiceProcess]]:
                 "name": "a",
                 "base_url": a.api,
                 "models": {"solo": "synthetic", "pool": "synthetic"},
+                "pricing": {
+                    "solo": {"input_usd_per_mtok": 0.1, "output_usd_per_mtok": 0.2},
+                    "pool": {"input_usd_per_mtok": 0.5, "output_usd_per_mtok": 1},
+                },
                 "health_check_interval_s": 0.5,
             },
             {
@@ -97,6 +101,19 @@ def cluster(logs: Path) -> Iterator[dict[str, SluiceProcess]]:
             "static_fallback": {"ghost": GHOST_MESSAGE},
             "breaker_failures": 2,
             "breaker_recovery_s": 1,
+            "models": {
+                "solo": {"context_length": 100, "tags": ["tools"]},
+                "pool": {"context_length": 8192},
+                "priced": {"context_length": 8192, "tags": ["tools"]},
+            },
+            "routes": {
+                "auto": {"models": ["priced", "pool", "solo"]},
+                "thrifty": {"models": ["priced"], "max_usd_per_mtok": 10},
+            },
+            "cascades": {
+                "smart": {"models": ["solo", "pool"], "escalate_on": ["length"]},
+                "strict": {"models": ["solo", "pool"], "escalate_on": ["schema"]},
+            },
         },
     }
     (logs / "front.yaml").write_text(yaml.safe_dump(config))
@@ -444,3 +461,59 @@ def test_an_upstream_killed_mid_load_falls_back_then_recovers(
     assert results[-1][2] == "primary"
     _wait_backends_up(front, {"c"})
     assert _metric(front, "sluice_circuit_breaker_state", backend="c") == 0
+
+
+def _post(front: SluiceProcess, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{front.api}/chat/completions", json=body, headers=auth(), timeout=30)
+
+
+def test_a_routing_alias_picks_the_cheapest_model_that_fits(
+    cluster: dict[str, SluiceProcess],
+) -> None:
+    """`auto` over priced (tools, expensive), pool (no tools) and solo (tools, cheapest, a
+    100-token context): what fits decides, then the price."""
+    front = cluster["front"]
+    small = _post(front, _chat("auto", max_tokens=10))
+    assert small.headers["x-sluice-model"] == "solo"
+    long = _post(front, _chat("auto", max_tokens=200))
+    assert long.headers["x-sluice-model"] == "pool"
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    tools = _post(front, _chat("auto", max_tokens=200, tools=[tool]))
+    assert tools.status_code == 200, tools.text
+    assert tools.headers["x-sluice-model"] == "priced"
+    refused = _post(front, _chat("thrifty", max_tokens=10))
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["code"] == "no_model_fits"
+    assert "price" in error["message"] and "1000" in error["message"]
+    huge = [{"role": "user", "content": "many words " * 4000}]  # about 11,000 tokens
+    too_long = _post(front, {**_chat("auto", max_tokens=10, tools=[tool]), "messages": huge})
+    assert too_long.status_code == 400
+    assert "context length" in too_long.json()["error"]["message"]
+
+
+def test_a_cascade_escalates_when_its_signal_fires(cluster: dict[str, SluiceProcess]) -> None:
+    """The synthetic engine writes filler until `max_tokens` (finish_reason length) unless a
+    stop string ends it, and never JSON."""
+    front = cluster["front"]
+    escalated = _post(front, _chat("smart", max_tokens=5))
+    assert escalated.headers["x-sluice-cascade"] == "solo,pool"
+    assert escalated.headers["x-sluice-model"] == "pool"
+    kept = _post(front, _chat("smart", max_tokens=30, stop=[" nine"]))
+    assert kept.headers["x-sluice-cascade"] == "solo"
+    assert kept.headers["x-sluice-model"] == "solo"
+    assert kept.json()["choices"][0]["finish_reason"] == "stop"
+    client = openai.OpenAI(base_url=front.api, api_key=SECRET, max_retries=0)
+    chunks = list(
+        client.chat.completions.create(
+            **_chat("smart", max_tokens=30, stop=[" nine"], stream=True),  # type: ignore[arg-type]
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == kept.json()["choices"][0]["message"]["content"]
+    assert chunks[-1].usage is not None
+    not_json = _post(front, _chat("strict", max_tokens=5, response_format={"type": "json_object"}))
+    assert not_json.headers["x-sluice-cascade"] == "solo,pool"
+    plain = _post(front, _chat("strict", max_tokens=5))
+    assert plain.headers["x-sluice-cascade"] == "solo"

@@ -25,6 +25,7 @@ import contextlib
 import email.message
 import functools
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -45,6 +46,7 @@ from sluice.api.deps import (
     serving_of,
 )
 from sluice.api.exchange import Exchange
+from sluice.api.middleware import response_headers
 from sluice.api.requests import check_fields
 from sluice.api.serving import Serving
 from sluice.api.sse import (
@@ -53,16 +55,19 @@ from sluice.api.sse import (
     SSEResponse,
     until_disconnected,
 )
-from sluice.backends.proxy import LocalHandoff, UpstreamCall
+from sluice.backends.proxy import LocalHandoff, UpstreamCall, estimate_prompt_tokens
 from sluice.backends.registry import LOCAL, Backends
+from sluice.backends.router import as_stream, escalation, needed_tags
 from sluice.config import Settings
 from sluice.engine.protocol import REQUEST_OBSERVER
 from sluice.errors import (
     Draining,
     InvalidRequest,
     ServiceUnavailable,
+    SluiceError,
     from_exception,
     from_vllm,
+    spec_for,
     validation_error,
 )
 from sluice.gateway.auth import Principal
@@ -70,6 +75,8 @@ from sluice.gateway.guards import check_allowed, check_max_tokens, check_n
 from sluice.gateway.service import Gateway
 from sluice.lifecycle import Lifecycle
 from sluice.telemetry.record import record_of
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -193,43 +200,137 @@ class Generation:
         if not isinstance(name, str) or name in backends.local_names or not backends.serves(name):
             return await local(raw)
         check_allowed(name, self.principal)
-        resolved = backends.resolve(name)
-        self.allowed.update(resolved.chain)
+        routing = self.settings.routing
+        if name in routing.cascades:
+            return await self._cascade(name, raw, operation, local)
+        if name in routing.routes:
+            chain = self._route(name, raw, operation)
+        else:
+            chain = backends.resolve(name).chain
+        return await self._serve_chain(raw, operation, chain, name, local)
+
+    async def _serve_chain(
+        self,
+        raw: dict[str, Any],
+        operation: str,
+        chain: tuple[str, ...],
+        requested: str,
+        local: Callable[[dict[str, Any]], Awaitable[Response]],
+    ) -> Response:
+        """Serve with the first model of `chain` that can, engine or upstreams."""
+        self.allowed.update(chain)
         index = 0
         while True:
-            model = resolved.chain[index]
-            if backends.is_local(model):
+            model = chain[index]
+            if self.backends.is_local(model):
                 try:
                     return await local({**raw, "model": model})
                 except ServiceUnavailable as exc:  # loading, overloaded: the next model
-                    if isinstance(exc, Draining) or index + 1 >= len(resolved.chain):
+                    if isinstance(exc, Draining) or index + 1 >= len(chain):
                         raise
                     index += 1
                     continue
             try:
-                return await self._upstream(raw, operation, resolved.chain[index:], name)
+                return await self._upstream(raw, operation, chain[index:], requested)
             except LocalHandoff as handoff:
                 index += handoff.index
+
+    def _caps(self, raw: dict[str, Any], operation: str) -> tuple[UpstreamShape, str | None, int]:
+        """The body's fields sluice reads, checked against the key's and the server's caps:
+        `(shape, the max_tokens parameter it named, max_tokens or the cap)`."""
+        shape: UpstreamShape = parse_body(UpstreamShape, raw)
+        limits = self.settings.limits
+        named = next((p for p in MAX_TOKENS_PARAMS[operation] if getattr(shape, p)), None)
+        requested = getattr(shape, named) if named is not None else None
+        check_max_tokens(requested, named or "max_tokens", self.principal, limits)
+        check_n(shape.n, 1, limits)
+        if requested is not None:
+            return shape, named, requested
+        policy = self.principal.policy
+        caps = [limits.max_tokens_cap, policy.max_tokens if policy else None]
+        return shape, named, min(cap for cap in caps if cap is not None)
+
+    def _route(self, name: str, raw: dict[str, Any], operation: str) -> tuple[str, ...]:
+        """The models of a routing alias that fit this request, cheapest first."""
+        _, _, max_tokens = self._caps(raw, operation)
+        return self.backends.router.choose(
+            name,
+            self.settings.routing.routes[name],
+            estimate_prompt_tokens(raw),
+            max_tokens,
+            needed_tags(raw),
+        )
+
+    async def _cascade(
+        self,
+        name: str,
+        raw: dict[str, Any],
+        operation: str,
+        local: Callable[[dict[str, Any]], Awaitable[Response]],
+    ) -> Response:
+        """Try the cascade's models in order, each answer judged whole (backends/router.py);
+        the last model streams live when the client asked for a stream."""
+        if operation not in ("chat", "text_completion"):
+            raise InvalidRequest(
+                f"'{name}' is a cascade, which serves chat and completions only.", param="model"
+            )
+        cascade = self.settings.routing.cascades[name]
+        headers = response_headers(self.request.scope)
+        stream = bool(raw.get("stream"))
+        options = raw.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        wants_logprobs = bool(raw.get("logprobs"))
+        tried: list[str] = []
+        for model in cascade.models[:-1]:
+            tried.append(model)
+            trial = {**raw, "stream": False}
+            trial.pop("stream_options", None)
+            if "logprob" in cascade.escalate_on and not wants_logprobs:
+                trial["logprobs"] = True if operation == "chat" else 1
+            try:
+                response = await self._serve_chain(
+                    trial, operation, self.backends.resolve(model).chain, name, local
+                )
+            except SluiceError as exc:
+                if spec_for(exc).status < 500:
+                    raise  # the request's own fault: the next model would refuse it too
+                logger.warning("cascade %s: %s failed (%s); escalating", name, model, exc)
+                continue
+            answer = json.loads(bytes(response.body))
+            signal = escalation(cascade, raw, answer)
+            if signal is None:
+                headers["x-sluice-cascade"] = ",".join(tried)
+                if not wants_logprobs and "logprob" in cascade.escalate_on:
+                    for choice in answer.get("choices") or []:
+                        choice["logprobs"] = None
+                if stream:
+                    return Response(
+                        as_stream(answer, include_usage),
+                        media_type="text/event-stream",
+                        headers=_rate_headers(response),
+                    )
+                return Response(
+                    json.dumps(answer),
+                    media_type="application/json",
+                    headers=_rate_headers(response),
+                )
+            logger.info("cascade %s: %s escalated (%s)", name, model, signal)
+        last = cascade.models[-1]
+        headers["x-sluice-cascade"] = ",".join([*tried, last])
+        return await self._serve_chain(
+            raw, operation, self.backends.resolve(last).chain, name, local
+        )
 
     async def _upstream(
         self, raw: dict[str, Any], operation: str, chain: tuple[str, ...], requested: str
     ) -> Response:
         """The request through upstream backends (backends/proxy.py)."""
-        shape: UpstreamShape = parse_body(UpstreamShape, raw)
-        limits = self.settings.limits
-        params = MAX_TOKENS_PARAMS[operation]
-        named = next((p for p in params if getattr(shape, p) is not None), None)
-        requested_max = getattr(shape, named) if named is not None else None
-        check_max_tokens(requested_max, named or "max_tokens", self.principal, limits)
-        check_n(shape.n, 1, limits)
+        _, named, max_tokens = self._caps(raw, operation)
         body = dict(raw)
-        max_tokens = requested_max
-        if max_tokens is None:
-            policy = self.principal.policy
-            caps = [limits.max_tokens_cap, policy.max_tokens if policy else None]
-            max_tokens = min(cap for cap in caps if cap is not None)
-            if params:  # bound the output the reservation holds, as the engine path does
-                body[params[-1]] = max_tokens
+        params = MAX_TOKENS_PARAMS[operation]
+        if named is None and params:
+            # bound the output the reservation holds, as the engine path does
+            body[params[-1]] = max_tokens
         record = record_of(self.request.scope)
         if record is not None:
             record.model = chain[0]
@@ -251,6 +352,7 @@ class Generation:
             request_id=self.request.headers.get("x-request-id")
             or (record.request_id if record is not None else ""),
             max_tokens=0 if operation == "embeddings" else max_tokens,
+            response_headers=response_headers(self.request.scope),
         )
         try:
             await call.reserve()
@@ -304,9 +406,13 @@ class Generation:
         check_max_tokens(shape.max_tokens, shape.max_tokens_param, self.principal, limits)
         check_n(shape.n, shape.prompts, limits)
         record = record_of(self.request.scope)
-        if record is not None and self.serves(model):
-            record.model = model  # a metric label: only ids this server serves (bounded)
-            record.backend = LOCAL
+        if self.serves(model):
+            headers = response_headers(self.request.scope)
+            headers.pop("x-sluice-attempt", None)  # an earlier try of a cascade's
+            headers.update({"x-sluice-backend": LOCAL, "x-sluice-model": model})
+            if record is not None:
+                record.model = model  # a metric label: only ids this server serves (bounded)
+                record.backend = LOCAL
         exchange = Exchange.open(
             principal=self.principal,
             gateway=self.gateway,
@@ -399,6 +505,10 @@ async def _run(
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await work
     return outcome, work.result() if outcome == "done" else None
+
+
+def _rate_headers(response: Response) -> dict[str, str]:
+    return {k: v for k, v in response.headers.items() if k.startswith("x-ratelimit")}
 
 
 def _prompt_text(body: BaseModel) -> str:

@@ -11,6 +11,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -38,6 +39,15 @@ KNOWN_ENDPOINTS = frozenset(
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 REQUEST_ID_HEADER = b"x-request-id"
+# Where the request path leaves headers for the response (which backend and model answered):
+# a dict in the scope's state, added to the response's start whatever sends it.
+RESPONSE_HEADERS = "sluice.response_headers"
+
+
+def response_headers(scope: Scope) -> dict[str, str]:
+    """The headers this request's response will carry besides its own (mutable)."""
+    headers: dict[str, str] = scope.setdefault("state", {}).setdefault(RESPONSE_HEADERS, {})
+    return headers
 
 
 def text_error(body: bytes) -> InvalidRequest | None:
@@ -139,11 +149,16 @@ class RequestMiddleware:
     UNTRACKED = frozenset({"/healthz", "/health", "/readyz", "/metrics", "/version"})
 
     def __init__(
-        self, app: ASGIApp, metrics: Metrics | None = None, errors: ErrorRateWindow | None = None
+        self,
+        app: ASGIApp,
+        metrics: Metrics | None = None,
+        errors: ErrorRateWindow | None = None,
+        on_record: Callable[[RequestRecord], None] | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.errors = errors
+        self.on_record = on_record
 
     @staticmethod
     def endpoint(path: str) -> str:
@@ -170,7 +185,12 @@ class RequestMiddleware:
             nonlocal http_status
             if message["type"] == "http.response.start":
                 http_status = message["status"]
-                message["headers"] = [*message.get("headers", ()), id_header]
+                extra = state.get(RESPONSE_HEADERS) or {}
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    id_header,
+                    *((k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()),
+                ]
             await send(message)
 
         async def receive_watched() -> Message:
@@ -205,4 +225,6 @@ class RequestMiddleware:
             if self.errors is not None:
                 self.errors.observe(status >= 500)
             self.metrics.observe(record, finished)
+            if self.on_record is not None:
+                self.on_record(record)
             log_request(record, finished)

@@ -196,6 +196,7 @@ class UpstreamCall:
         tracer: trace.Tracer,
         request_id: str,
         max_tokens: int,
+        response_headers: dict[str, str],
     ) -> None:
         self.body = body
         self.operation = operation
@@ -227,7 +228,7 @@ class UpstreamCall:
         self.prompt_estimate = estimate_prompt_tokens(body)
         self.output_chunks = 0
         self.static = False
-        self._extra_headers: dict[str, str] = {}
+        self.response_headers = response_headers
         self._slot = False
         self._closed = False
         self._span: trace.Span | None = None
@@ -236,10 +237,9 @@ class UpstreamCall:
     # -- the exchange interface SSEResponse uses -----------------------------------------------
     @property
     def headers(self) -> dict[str, str]:
-        """Rate-limit headers, and which backend and model answered."""
-        headers = dict(self.ticket.headers) if self.ticket is not None else {}
-        headers.update(self._extra_headers)
-        return headers
+        """The rate-limit headers (which backend and model answered go in
+        `response_headers`, added to whatever response the request gets)."""
+        return dict(self.ticket.headers) if self.ticket is not None else {}
 
     def timed_out(self) -> RequestTimedOut:
         return RequestTimedOut(
@@ -432,11 +432,13 @@ class UpstreamCall:
         upstream, model = answer.upstream, answer.model
         if self.ticket is not None:
             self.ticket.price = upstream.price_of(model)
-        self._extra_headers = {
-            "x-sluice-backend": upstream.name,
-            "x-sluice-model": model,
-            "x-sluice-attempt": str(answer.attempt),
-        }
+        self.response_headers.update(
+            {
+                "x-sluice-backend": upstream.name,
+                "x-sluice-model": model,
+                "x-sluice-attempt": str(answer.attempt),
+            }
+        )
         record = self.record
         if record is not None:
             record.model = model
@@ -483,7 +485,8 @@ class UpstreamCall:
         created = int(time.time())
         ident = f"fallback-{uuid.uuid4().hex}"
         chat = self.operation == "chat"
-        headers = {**self.headers, "x-sluice-fallback": "static", "x-sluice-model": model}
+        self.response_headers.update({"x-sluice-fallback": "static", "x-sluice-model": model})
+        headers = self.headers
         if chat:
             choice: dict[str, Any] = {
                 "index": 0,

@@ -21,8 +21,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from sluice.backends.router import LatencyWindow, ModelRouter
 from sluice.backends.upstream import Upstream
-from sluice.config import Settings
+from sluice.config import ModelPrice, Settings
+from sluice.telemetry.record import RequestRecord
 
 LOCAL = "engine"  # the `backend` label of the in-process engine
 
@@ -58,6 +60,10 @@ class Backends:
         self._check()
         self._tasks: list[asyncio.Task[None]] = []
         self.created = int(time.time())
+        self.pricing = settings.pricing
+        self.local_context: int | None = None  # the engine's max_model_len, once loaded
+        self.latency = LatencyWindow()
+        self.router = ModelRouter(routing, self.price_of, self.context_of, self.latency)
 
     def _check(self) -> None:
         """Refuse a configuration that names what nothing serves."""
@@ -104,7 +110,22 @@ class Backends:
         return Resolved(name, (model, *self.routing.fallbacks.get(model, ())))
 
     def is_local(self, model: str) -> bool:
-        return model in self.local_names
+        """The in-process engine serves `model` (every name no upstream serves)."""
+        return model not in self.by_model
+
+    def price_of(self, model: str) -> ModelPrice:
+        """`model`'s price: its first upstream's, else the price table's."""
+        upstreams = self.by_model.get(model)
+        return upstreams[0].price_of(model) if upstreams else self.pricing.price_of(model)
+
+    def context_of(self, model: str) -> int | None:
+        """The engine's context length for its own models; unknown for upstream ones."""
+        return self.local_context if model in self.local_names else None
+
+    def observe(self, record: RequestRecord) -> None:
+        """A finished request: its time to first token joins its model's latency window."""
+        if record.status == 200 and record.model is not None and record.ttft_s is not None:
+            self.latency.observe(record.model, record.ttft_s)
 
     def pick(self, model: str) -> Upstream | None:
         """The available upstream serving `model` with the fewest requests in flight."""
