@@ -275,7 +275,7 @@ class UpstreamCall:
                 retry=retry_if_exception_type(UpstreamFailure),
                 stop=self._stop_retrying,
                 wait=wait_exponential_jitter(
-                    initial=self.routing.retry_backoff_s,
+                    multiplier=self.routing.retry_backoff_s,
                     max=max(1.0, self.routing.retry_backoff_s),
                     jitter=self.routing.retry_backoff_s,
                 ),

@@ -1,0 +1,342 @@
+"""Upstream backends without processes: the attempt loop (retries, budget, fallbacks,
+breakers, timeouts, refusals) over httpx's MockTransport, the registry's checks, the router
+and the cascade's signals. tests/e2e/test_upstreams.py runs the same against real servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry import trace
+
+from sluice.backends.proxy import (
+    RETRY_BUDGET_FLOOR,
+    Answer,
+    LocalHandoff,
+    RetryBudget,
+    UpstreamCall,
+    estimate_prompt_tokens,
+    usage_of,
+)
+from sluice.backends.registry import Backends
+from sluice.backends.router import as_stream, escalation, needed_tags
+from sluice.config import CascadeSettings, Settings
+from sluice.errors import InvalidRequest, RateLimitExceeded, ServiceUnavailable, UpstreamError
+from sluice.gateway.auth import Principal
+from sluice.lifecycle import Lifecycle
+
+Handler = Callable[[httpx.Request], Any]
+OK_BODY = {
+    "id": "x",
+    "object": "chat.completion",
+    "model": "up",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}
+
+
+def settings(**routing: Any) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        backends=[
+            {"name": "x", "base_url": "http://x.invalid/v1", "models": {"m": "up", "n": "up"}},
+            {"name": "y", "base_url": "http://y.invalid/v1", "models": {"m": "up", "fb": "up"}},
+        ],
+        routing={"fallbacks": {"m": ["fb"]}, "retry_backoff_s": 0, **routing},
+    )
+
+
+def backends_with(handlers: dict[str, Handler], **routing: Any) -> Backends:
+    """Registry whose upstreams answer with `handlers[name]` (MockTransport)."""
+    backends = Backends(settings(**routing), ["local"])
+    for upstream in backends.upstreams:
+        handler = handlers.get(upstream.name, lambda request: httpx.Response(200, json=OK_BODY))
+        upstream.client = httpx.AsyncClient(
+            base_url=upstream.settings.base_url, transport=httpx.MockTransport(handler)
+        )
+    return backends
+
+
+def call(backends: Backends, chain: tuple[str, ...] = ("m", "fb"), **body: Any) -> UpstreamCall:
+    return UpstreamCall(
+        body={"model": chain[0], "messages": [{"role": "user", "content": "hi"}], **body},
+        operation="chat",
+        chain=chain,
+        requested=chain[0],
+        principal=Principal("anonymous"),
+        settings=Settings(_env_file=None, routing=backends.routing.model_dump()),  # type: ignore[call-arg]
+        backends=backends,
+        gateway=None,  # type: ignore[arg-type]  # open() does not reserve
+        lifecycle=Lifecycle(),
+        budget=RetryBudget(0.2),
+        metrics=None,
+        record=None,
+        tracer=trace.NoOpTracer(),
+        request_id="r",
+        max_tokens=16,
+        response_headers={},
+    )
+
+
+def failing(status: int, times: int, then: int = 200) -> Handler:
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] <= times:
+            return httpx.Response(status, json={"error": {"message": f"boom {status}"}})
+        return httpx.Response(then, json=OK_BODY)
+
+    return handler
+
+
+async def test_a_failed_attempt_is_retried_and_the_answer_says_which() -> None:
+    backends = backends_with({"x": failing(503, 1), "y": failing(503, 1)})
+    upstream_call = call(backends)
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer)
+    assert (answer.model, answer.attempt) == ("m", 2)
+    assert upstream_call.response_headers["x-sluice-attempt"] == "2"
+
+
+async def test_when_a_models_retries_are_spent_its_fallback_answers() -> None:
+    backends = backends_with({"x": failing(500, 99)}, retries=1)
+    backends.upstreams[1].settings.models.pop("m")  # only x serves m now
+    backends.by_model["m"] = [backends.upstreams[0]]
+    answer = await call(backends).open()
+    assert isinstance(answer, Answer)
+    assert (answer.model, answer.upstream.name, answer.attempt) == ("fb", "y", 3)
+
+
+async def test_the_retry_budget_caps_retries_across_requests() -> None:
+    budget = RetryBudget(0.0)
+    budget.request()
+    assert [budget.try_retry() for _ in range(RETRY_BUDGET_FLOOR + 1)] == [True] * (
+        RETRY_BUDGET_FLOOR
+    ) + [False]
+    generous = RetryBudget(0.5)
+    for _ in range(10):
+        generous.request()
+    assert sum(generous.try_retry() for _ in range(20)) == 5 + RETRY_BUDGET_FLOOR
+
+
+async def test_with_the_budget_spent_a_failure_goes_straight_to_the_fallback() -> None:
+    backends = backends_with({"x": failing(500, 99), "y": failing(500, 99)})
+    backends.by_model["fb"][0].client = httpx.AsyncClient(
+        base_url="http://y.invalid/v1",
+        transport=httpx.MockTransport(lambda request: httpx.Response(200, json=OK_BODY)),
+    )
+    upstream_call = call(backends)
+    upstream_call.budget = RetryBudget(0.0)
+    for _ in range(RETRY_BUDGET_FLOOR):
+        assert upstream_call.budget.try_retry()
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer)
+    assert (answer.model, answer.attempt) == ("fb", 2)  # m once, no retry, then fb
+
+
+async def test_a_refusal_is_the_clients_error_and_is_not_retried() -> None:
+    seen: list[str] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        return httpx.Response(
+            422, json={"error": {"message": "bad temperature", "param": "temperature"}}
+        )
+
+    backends = backends_with({"x": refuse, "y": refuse})
+    with pytest.raises(InvalidRequest) as raised:
+        await call(backends).open()
+    assert (raised.value.message, raised.value.param) == ("bad temperature", "temperature")
+    assert len(seen) == 1
+    assert all(u.state == "closed" and u.breaker.failure_count == 0 for u in backends.upstreams)
+
+
+async def test_sluices_own_credentials_refused_is_a_bad_gateway() -> None:
+    deny = lambda request: httpx.Response(401, json={"error": {"message": "bad key"}})  # noqa: E731
+    with pytest.raises(UpstreamError) as raised:
+        await call(backends_with({"x": deny, "y": deny})).open()
+    assert raised.value.status is None  # the table's 502
+
+
+async def test_failures_open_the_breaker_then_a_single_probe_closes_it() -> None:
+    backends = backends_with(
+        {"x": failing(500, 2), "y": failing(500, 99)},
+        breaker_failures=2,
+        breaker_recovery_s=1,
+        retries=0,
+    )
+    x = backends.upstreams[0]
+    for _ in range(2):
+        with pytest.raises(UpstreamError):
+            await call(backends, chain=("n",)).open()
+    assert x.state == "open" and not x.available()
+    with pytest.raises(ServiceUnavailable):  # nothing can take `n` now: no attempt made
+        await call(backends, chain=("n",)).open()
+    await asyncio.sleep(1.05)
+    assert x.state == "half_open" and x.available()
+    probe = x.begin()
+    assert probe and not x.available()  # one probe at a time
+    x.end(probe)
+    answer = await call(backends, chain=("n",)).open()
+    assert isinstance(answer, Answer)
+    assert x.state == "closed"
+
+
+async def test_an_upstream_that_does_not_start_streaming_in_time_times_out() -> None:
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        return httpx.Response(200, json=OK_BODY)
+
+    backends = backends_with({"x": slow, "y": slow}, retries=0)
+    for upstream in backends.upstreams:
+        upstream.settings.timeouts.first_token_s = 0.1
+        upstream.settings.timeouts.connect_s = 0.1
+    started = time.monotonic()
+    with pytest.raises(UpstreamError) as raised:
+        await call(backends, stream=True).open()
+    assert time.monotonic() - started < 2
+    assert raised.value.status == 504
+
+
+async def test_an_upstream_429_after_every_try_is_the_clients_429() -> None:
+    limited = lambda request: httpx.Response(  # noqa: E731
+        429, json={"error": {"message": "slow down"}}, headers={"retry-after": "7"}
+    )
+    with pytest.raises(RateLimitExceeded) as raised:
+        await call(backends_with({"x": limited, "y": limited}, retries=0)).open()
+    assert raised.value.retry_after_s == 7
+
+
+async def test_the_chain_hands_an_engine_model_back() -> None:
+    backends = backends_with({"x": failing(500, 99), "y": failing(500, 99)}, retries=0)
+    with pytest.raises(LocalHandoff) as handoff:
+        await call(backends, chain=("n", "local")).open()
+    assert handoff.value.index == 1
+
+
+def test_the_registry_refuses_names_nothing_serves_and_overlaps() -> None:
+    with pytest.raises(ValueError, match="nothing serves"):
+        Backends(settings(fallbacks={"m": ["nope"]}), ["local"])
+    with pytest.raises(ValueError, match="served by the engine and by an upstream"):
+        Backends(settings(), ["m"])
+    with pytest.raises(ValueError, match="alias with a served model's name"):
+        Backends(settings(aliases={"local": "m"}), ["local"])
+
+
+def test_least_outstanding_picks_the_idler_available_upstream() -> None:
+    backends = backends_with({})
+    x, y = backends.by_model["m"]
+    assert backends.pick("m") is x  # a tie goes to the first listed
+    x.begin()
+    assert backends.pick("m") is y
+    y.begin()
+    y.begin()
+    assert backends.pick("m") is x
+    x.healthy = False
+    assert backends.pick("m") is y
+
+
+def test_prompt_estimate_and_usage_shapes() -> None:
+    assert estimate_prompt_tokens({"messages": [{"role": "user", "content": "a" * 400}]}) > 100
+    assert estimate_prompt_tokens({"prompt": [1, 2, 3]}) == 3
+    assert usage_of({"usage": {"prompt_tokens": 3, "completion_tokens": 2}}) == (3, 2)
+    assert usage_of({"response": {"usage": {"input_tokens": 5, "output_tokens": 4}}}) == (5, 4)
+    assert usage_of({"usage": {"prompt_tokens": 7, "total_tokens": 7}}) == (7, 0)  # embeddings
+    assert usage_of({"usage": None}) is None
+
+
+def test_tags_a_request_needs() -> None:
+    body = {
+        "tools": [{"type": "function"}],
+        "response_format": {"type": "json_schema"},
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+    }
+    assert needed_tags(body) == {"tools", "json_schema", "vision"}
+    assert needed_tags({"messages": [{"role": "user", "content": "x"}]}) == set()
+
+
+def test_the_router_picks_the_cheapest_that_fits_and_explains_a_miss() -> None:
+    base = settings()
+    config = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        backends=[
+            {
+                "name": "x",
+                "base_url": "http://x.invalid/v1",
+                "models": ["small", "big"],
+                "pricing": {
+                    "small": {"output_usd_per_mtok": 1},
+                    "big": {"output_usd_per_mtok": 10},
+                },
+            }
+        ],
+        routing={
+            "models": {"small": {"context_length": 1000}, "big": {"tags": ["vision"]}},
+            "routes": {"auto": {"models": ["big", "small"], "max_ttft_s": 1}},
+        },
+    )
+    assert base.routing.routes == {}
+    backends = Backends(config, [])
+    route = config.routing.routes["auto"]
+    assert backends.router.choose("auto", route, 100, 100, set()) == ("small", "big")
+    assert backends.router.choose("auto", route, 900, 200, set()) == ("big",)
+    for _ in range(3):
+        backends.latency.observe("big", 2.0)
+    with pytest.raises(InvalidRequest) as raised:
+        backends.router.choose("auto", route, 900, 200, set())
+    assert "context length" in raised.value.message and "latency" in raised.value.message
+    assert raised.value.code == "no_model_fits"
+    with pytest.raises(InvalidRequest, match="capabilities"):
+        backends.router.choose("auto", route, 10, 10, {"tools"})
+
+
+def answer(content: str, finish: str = "stop", logprobs: list[float] | None = None) -> Any:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": content},
+        "finish_reason": finish,
+        "logprobs": None,
+    }
+    if logprobs is not None:
+        choice["logprobs"] = {"content": [{"token": "t", "logprob": v} for v in logprobs]}
+    return {"id": "a", "object": "chat.completion", "created": 1, "model": "m", "choices": [choice]}
+
+
+def test_cascade_signals() -> None:
+    every = CascadeSettings(
+        models=["a", "b"], escalate_on=["length", "schema", "logprob"], min_mean_logprob=-1
+    )
+    plain: dict[str, Any] = {}
+    schema = {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "s", "schema": {"type": "object", "required": ["x"]}},
+        }
+    }
+    assert escalation(every, plain, answer("fine")) is None
+    assert escalation(every, plain, answer("cut", finish="length")) == "length"
+    assert escalation(every, schema, answer('{"x": 1}')) is None
+    assert escalation(every, schema, answer('{"y": 1}')) == "schema"
+    assert escalation(every, {"response_format": {"type": "json_object"}}, answer("no")) == (
+        "schema"
+    )
+    assert escalation(every, plain, answer("unsure", logprobs=[-0.5, -3.0])) == "logprob"
+    assert escalation(every, plain, answer("sure", logprobs=[-0.1, -0.2])) is None
+
+
+def test_a_whole_answer_as_a_stream() -> None:
+    body = {**answer("hello"), "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    frames = [f.removeprefix("data: ") for f in as_stream(body, True).split("\n\n") if f]
+    assert frames[-1] == "[DONE]"
+    first, usage = json.loads(frames[0]), json.loads(frames[1])
+    assert first["object"] == "chat.completion.chunk"
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "hello"}
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 1
+    assert len(as_stream(body, False).split("\n\n")) == 3  # the chunk, [DONE], ""
