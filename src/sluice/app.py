@@ -18,8 +18,10 @@ import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace.export import SpanExporter
@@ -32,7 +34,7 @@ from sluice.api.middleware import (
     BodyLimitMiddleware,
     RequestMiddleware,
 )
-from sluice.api.routes import router
+from sluice.api.routes import openapi_routes, router
 from sluice.api.serving import Serving
 from sluice.api.sse import SERVER_SEND
 from sluice.backends.proxy import RetryBudget
@@ -300,6 +302,15 @@ def create_app(
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin_router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = get_openapi(
+                title=app.title, version=app.version, routes=openapi_routes(app.routes)
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     # Added innermost first: request id and record (metrics, log line) → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     if telemetry.enabled:

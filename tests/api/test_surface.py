@@ -4,6 +4,7 @@ API), /health and /version."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,3 +187,23 @@ def test_health_and_version(client: TestClient) -> None:
     version = client.get("/version").json()
     assert version["version"].startswith("0.32")
     assert "sluice_version" in version
+
+
+def test_the_openapi_document_gives_each_generating_body_vllms_schema(
+    client: TestClient,
+) -> None:
+    """The generating routes read their bodies themselves (an upstream model's body is
+    forwarded as it came), yet the document still describes them with vLLM's models, so
+    clients and schemathesis see the real fields."""
+    document = client.get("/openapi.json").json()
+    for path, model in (
+        ("/v1/chat/completions", "ChatCompletionRequest"),
+        ("/v1/completions", "CompletionRequest"),
+        ("/v1/responses", "ResponsesRequest"),
+        ("/v1/embeddings", "EmbeddingCompletionRequest"),
+    ):
+        operations = document["paths"][path]
+        assert list(operations) == ["post"]
+        body = operations["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert model in json.dumps(body), (path, body)
+    assert "messages" in document["components"]["schemas"]["ChatCompletionRequest"]["properties"]

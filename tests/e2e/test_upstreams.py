@@ -517,3 +517,28 @@ def test_a_cascade_escalates_when_its_signal_fires(cluster: dict[str, SluiceProc
     assert not_json.headers["x-sluice-cascade"] == "solo,pool"
     plain = _post(front, _chat("strict", max_tokens=5))
     assert plain.headers["x-sluice-cascade"] == "solo"
+
+
+def test_models_are_scoped_to_the_key(cluster: dict[str, SluiceProcess]) -> None:
+    front = cluster["front"]
+    secret = _key(front, "solo-only", models=["solo", "fast"])
+    client = openai.OpenAI(base_url=front.api, api_key=secret, max_retries=0)
+    assert {model.id for model in client.models.list()} == {"solo", "fast"}
+    refused = httpx.post(
+        f"{front.api}/chat/completions",
+        json=_chat("pool", max_tokens=2),
+        headers={"Authorization": f"Bearer {secret}"},
+        timeout=30,
+    )
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "model_not_allowed"
+
+
+def test_zz_nothing_stays_reserved_or_in_flight(cluster: dict[str, SluiceProcess]) -> None:
+    """After every path above (answers, refusals, disconnects, fallbacks, a killed
+    upstream, static answers, cascades): no reservation, slot or upstream count is left."""
+    front = cluster["front"]
+    assert _usage(front, "tester")["reserved"] == {"tokens": 0, "usd": 0.0}
+    state = _readyz(front)
+    assert state["in_flight"] == 0
+    assert all(backend["outstanding"] == 0 for backend in state["backends"].values())

@@ -340,3 +340,45 @@ def test_a_whole_answer_as_a_stream() -> None:
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": "hello"}
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 1
     assert len(as_stream(body, False).split("\n\n")) == 3  # the chunk, [DONE], ""
+
+
+async def test_a_stream_cut_after_its_first_event_is_an_error_not_a_retry() -> None:
+    chunk = {"choices": [{"index": 0, "delta": {"content": "a"}}]}
+
+    async def events() -> Any:
+        yield f"data: {json.dumps(chunk)}\n\n".encode()
+        yield f"data: {json.dumps(chunk)}\n\n".encode()
+        raise httpx.ReadError("connection reset")
+
+    sent: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(1)
+        return httpx.Response(200, content=events())
+
+    backends = backends_with({"x": handler, "y": handler})
+    upstream_call = call(backends, stream=True)
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer) and answer.attempt == 1
+    frames: list[str] = []
+
+    async def relay() -> None:
+        async for frame in upstream_call.frames(answer):
+            frames.append(frame)
+
+    with pytest.raises(UpstreamError):
+        await relay()
+    assert len(frames) == 2 and sent == [1]  # relayed, then the error: never sent again
+    assert isinstance(upstream_call.error, UpstreamError)
+    assert answer.upstream.breaker.failure_count == 1
+
+
+def test_an_upstream_at_its_concurrency_cap_is_skipped() -> None:
+    backends = backends_with({})
+    x, y = backends.by_model["m"]
+    x.settings.max_concurrent = 1
+    y.settings.max_concurrent = 1
+    x.begin()
+    assert backends.pick("m") is y
+    y.begin()
+    assert backends.pick("m") is None
