@@ -534,6 +534,22 @@ def test_models_are_scoped_to_the_key(cluster: dict[str, SluiceProcess]) -> None
     assert refused.json()["error"]["code"] == "model_not_allowed"
 
 
+def test_the_responses_api_through_an_upstream(cluster: dict[str, SluiceProcess]) -> None:
+    """`/v1/responses` events (named `event:` lines) pass through as they are, and the usage
+    of `response.completed` is what the key is charged."""
+    front = cluster["front"]
+    client = openai.OpenAI(base_url=front.api, api_key=SECRET, max_retries=0)
+    response = client.responses.create(model="solo", input="Count.", max_output_tokens=5)
+    assert response.usage is not None and response.usage.output_tokens == 5
+    events = list(
+        client.responses.create(model="solo", input="Count.", max_output_tokens=5, stream=True)
+    )
+    assert events[0].type == "response.created"
+    assert events[-1].type == "response.completed"
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) == 5
+
+
 def test_zz_nothing_stays_reserved_or_in_flight(cluster: dict[str, SluiceProcess]) -> None:
     """After every path above (answers, refusals, disconnects, fallbacks, a killed
     upstream, static answers, cascades): no reservation, slot or upstream count is left."""
