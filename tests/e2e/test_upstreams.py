@@ -550,6 +550,27 @@ def test_the_responses_api_through_an_upstream(cluster: dict[str, SluiceProcess]
     assert len(deltas) == 5
 
 
+def test_the_keys_max_tokens_bounds_an_upstream_answer(cluster: dict[str, SluiceProcess]) -> None:
+    """A body without max_tokens goes upstream with the cap (the key's here), so the
+    output stays within what was reserved, as on the engine."""
+    front = cluster["front"]
+    secret = _key(front, "capped", max_tokens=4)
+    auth_capped = {"Authorization": f"Bearer {secret}"}
+    answer = httpx.post(
+        f"{front.api}/chat/completions", json=_chat("solo"), headers=auth_capped, timeout=30
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 4
+    over = httpx.post(
+        f"{front.api}/chat/completions",
+        json=_chat("solo", max_completion_tokens=5),
+        headers=auth_capped,
+        timeout=30,
+    )
+    assert over.status_code == 400
+    assert over.json()["error"]["param"] == "max_completion_tokens"
+
+
 def test_zz_nothing_stays_reserved_or_in_flight(cluster: dict[str, SluiceProcess]) -> None:
     """After every path above (answers, refusals, disconnects, fallbacks, a killed
     upstream, static answers, cascades): no reservation, slot or upstream count is left."""

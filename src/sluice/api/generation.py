@@ -329,8 +329,9 @@ class Generation:
         body = dict(raw)
         params = MAX_TOKENS_PARAMS[operation]
         if named is None and params:
-            # bound the output the reservation holds, as the engine path does
-            body[params[-1]] = max_tokens
+            # bound the output the reservation holds, as the engine path does, by the
+            # endpoint's current name (OpenAI's o-series refuse chat's older `max_tokens`)
+            body[params[0]] = max_tokens
         record = record_of(self.request.scope)
         if record is not None:
             record.model = chain[0]
