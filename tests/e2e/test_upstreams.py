@@ -519,6 +519,49 @@ def test_a_cascade_escalates_when_its_signal_fires(cluster: dict[str, SluiceProc
     assert plain.headers["x-sluice-cascade"] == "solo"
 
 
+def test_a_stalled_upstream_times_out_to_the_fallback_and_is_marked_down(
+    cluster: dict[str, SluiceProcess],
+) -> None:
+    """C stopped (SIGSTOP: connections open, nothing answers): a stream gives up after C's
+    first-token limit (5 s) and the fallback answers it (a body not streamed waits for C's
+    `total_s`: nothing tells a stalled upstream from a long answer); the health check
+    (1 s limit) marks C down, so the next requests go straight to the fallback; SIGCONT
+    brings C back."""
+    front, c = cluster["front"], cluster["c"]
+    _wait_backends_up(front, {"c"})
+    c.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with httpx.stream(
+            "POST",
+            f"{front.api}/chat/completions",
+            json=_chat("primary", max_tokens=3, stream=True),
+            headers=auth(),
+            timeout=30,
+        ) as first:
+            assert first.status_code == 200
+            assert first.headers["x-sluice-model"] == "secondary"
+            assert _events(first)[-1][1] == "[DONE]"
+        waited = time.monotonic() - started
+        assert waited < 12, waited
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _readyz(front)["backends"]["c"]["healthy"]:
+            time.sleep(0.2)
+        assert not _readyz(front)["backends"]["c"]["healthy"]
+        started = time.monotonic()
+        quick = _post(front, _chat("primary", max_tokens=3))
+        assert quick.headers["x-sluice-model"] == "secondary"
+        assert time.monotonic() - started < 2
+    finally:
+        c.proc.send_signal(signal.SIGCONT)
+    _wait_backends_up(front, {"c"})
+    deadline = time.monotonic() + 10
+    served = ""
+    while time.monotonic() < deadline and served != "primary":
+        served = _post(front, _chat("primary", max_tokens=3)).headers["x-sluice-model"]
+    assert served == "primary"
+
+
 def test_models_are_scoped_to_the_key(cluster: dict[str, SluiceProcess]) -> None:
     front = cluster["front"]
     secret = _key(front, "solo-only", models=["solo", "fast"])

@@ -44,7 +44,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from sluice.backends.registry import Backends
 from sluice.backends.upstream import Upstream, UpstreamFailure, failure_of_status
-from sluice.config import ModelPrice, RoutingSettings, Settings
+from sluice.config import RoutingSettings, Settings
 from sluice.errors import (
     InvalidRequest,
     PayloadTooLarge,
@@ -259,7 +259,7 @@ class UpstreamCall:
             first,
             self.prompt_estimate,
             self.max_tokens * self.n,
-            price=self._price(first, None),
+            price=self.backends.price_of(first),
             engine=False,
         )
 
@@ -305,16 +305,6 @@ class UpstreamCall:
 
     def _stop_retrying(self, state: RetryCallState) -> bool:
         return state.attempt_number > self.routing.retries or not self.budget.try_retry()
-
-    def _price(self, model: str, upstream: Upstream | None) -> ModelPrice:
-        if upstream is None:
-            upstreams = self.backends.by_model.get(model)
-            upstream = upstreams[0] if upstreams else None
-        return (
-            upstream.price_of(model)
-            if upstream is not None
-            else (self.gateway.pricing.price_of(model))
-        )
 
     def _payload(self, upstream: Upstream, model: str) -> dict[str, Any]:
         payload = dict(self.body)

@@ -178,9 +178,13 @@ class Upstream:
             raise failure
 
     async def check_health(self) -> bool:
-        """`GET /models`: the upstream answers 200. Marks `healthy`; logs a change."""
+        """`GET /models`: the upstream answers 200 within `connect_s` (a listing is quick;
+        a stalled upstream must not pass for healthy for a whole `first_token_s`). Marks
+        `healthy`; logs a change."""
         try:
-            response = await self.client.get("/models")
+            response = await self.client.get(
+                "/models", timeout=httpx.Timeout(self.settings.timeouts.connect_s)
+            )
             healthy = response.status_code == 200
         except httpx.HTTPError:
             healthy = False
