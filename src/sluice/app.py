@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -158,9 +159,22 @@ async def _load(app: FastAPI, engine: Engine, metrics: Metrics, tracer: trace.Tr
         span.add_event("end_load_model")
         span.set_attribute("gen_ai.request.model", model)
     seconds = time.monotonic() - started
+    freeze_startup_heap()
     lifecycle.loaded(seconds)
     metrics.model_load.labels(model).set(seconds)
     logger.info("model %s loaded in %.1fs (cold start)", model, seconds)
+
+
+def freeze_startup_heap() -> None:
+    """Move every object alive after start-up (vLLM, torch and transformers leave some
+    700,000) out of the garbage collector's sight: a full collection then scans only what
+    requests allocate. Measured on the upstream proxy benchmark: full collections took
+    0.35-0.40 s each, 2-3 times per 8 s at 250 requests/s (10-16% of the CPU, every request
+    stalled meanwhile), and 0.1 s per 10 s once frozen. `gc.freeze` (Python 3.7+) moves the
+    objects to a permanent generation that no collection scans (Python's `gc` docs)."""
+    gc.collect()
+    gc.freeze()
+    logger.debug("froze %d start-up objects out of garbage collection", gc.get_freeze_count())
 
 
 async def _provision_default_model(

@@ -1,6 +1,7 @@
-"""Upstream backends without processes: the attempt loop (retries, budget, fallbacks,
-breakers, timeouts, refusals) over httpx's MockTransport, the registry's checks, the router
-and the cascade's signals. tests/e2e/test_upstreams.py runs the same against real servers.
+"""Upstream backends on the attempt loop's level: retries, budget, fallbacks, breakers,
+timeouts and refusals against real local HTTP servers (aiohttp's, scripted per test), then
+the registry's checks, the router and the cascade's signals. tests/e2e/test_upstreams.py
+runs the whole path against real sluice processes.
 """
 
 from __future__ import annotations
@@ -8,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import httpx
 import pytest
+from aiohttp import web
 from opentelemetry import trace
 
 from sluice.backends.proxy import (
@@ -31,7 +32,7 @@ from sluice.errors import InvalidRequest, RateLimitExceeded, ServiceUnavailable,
 from sluice.gateway.auth import Principal
 from sluice.lifecycle import Lifecycle
 
-Handler = Callable[[httpx.Request], Any]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OK_BODY = {
     "id": "x",
     "object": "chat.completion",
@@ -41,26 +42,69 @@ OK_BODY = {
 }
 
 
-def settings(**routing: Any) -> Settings:
+async def ok(request: web.Request) -> web.StreamResponse:
+    return web.json_response(OK_BODY)
+
+
+class Servers:
+    """Two local HTTP servers standing in for upstreams `x` and `y`; each answers with the
+    handler the test put in `handlers`."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Handler] = {}
+        self.urls: dict[str, str] = {}
+        self._runners: list[web.AppRunner] = []
+
+    async def start(self) -> None:
+        for name in ("x", "y"):
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", self._dispatch(name))
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = runner.addresses[0][1]
+            self.urls[name] = f"http://127.0.0.1:{port}/v1"
+            self._runners.append(runner)
+
+    def _dispatch(self, name: str) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self.handlers.get(name, ok)(request)
+
+        return handle
+
+    async def stop(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[Servers]:
+    running = Servers()
+    await running.start()
+    yield running
+    await running.stop()
+
+
+def settings(urls: dict[str, str] | None = None, **routing: Any) -> Settings:
+    urls = urls or {"x": "http://127.0.0.1:9/v1", "y": "http://127.0.0.1:9/v1"}
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
         backends=[
-            {"name": "x", "base_url": "http://x.invalid/v1", "models": {"m": "up", "n": "up"}},
-            {"name": "y", "base_url": "http://y.invalid/v1", "models": {"m": "up", "fb": "up"}},
+            {"name": "x", "base_url": urls["x"], "models": {"m": "up", "n": "up"}},
+            {"name": "y", "base_url": urls["y"], "models": {"m": "up", "fb": "up"}},
         ],
         routing={"fallbacks": {"m": ["fb"]}, "retry_backoff_s": 0, **routing},
     )
 
 
-def backends_with(handlers: dict[str, Handler], **routing: Any) -> Backends:
-    """Registry whose upstreams answer with `handlers[name]` (MockTransport)."""
-    backends = Backends(settings(**routing), ["local"])
-    for upstream in backends.upstreams:
-        handler = handlers.get(upstream.name, lambda request: httpx.Response(200, json=OK_BODY))
-        upstream.client = httpx.AsyncClient(
-            base_url=upstream.settings.base_url, transport=httpx.MockTransport(handler)
-        )
-    return backends
+def backends_with(
+    servers: Servers | None, handlers: dict[str, Handler], **routing: Any
+) -> Backends:
+    """A registry over `servers` (answering with `handlers`), or over nothing (no requests)."""
+    if servers is not None:
+        servers.handlers = handlers
+    return Backends(settings(servers.urls if servers else None, **routing), ["local"])
 
 
 def call(backends: Backends, chain: tuple[str, ...] = ("m", "fb"), **body: Any) -> UpstreamCall:
@@ -84,20 +128,21 @@ def call(backends: Backends, chain: tuple[str, ...] = ("m", "fb"), **body: Any) 
     )
 
 
-def failing(status: int, times: int, then: int = 200) -> Handler:
+def failing(status: int, times: int) -> Handler:
+    """Answer `status` the first `times` requests, then 200."""
     calls = {"n": 0}
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: web.Request) -> web.StreamResponse:
         calls["n"] += 1
         if calls["n"] <= times:
-            return httpx.Response(status, json={"error": {"message": f"boom {status}"}})
-        return httpx.Response(then, json=OK_BODY)
+            return web.json_response({"error": {"message": f"boom {status}"}}, status=status)
+        return web.json_response(OK_BODY)
 
     return handler
 
 
-async def test_a_failed_attempt_is_retried_and_the_answer_says_which() -> None:
-    backends = backends_with({"x": failing(503, 1), "y": failing(503, 1)})
+async def test_a_failed_attempt_is_retried_and_the_answer_says_which(servers: Servers) -> None:
+    backends = backends_with(servers, {"x": failing(503, 1), "y": failing(503, 1)})
     upstream_call = call(backends)
     answer = await upstream_call.open()
     assert isinstance(answer, Answer)
@@ -105,8 +150,8 @@ async def test_a_failed_attempt_is_retried_and_the_answer_says_which() -> None:
     assert upstream_call.response_headers["x-sluice-attempt"] == "2"
 
 
-async def test_when_a_models_retries_are_spent_its_fallback_answers() -> None:
-    backends = backends_with({"x": failing(500, 99)}, retries=1)
+async def test_when_a_models_retries_are_spent_its_fallback_answers(servers: Servers) -> None:
+    backends = backends_with(servers, {"x": failing(500, 99)}, retries=1)
     backends.upstreams[1].settings.models.pop("m")  # only x serves m now
     backends.by_model["m"] = [backends.upstreams[0]]
     answer = await call(backends).open()
@@ -126,12 +171,11 @@ async def test_the_retry_budget_caps_retries_across_requests() -> None:
     assert sum(generous.try_retry() for _ in range(20)) == 5 + RETRY_BUDGET_FLOOR
 
 
-async def test_with_the_budget_spent_a_failure_goes_straight_to_the_fallback() -> None:
-    backends = backends_with({"x": failing(500, 99), "y": failing(500, 99)})
-    backends.by_model["fb"][0].client = httpx.AsyncClient(
-        base_url="http://y.invalid/v1",
-        transport=httpx.MockTransport(lambda request: httpx.Response(200, json=OK_BODY)),
-    )
+async def test_with_the_budget_spent_a_failure_goes_straight_to_the_fallback(
+    servers: Servers,
+) -> None:
+    backends = backends_with(servers, {"x": failing(500, 99)})
+    backends.by_model["m"] = [backends.upstreams[0]]  # m on x only; y serves fb
     upstream_call = call(backends)
     upstream_call.budget = RetryBudget(0.0)
     for _ in range(RETRY_BUDGET_FLOOR):
@@ -141,16 +185,15 @@ async def test_with_the_budget_spent_a_failure_goes_straight_to_the_fallback() -
     assert (answer.model, answer.attempt) == ("fb", 2)  # m once, no retry, then fb
 
 
-async def test_a_refusal_is_the_clients_error_and_is_not_retried() -> None:
+async def test_a_refusal_is_the_clients_error_and_is_not_retried(servers: Servers) -> None:
     seen: list[str] = []
 
-    def refuse(request: httpx.Request) -> httpx.Response:
-        seen.append(request.url.host)
-        return httpx.Response(
-            422, json={"error": {"message": "bad temperature", "param": "temperature"}}
-        )
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        seen.append(request.path)
+        error = {"message": "bad temperature", "param": "temperature"}
+        return web.json_response({"error": error}, status=422)
 
-    backends = backends_with({"x": refuse, "y": refuse})
+    backends = backends_with(servers, {"x": refuse, "y": refuse})
     with pytest.raises(InvalidRequest) as raised:
         await call(backends).open()
     assert (raised.value.message, raised.value.param) == ("bad temperature", "temperature")
@@ -158,15 +201,20 @@ async def test_a_refusal_is_the_clients_error_and_is_not_retried() -> None:
     assert all(u.state == "closed" and u.breaker.failure_count == 0 for u in backends.upstreams)
 
 
-async def test_sluices_own_credentials_refused_is_a_bad_gateway() -> None:
-    deny = lambda request: httpx.Response(401, json={"error": {"message": "bad key"}})  # noqa: E731
+async def test_sluices_own_credentials_refused_is_a_bad_gateway(servers: Servers) -> None:
+    async def deny(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": {"message": "bad key"}}, status=401)
+
     with pytest.raises(UpstreamError) as raised:
-        await call(backends_with({"x": deny, "y": deny})).open()
+        await call(backends_with(servers, {"x": deny, "y": deny})).open()
     assert raised.value.status is None  # the table's 502
 
 
-async def test_failures_open_the_breaker_then_a_single_probe_closes_it() -> None:
+async def test_failures_open_the_breaker_then_a_single_probe_closes_it(
+    servers: Servers,
+) -> None:
     backends = backends_with(
+        servers,
         {"x": failing(500, 2), "y": failing(500, 99)},
         breaker_failures=2,
         breaker_recovery_s=1,
@@ -189,12 +237,14 @@ async def test_failures_open_the_breaker_then_a_single_probe_closes_it() -> None
     assert x.state == "closed"
 
 
-async def test_an_upstream_that_does_not_start_streaming_in_time_times_out() -> None:
-    async def slow(request: httpx.Request) -> httpx.Response:
+async def test_an_upstream_that_does_not_start_streaming_in_time_times_out(
+    servers: Servers,
+) -> None:
+    async def slow(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(5)
-        return httpx.Response(200, json=OK_BODY)
+        return web.json_response(OK_BODY)
 
-    backends = backends_with({"x": slow, "y": slow}, retries=0)
+    backends = backends_with(servers, {"x": slow, "y": slow}, retries=0)
     for upstream in backends.upstreams:
         upstream.settings.timeouts.first_token_s = 0.1
         upstream.settings.timeouts.connect_s = 0.1
@@ -205,17 +255,18 @@ async def test_an_upstream_that_does_not_start_streaming_in_time_times_out() -> 
     assert raised.value.status == 504
 
 
-async def test_an_upstream_429_after_every_try_is_the_clients_429() -> None:
-    limited = lambda request: httpx.Response(  # noqa: E731
-        429, json={"error": {"message": "slow down"}}, headers={"retry-after": "7"}
-    )
+async def test_an_upstream_429_after_every_try_is_the_clients_429(servers: Servers) -> None:
+    async def limited(request: web.Request) -> web.StreamResponse:
+        error = {"error": {"message": "slow down"}}
+        return web.json_response(error, status=429, headers={"retry-after": "7"})
+
     with pytest.raises(RateLimitExceeded) as raised:
-        await call(backends_with({"x": limited, "y": limited}, retries=0)).open()
+        await call(backends_with(servers, {"x": limited, "y": limited}, retries=0)).open()
     assert raised.value.retry_after_s == 7
 
 
-async def test_the_chain_hands_an_engine_model_back() -> None:
-    backends = backends_with({"x": failing(500, 99), "y": failing(500, 99)}, retries=0)
+async def test_the_chain_hands_an_engine_model_back(servers: Servers) -> None:
+    backends = backends_with(servers, {"x": failing(500, 99), "y": failing(500, 99)}, retries=0)
     with pytest.raises(LocalHandoff) as handoff:
         await call(backends, chain=("n", "local")).open()
     assert handoff.value.index == 1
@@ -231,7 +282,7 @@ def test_the_registry_refuses_names_nothing_serves_and_overlaps() -> None:
 
 
 def test_least_outstanding_picks_the_idler_available_upstream() -> None:
-    backends = backends_with({})
+    backends = backends_with(None, {})
     x, y = backends.by_model["m"]
     assert backends.pick("m") is x  # a tie goes to the first listed
     x.begin()
@@ -342,21 +393,24 @@ def test_a_whole_answer_as_a_stream() -> None:
     assert len(as_stream(body, False).split("\n\n")) == 3  # the chunk, [DONE], ""
 
 
-async def test_a_stream_cut_after_its_first_event_is_an_error_not_a_retry() -> None:
+async def test_a_stream_cut_after_its_first_event_is_an_error_not_a_retry(
+    servers: Servers,
+) -> None:
     chunk = {"choices": [{"index": 0, "delta": {"content": "a"}}]}
-
-    async def events() -> Any:
-        yield f"data: {json.dumps(chunk)}\n\n".encode()
-        yield f"data: {json.dumps(chunk)}\n\n".encode()
-        raise httpx.ReadError("connection reset")
-
     sent: list[int] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    async def cut(request: web.Request) -> web.StreamResponse:
         sent.append(1)
-        return httpx.Response(200, content=events())
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(2):
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await asyncio.sleep(0.1)
+        assert request.transport is not None
+        request.transport.abort()  # the upstream dies mid-stream
+        return response
 
-    backends = backends_with({"x": handler, "y": handler})
+    backends = backends_with(servers, {"x": cut, "y": cut})
     upstream_call = call(backends, stream=True)
     answer = await upstream_call.open()
     assert isinstance(answer, Answer) and answer.attempt == 1
@@ -374,7 +428,7 @@ async def test_a_stream_cut_after_its_first_event_is_an_error_not_a_retry() -> N
 
 
 def test_an_upstream_at_its_concurrency_cap_is_skipped() -> None:
-    backends = backends_with({})
+    backends = backends_with(None, {})
     x, y = backends.by_model["m"]
     x.settings.max_concurrent = 1
     y.settings.max_concurrent = 1

@@ -31,12 +31,12 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.responses import Response
@@ -158,7 +158,7 @@ class Answer:
     attempt: int
     status: int = 200
     body: bytes | None = None
-    stream: httpx.Response | None = None
+    stream: aiohttp.ClientResponse | None = None
     lines: AsyncIterator[str] | None = None
     first_event: str | None = None
 
@@ -361,49 +361,44 @@ class UpstreamCall:
         self, upstream: Upstream, model: str, attempt: int, headers: dict[str, str]
     ) -> Answer:
         timeouts = upstream.settings.timeouts
-        path = PATHS[self.operation]
+        url = upstream.url(PATHS[self.operation])
         payload = self._payload(upstream, model)
         name = upstream.name
         try:
             if not self.stream:
-                response = await asyncio.wait_for(
-                    upstream.client.post(
-                        path,
-                        json=payload,
-                        headers=headers,
-                        timeout=httpx.Timeout(
-                            timeouts.total_s, connect=timeouts.connect_s, pool=None
-                        ),
-                    ),
-                    timeouts.total_s,
+                limit = aiohttp.ClientTimeout(
+                    total=timeouts.total_s, sock_connect=timeouts.connect_s
                 )
-                self._check_status(name, response.status_code, response.content, response.headers)
-                return Answer(upstream, model, attempt, body=response.content)
-            request = upstream.client.build_request("POST", path, json=payload, headers=headers)
+                async with upstream.session.post(
+                    url, json=payload, headers=headers, timeout=limit
+                ) as response:
+                    content = await response.read()
+                self._check_status(name, response.status, content, response.headers)
+                return Answer(upstream, model, attempt, body=content)
             async with asyncio.timeout(timeouts.first_token_s + timeouts.connect_s):
-                stream = await upstream.client.send(request, stream=True)
+                stream = await upstream.session.post(url, json=payload, headers=headers)
                 try:
-                    if stream.status_code != 200:
-                        content = await _read_bounded(stream)
-                        self._check_status(name, stream.status_code, content, stream.headers)
-                    lines = stream.aiter_lines()
+                    if stream.status != 200:
+                        content = await stream.content.read(MAX_ERROR_BODY)
+                        self._check_status(name, stream.status, content, stream.headers)
+                    lines = _lines(stream.content)
                     first = await _next_event(lines)
                 except BaseException:
-                    await stream.aclose()
+                    stream.close()
                     raise
             if first is None:
-                await stream.aclose()
+                stream.close()
                 raise UpstreamFailure(name, "stream_cut", "the stream ended before any event")
             return Answer(upstream, model, attempt, stream=stream, lines=lines, first_event=first)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise UpstreamFailure(name, "connect", f"cannot connect: {exc!r}") from exc
-        except (httpx.TimeoutException, TimeoutError) as exc:
+        except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
             raise UpstreamFailure(name, "timeout", "no answer within its time limit") from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamFailure(name, "stream_cut", f"the connection failed: {exc!r}") from exc
 
     def _check_status(
-        self, backend: str, status: int, content: bytes, headers: httpx.Headers
+        self, backend: str, status: int, content: bytes, headers: Mapping[str, str]
     ) -> None:
         if status == 200:
             return
@@ -527,7 +522,7 @@ class UpstreamCall:
                 if frame is not None:
                     yield frame
                 event = await _next_event(lines)
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             failure = UpstreamFailure(answer.upstream.name, "stream_cut", repr(exc))
             answer.upstream.failed(failure)
             self._count(answer.upstream, answer.model, answer.attempt, "stream_cut")
@@ -536,7 +531,7 @@ class UpstreamCall:
             )
             raise self.error from exc
         finally:
-            await answer.stream.aclose()
+            _finish(answer.stream)
 
     def _relay(self, event: str) -> str | None:
         """One event's frame for the client (None: dropped); records tokens and usage."""
@@ -576,7 +571,7 @@ class UpstreamCall:
             if answer is not None:
                 answer.upstream.end(self._probe)
                 if answer.stream is not None:
-                    await answer.stream.aclose()
+                    _finish(answer.stream)
                 outcome = "ok" if error is None and self.error is None else "error"
                 self._count(answer.upstream, answer.model, answer.attempt, outcome)
             prompt, completion = self._used(answer is not None)
@@ -671,13 +666,26 @@ async def _next_event(lines: AsyncIterator[str]) -> str | None:
     return "\n".join(parts) if parts else None
 
 
-async def _read_bounded(response: httpx.Response) -> bytes:
-    content = bytearray()
-    async for chunk in response.aiter_bytes():
-        content += chunk
-        if len(content) > MAX_ERROR_BODY:
-            break
-    return bytes(content)
+async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """The lines of a response body as they arrive, without their `\n` or `\r\n` (SSE's
+    line ends), of any length (aiohttp's own `readline` refuses lines past its buffer, and
+    a Responses API `response.completed` event carries the whole answer on one line)."""
+    rest = b""
+    async for data in content.iter_any():
+        *complete, rest = (rest + data).split(b"\n")
+        for line in complete:
+            yield line.removesuffix(b"\r").decode()
+    if rest:
+        yield rest.removesuffix(b"\r").decode()
+
+
+def _finish(response: aiohttp.ClientResponse) -> None:
+    """Give the connection back when the body was read to its end; else close it (how the
+    upstream learns that nobody wants the rest: sluice and vLLM abort the request)."""
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
 
 
 def check_upstream_body(body: Any) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """`Upstream`: one OpenAI-compatible server sluice forwards requests to.
 
-It owns the HTTP client (httpx, one connection pool per upstream), the names it serves and
+It owns the HTTP client (an aiohttp session, one connection pool per upstream, made in the
+event loop on first use), the names it serves and
 their mapping to the upstream's own names, its prices, its concurrency cap, its health
 (active checks: `GET {base_url}/models` every `health_check_interval_s`) and its circuit
 breaker (the `circuitbreaker` library: `breaker_failures` consecutive failures open it; after
@@ -18,9 +19,10 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
-import httpx
+import aiohttp
 from circuitbreaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, CircuitBreaker
 
 from sluice.config import BackendSettings, ModelPrice, PricingSettings
@@ -58,7 +60,7 @@ class UpstreamFailure(Exception):
 
 
 def failure_of_status(
-    backend: str, status: int, body: dict[str, Any] | None, headers: httpx.Headers
+    backend: str, status: int, body: dict[str, Any] | None, headers: Mapping[str, str]
 ) -> UpstreamFailure | None:
     """The failure an upstream's error status is (429, 5xx), or None for a 4xx (the
     request's own fault, not retried)."""
@@ -97,7 +99,7 @@ class Upstream:
         self.name = settings.name
         self.models = dict(settings.models)
         self._pricing = pricing
-        headers: dict[str, str] = {}
+        self.headers: dict[str, str] = {}
         if settings.api_key_env is not None:
             key = os.environ.get(settings.api_key_env)
             if not key:
@@ -105,22 +107,8 @@ class Upstream:
                     f"backend {settings.name}: the environment variable "
                     f"{settings.api_key_env} (its API key) is not set"
                 )
-            headers["authorization"] = f"Bearer {key}"
-        timeouts = settings.timeouts
-        self.client = httpx.AsyncClient(
-            base_url=settings.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(
-                connect=timeouts.connect_s,
-                read=timeouts.first_token_s,
-                write=timeouts.connect_s,
-                pool=None,  # the concurrency cap below bounds what waits for a connection
-            ),
-            limits=httpx.Limits(
-                max_connections=settings.max_concurrent,
-                max_keepalive_connections=min(settings.max_concurrent or 256, 256),
-            ),
-        )
+            self.headers["authorization"] = f"Bearer {key}"
+        self._session: aiohttp.ClientSession | None = None
         self.breaker = CircuitBreaker(
             failure_threshold=breaker_failures,
             recovery_timeout=breaker_recovery_s,
@@ -130,6 +118,26 @@ class Upstream:
         self.outstanding = 0
         self.healthy = True
         self._probing = False  # a half-open probe is under way
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The upstream's connection pool (at most `max_concurrent` connections, or no cap);
+        made on first use, inside the event loop as aiohttp wants."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers=self.headers,
+                connector=aiohttp.TCPConnector(limit=self.settings.max_concurrent or 0),
+                timeout=aiohttp.ClientTimeout(
+                    sock_connect=self.settings.timeouts.connect_s,
+                    sock_read=self.settings.timeouts.first_token_s,
+                ),
+                auto_decompress=True,
+            )
+        return self._session
+
+    def url(self, path: str) -> str:
+        """`path` (`/chat/completions`) under the upstream's base URL."""
+        return self.settings.base_url + path
 
     def price_of(self, model: str) -> ModelPrice:
         """The price of `model` (a served name) on this upstream: its own, else the table's."""
@@ -182,11 +190,13 @@ class Upstream:
         a stalled upstream must not pass for healthy for a whole `first_token_s`). Marks
         `healthy`; logs a change."""
         try:
-            response = await self.client.get(
-                "/models", timeout=httpx.Timeout(self.settings.timeouts.connect_s)
-            )
-            healthy = response.status_code == 200
-        except httpx.HTTPError:
+            async with self.session.get(
+                self.url("/models"),
+                timeout=aiohttp.ClientTimeout(total=self.settings.timeouts.connect_s),
+            ) as response:
+                await response.read()
+                healthy = response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
             healthy = False
         if healthy != self.healthy:
             logger.warning("backend %s is %s", self.name, "up" if healthy else "down")
@@ -203,4 +213,5 @@ class Upstream:
             await asyncio.sleep(interval)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
