@@ -172,6 +172,8 @@ def freeze_startup_heap() -> None:
     0.35-0.40 s each, 2-3 times per 8 s at 250 requests/s (10-16% of the CPU, every request
     stalled meanwhile), and 0.1 s per 10 s once frozen. `gc.freeze` (Python 3.7+) moves the
     objects to a permanent generation that no collection scans (Python's `gc` docs)."""
+    if gc.get_freeze_count():  # once per process (tests build many apps in one)
+        return
     gc.collect()
     gc.freeze()
     logger.debug("froze %d start-up objects out of garbage collection", gc.get_freeze_count())
