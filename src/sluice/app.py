@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import time
@@ -41,7 +40,7 @@ from sluice.api.sse import SERVER_SEND
 from sluice.backends.proxy import RetryBudget
 from sluice.backends.registry import Backends
 from sluice.config import DEFAULT_MODEL_NAME, Settings
-from sluice.engine.base import in_daemon_thread
+from sluice.engine.base import freeze_startup_heap, in_daemon_thread
 from sluice.engine.models import (
     default_model_dir,
     ensure_default_model,
@@ -159,24 +158,10 @@ async def _load(app: FastAPI, engine: Engine, metrics: Metrics, tracer: trace.Tr
         span.add_event("end_load_model")
         span.set_attribute("gen_ai.request.model", model)
     seconds = time.monotonic() - started
-    freeze_startup_heap()
+    freeze_startup_heap()  # as `vllm serve` does once it has started
     lifecycle.loaded(seconds)
     metrics.model_load.labels(model).set(seconds)
     logger.info("model %s loaded in %.1fs (cold start)", model, seconds)
-
-
-def freeze_startup_heap() -> None:
-    """Move every object alive after start-up (vLLM, torch and transformers leave some
-    700,000) out of the garbage collector's sight: a full collection then scans only what
-    requests allocate. Measured on the upstream proxy benchmark: full collections took
-    0.35-0.40 s each, 2-3 times per 8 s at 250 requests/s (10-16% of the CPU, every request
-    stalled meanwhile), and 0.1 s per 10 s once frozen. `gc.freeze` (Python 3.7+) moves the
-    objects to a permanent generation that no collection scans (Python's `gc` docs)."""
-    if gc.get_freeze_count():  # once per process (tests build many apps in one)
-        return
-    gc.collect()
-    gc.freeze()
-    logger.debug("froze %d start-up objects out of garbage collection", gc.get_freeze_count())
 
 
 async def _provision_default_model(
