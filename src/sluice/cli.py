@@ -190,6 +190,7 @@ def _say(message: str) -> None:
 
 def serve(settings: Settings, vllm_args: list[str]) -> int:
     from sluice.app import build_engine, create_app
+    from sluice.backends.registry import BackendsError
     from sluice.engine.args import EngineArgumentError, model_in
     from sluice.server import run
     from sluice.telemetry.logging import configure_logging
@@ -217,7 +218,10 @@ def serve(settings: Settings, vllm_args: list[str]) -> int:
             "load-testing the gateway only",
             settings.engine.synthetic_tokens_per_s,
         )
-    app = create_app(settings, engine)
+    try:
+        app = create_app(settings, engine)
+    except BackendsError as exc:
+        return _fail(f"invalid backends or routing: {exc}", 2)
     return run(
         app,
         settings.host,

@@ -25,7 +25,7 @@ from sluice.backends.proxy import (
     estimate_prompt_tokens,
     usage_of,
 )
-from sluice.backends.registry import Backends
+from sluice.backends.registry import Backends, BackendsError
 from sluice.backends.router import as_stream, escalation, needed_tags
 from sluice.config import CascadeSettings, Settings
 from sluice.errors import InvalidRequest, RateLimitExceeded, ServiceUnavailable, UpstreamError
@@ -436,3 +436,24 @@ def test_an_upstream_at_its_concurrency_cap_is_skipped() -> None:
     assert backends.pick("m") is y
     y.begin()
     assert backends.pick("m") is None
+
+
+def test_a_missing_api_key_variable_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("SLUICE_TEST_UPSTREAM_KEY", raising=False)
+    config = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        backends=[
+            {
+                "name": "paid",
+                "base_url": "https://api.example.com/v1",
+                "api_key_env": "SLUICE_TEST_UPSTREAM_KEY",
+                "models": ["m"],
+            }
+        ],
+    )
+    with pytest.raises(BackendsError, match="SLUICE_TEST_UPSTREAM_KEY"):
+        Backends(config, [])
+    monkeypatch.setenv("SLUICE_TEST_UPSTREAM_KEY", "sk-upstream")
+    assert Backends(config, []).upstreams[0].headers == {"authorization": "Bearer sk-upstream"}

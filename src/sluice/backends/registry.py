@@ -29,6 +29,10 @@ from sluice.telemetry.record import RequestRecord
 LOCAL = "engine"  # the `backend` label of the in-process engine
 
 
+class BackendsError(ValueError):
+    """A `backends:` or `routing:` configuration sluice cannot serve (the CLI exits 2)."""
+
+
 @dataclass(frozen=True)
 class Resolved:
     """A client's model name resolved: the served name to try first and its chain."""
@@ -44,15 +48,18 @@ class Backends:
         routing = settings.routing
         self.routing = routing
         self.local_names = set(local_names)
-        self.upstreams = [
-            Upstream(
-                backend,
-                settings.pricing,
-                breaker_failures=routing.breaker_failures,
-                breaker_recovery_s=routing.breaker_recovery_s,
-            )
-            for backend in settings.backends
-        ]
+        try:
+            self.upstreams = [
+                Upstream(
+                    backend,
+                    settings.pricing,
+                    breaker_failures=routing.breaker_failures,
+                    breaker_recovery_s=routing.breaker_recovery_s,
+                )
+                for backend in settings.backends
+            ]
+        except ValueError as exc:
+            raise BackendsError(str(exc)) from None
         self.by_model: dict[str, list[Upstream]] = {}
         for upstream in self.upstreams:
             for name in upstream.models:
@@ -69,10 +76,10 @@ class Backends:
         """Refuse a configuration that names what nothing serves."""
         names = [upstream.name for upstream in self.upstreams]
         if len(set(names)) != len(names) or LOCAL in names:
-            raise ValueError(f"backend names must be unique and not '{LOCAL}': {names}")
+            raise BackendsError(f"backend names must be unique and not '{LOCAL}': {names}")
         shared = self.local_names & set(self.by_model)
         if shared:
-            raise ValueError(
+            raise BackendsError(
                 f"{sorted(shared)}: served by the engine and by an upstream; give one a "
                 "different served name"
             )
@@ -80,7 +87,7 @@ class Backends:
         routing = self.routing
         clients = set(routing.aliases) | set(routing.routes) | set(routing.cascades)
         if clients & served:
-            raise ValueError(f"{sorted(clients & served)}: an alias with a served model's name")
+            raise BackendsError(f"{sorted(clients & served)}: an alias with a served model's name")
         wanted: list[str] = list(routing.aliases.values())
         for name, chain in routing.fallbacks.items():
             wanted += [name, *chain]
@@ -91,7 +98,7 @@ class Backends:
         wanted += list(routing.static_fallback)
         unknown = sorted({name for name in wanted if name not in served})
         if unknown:
-            raise ValueError(f"routing names models nothing serves: {unknown}")
+            raise BackendsError(f"routing names models nothing serves: {unknown}")
 
     def serves(self, name: str) -> bool:
         """`name` is a served name, an alias, a routing alias or a cascade."""
