@@ -53,6 +53,7 @@ class Servers:
     def __init__(self) -> None:
         self.handlers: dict[str, Handler] = {}
         self.urls: dict[str, str] = {}
+        self.registries: list[Backends] = []  # closed at the end (their sessions)
         self._runners: list[web.AppRunner] = []
 
     async def start(self) -> None:
@@ -74,6 +75,8 @@ class Servers:
         return handle
 
     async def stop(self) -> None:
+        for registry in self.registries:
+            await registry.close()
         for runner in self._runners:
             await runner.cleanup()
 
@@ -102,9 +105,11 @@ def backends_with(
     servers: Servers | None, handlers: dict[str, Handler], **routing: Any
 ) -> Backends:
     """A registry over `servers` (answering with `handlers`), or over nothing (no requests)."""
+    backends = Backends(settings(servers.urls if servers else None, **routing), ["local"])
     if servers is not None:
         servers.handlers = handlers
-    return Backends(settings(servers.urls if servers else None, **routing), ["local"])
+        servers.registries.append(backends)
+    return backends
 
 
 def call(backends: Backends, chain: tuple[str, ...] = ("m", "fb"), **body: Any) -> UpstreamCall:
