@@ -148,6 +148,13 @@ class RequestTimedOut(SluiceError):
     """The request ran past the configured per-request time limit."""
 
 
+def request_timed_out(timeout_s: float) -> RequestTimedOut:
+    """The error of a request that ran past the server's time limit (`timeout_s`)."""
+    return RequestTimedOut(
+        f"The request ran past this server's time limit of {timeout_s:g} seconds and was stopped."
+    )
+
+
 class UpstreamError(SluiceError):
     """An upstream backend failed or refused (backends/proxy.py): a 502 unless `status`
     carries the upstream's own (a 400 for the request's fault, 504 for its timeout)."""

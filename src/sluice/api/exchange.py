@@ -33,7 +33,13 @@ from opentelemetry import trace
 
 from sluice.config import LimitSettings
 from sluice.engine.protocol import Submission
-from sluice.errors import ContextLengthExceeded, EngineDead, RequestTimedOut, SluiceError
+from sluice.errors import (
+    ContextLengthExceeded,
+    EngineDead,
+    RequestTimedOut,
+    SluiceError,
+    request_timed_out,
+)
 from sluice.gateway.auth import Principal
 from sluice.gateway.service import Gateway, Ticket
 from sluice.lifecycle import Lifecycle
@@ -127,10 +133,7 @@ class Exchange:
 
     def timed_out(self) -> RequestTimedOut:
         """The error for a request that ran past the time limit."""
-        return RequestTimedOut(
-            f"The request ran past this server's time limit of {self.timeout_s:g} seconds and "
-            "was stopped."
-        )
+        return request_timed_out(self.timeout_s)
 
     @property
     def headers(self) -> dict[str, str]:

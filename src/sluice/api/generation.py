@@ -53,6 +53,7 @@ from sluice.api.sse import (
     CLIENT_CLOSED_REQUEST,
     ClientDisconnected,
     SSEResponse,
+    StreamOwner,
     until_disconnected,
 )
 from sluice.backends.proxy import LocalHandoff, UpstreamCall, estimate_prompt_tokens
@@ -74,7 +75,7 @@ from sluice.gateway.auth import Principal
 from sluice.gateway.guards import check_allowed, check_max_tokens, check_n
 from sluice.gateway.service import Gateway
 from sluice.lifecycle import Lifecycle
-from sluice.telemetry.record import record_of
+from sluice.telemetry.record import RequestRecord, record_of
 
 logger = logging.getLogger(__name__)
 
@@ -361,15 +362,8 @@ class Generation:
         except BaseException as exc:
             await call.close(exc)
             raise
-        if outcome == "timeout":
-            error = call.timed_out()
-            await call.close(error)
-            raise error
-        if outcome == "disconnected":
-            if record is not None:
-                record.fail(CLIENT_CLOSED_REQUEST, "client_closed_request")
-            await call.close(ClientDisconnected())
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if outcome != "done":
+            return await _cut_short(outcome, call, record)
         if isinstance(result, Response):  # the static fallback
             await call.close()
             return result
@@ -435,15 +429,8 @@ class Generation:
         except Exception as exc:
             await exchange.close(exc)
             raise exchange.error or from_exception(exc) from exc
-        if outcome == "timeout":
-            error = exchange.timed_out()
-            await exchange.close(error)
-            raise error
-        if outcome == "disconnected":
-            if record is not None:
-                record.fail(CLIENT_CLOSED_REQUEST, "client_closed_request")
-            await exchange.close(ClientDisconnected())
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if outcome != "done":
+            return await _cut_short(outcome, exchange, record)
         if isinstance(result, ErrorResponse) or exchange.error is not None:
             await exchange.close()
             raise exchange.error or from_vllm(
@@ -506,6 +493,19 @@ async def _run(
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await work
     return outcome, work.result() if outcome == "done" else None
+
+
+async def _cut_short(outcome: str, owner: StreamOwner, record: RequestRecord | None) -> Response:
+    """End a request `_run` cut short: past the time limit (raises the 504) or the client
+    gone (a 499 nobody reads, for the record)."""
+    if outcome == "timeout":
+        error = owner.timed_out()
+        await owner.close(error)
+        raise error
+    if record is not None:
+        record.fail(CLIENT_CLOSED_REQUEST, "client_closed_request")
+    await owner.close(ClientDisconnected())
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
 def _rate_headers(response: Response) -> dict[str, str]:

@@ -53,6 +53,7 @@ from sluice.errors import (
     ServiceUnavailable,
     SluiceError,
     UpstreamError,
+    request_timed_out,
 )
 from sluice.gateway.auth import Principal
 from sluice.gateway.service import Gateway, Ticket
@@ -242,10 +243,7 @@ class UpstreamCall:
         return dict(self.ticket.headers) if self.ticket is not None else {}
 
     def timed_out(self) -> RequestTimedOut:
-        return RequestTimedOut(
-            f"The request ran past this server's time limit of {self.timeout_s:g} seconds and "
-            "was stopped."
-        )
+        return request_timed_out(self.timeout_s)
 
     # -- opening ------------------------------------------------------------------------------
     async def reserve(self) -> None:
