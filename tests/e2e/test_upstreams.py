@@ -614,6 +614,33 @@ def test_the_keys_max_tokens_bounds_an_upstream_answer(cluster: dict[str, Sluice
     assert over.json()["error"]["param"] == "max_completion_tokens"
 
 
+def test_what_sluice_read_is_what_the_upstream_gets_and_what_is_reserved(
+    cluster: dict[str, SluiceProcess],
+) -> None:
+    """`"stream": "false"` is not a stream anywhere (a JSON answer, its usage charged);
+    ten prompts reserve ten completions, as on the engine (over the key's TPM: 429)."""
+    front = cluster["front"]
+    secret = _key(front, "lister", tpm=1000)
+    headers = {"Authorization": f"Bearer {secret}"}
+    plain = httpx.post(
+        f"{front.api}/chat/completions",
+        json=_chat("solo", max_tokens=3, stream="false"),
+        headers=headers,
+        timeout=30,
+    )
+    assert plain.status_code == 200
+    assert plain.headers["content-type"].startswith("application/json")
+    assert plain.json()["usage"]["completion_tokens"] == 3
+    many = httpx.post(
+        f"{front.api}/completions",
+        json={"model": "solo", "prompt": ["one"] * 10, "max_tokens": 400},
+        headers=headers,
+        timeout=30,
+    )
+    assert many.status_code == 429, many.text
+    assert many.json()["error"]["code"] == "rate_limit_exceeded"
+
+
 def test_zz_nothing_stays_reserved_or_in_flight(cluster: dict[str, SluiceProcess]) -> None:
     """After every path above (answers, refusals, disconnects, fallbacks, a killed
     upstream, static answers, cascades): no reservation, slot or upstream count is left."""

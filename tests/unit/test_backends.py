@@ -7,6 +7,7 @@ runs the whole path against real sluice processes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,8 @@ import pytest
 from aiohttp import web
 from opentelemetry import trace
 
+from sluice.api.generation import Generation, UpstreamShape
+from sluice.backends import proxy
 from sluice.backends.proxy import (
     RETRY_BUDGET_FLOOR,
     Answer,
@@ -30,6 +33,7 @@ from sluice.backends.router import as_stream, escalation, needed_tags
 from sluice.config import CascadeSettings, Settings
 from sluice.errors import InvalidRequest, RateLimitExceeded, ServiceUnavailable, UpstreamError
 from sluice.gateway.auth import Principal
+from sluice.gateway.keys import KeyPolicy
 from sluice.lifecycle import Lifecycle
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -462,3 +466,144 @@ def test_a_missing_api_key_variable_is_a_configuration_error(
         Backends(config, [])
     monkeypatch.setenv("SLUICE_TEST_UPSTREAM_KEY", "sk-upstream")
     assert Backends(config, []).upstreams[0].headers == {"authorization": "Bearer sk-upstream"}
+
+
+def test_the_body_goes_upstream_as_sluice_read_it() -> None:
+    """`"stream": "false"` is a false stream for sluice's checks, so the upstream must get
+    `false` too (and `"n": "3"` the 3 the reservation counted)."""
+    raw = {"model": "m", "stream": "false", "n": "3", "prompt": ["a", "b"], "max_tokens": "7"}
+    shape = UpstreamShape.model_validate(raw)
+    body = shape.normalised(raw)
+    assert (body["stream"], body["n"], body["max_tokens"]) == (False, 3, 7)
+    assert shape.prompts("text_completion") == 2 and shape.prompts("chat") == 1
+    assert "stream" not in shape.normalised({"model": "m"})
+
+
+async def test_a_busy_capped_upstream_still_passes_its_health_check(servers: Servers) -> None:
+    async def slow(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/models"):
+            return web.json_response({"object": "list", "data": []})
+        await asyncio.sleep(3)
+        return web.json_response(OK_BODY)
+
+    backends = backends_with(servers, {"x": slow})
+    x = backends.upstreams[0]
+    x.settings.max_concurrent = 1
+    x.settings.timeouts.connect_s = 0.5
+    busy = asyncio.ensure_future(call(backends, chain=("n",)).open())
+    await asyncio.sleep(0.3)
+    assert x.outstanding == 1 and not x.available()  # the cap holds ...
+    assert await x.check_health()  # ... and the health check is not queued behind it
+    busy.cancel()
+
+
+async def test_the_error_is_the_last_real_failure_even_when_the_breaker_opened(
+    servers: Servers,
+) -> None:
+    async def limited(request: web.Request) -> web.StreamResponse:
+        error = {"error": {"message": "slow down"}}
+        return web.json_response(error, status=429, headers={"retry-after": "3"})
+
+    backends = backends_with(servers, {"x": limited}, breaker_failures=1, retries=1)
+    with pytest.raises(RateLimitExceeded) as raised:  # the retry finds x's breaker open
+        await call(backends, chain=("n",)).open()
+    assert raised.value.retry_after_s == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_200_that_is_not_an_answer_is_a_failure_and_falls_back(
+    servers: Servers, stream: bool
+) -> None:
+    async def portal(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="<html>Bad Gateway</html>", content_type="text/html")
+
+    backends = backends_with(servers, {"x": portal}, retries=0)
+    backends.by_model["m"] = [backends.upstreams[0]]  # m on x only; y serves fb
+    if stream:
+        servers.handlers["y"] = sse_handler(['{"choices":[]}', "[DONE]"])
+    answer = await call(backends, stream=stream).open()
+    assert isinstance(answer, Answer) and answer.model == "fb"
+    assert backends.upstreams[0].breaker.failure_count == 1
+
+
+def sse_handler(datas: list[str], raw: bytes = b"") -> Handler:
+    """A stream of `data:` events (then `raw` bytes as they are)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for data in datas:
+            await response.write(f"data: {data}\n\n".encode())
+        if raw:
+            await response.write(raw)
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+FIRST = '{"choices":[{"index":0,"delta":{"content":"a"}}]}'
+
+
+@pytest.mark.parametrize(
+    ("datas", "raw"),
+    [
+        ([FIRST, '{"usage": oops}', "[DONE]"], b""),  # invalid JSON
+        ([FIRST, '["usage"]', "[DONE]"], b""),  # JSON, not an object
+        ([FIRST], b"data: \xff\xfe\n\ndata: [DONE]\n\n"),  # not UTF-8
+        ([FIRST, FIRST], b""),  # no [DONE]
+    ],
+    ids=["invalid-json", "not-an-object", "not-utf8", "no-done"],
+)
+async def test_a_stream_that_breaks_after_its_first_event_ends_in_an_upstream_error(
+    servers: Servers, datas: list[str], raw: bytes
+) -> None:
+    backends = backends_with(servers, {"x": sse_handler(datas, raw)})
+    backends.by_model["m"] = [backends.upstreams[0]]
+    upstream_call = call(backends, stream=True)
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer)
+
+    async def relay() -> list[str]:
+        return [frame async for frame in upstream_call.frames(answer)]
+
+    with pytest.raises(UpstreamError) as raised:
+        await relay()
+    assert raised.value.code == "upstream_error"
+    assert upstream_call.error is raised.value
+    assert answer.upstream.breaker.failure_count == 1
+
+
+async def test_a_line_longer_than_the_limit_breaks_the_stream(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(proxy, "MAX_LINE_BYTES", 1024)
+    backends = backends_with(servers, {"x": sse_handler([FIRST, "x" * 5000, "[DONE]"])})
+    backends.by_model["m"] = [backends.upstreams[0]]
+    upstream_call = call(backends, stream=True)
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer)
+    with pytest.raises(UpstreamError):
+        async for _ in upstream_call.frames(answer):
+            pass
+
+
+def test_tags_of_a_malformed_body_are_none() -> None:
+    assert needed_tags({"messages": 5}) == set()
+    assert needed_tags({"messages": [5, {"content": 7}]}) == set()
+
+
+def test_fallbacks_a_key_may_not_use_are_skipped() -> None:
+    policy = KeyPolicy(name="k", models=["m", "also"])
+    generation = Generation(
+        None,  # type: ignore[arg-type]
+        Principal("k", policy),
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        trace.NoOpTracer(),
+        None,  # type: ignore[arg-type]
+    )
+    assert generation._allowed_fallbacks(("m", "fb", "also")) == ("m", "also")
+    open_key = dataclasses.replace(generation, principal=Principal("anonymous"))
+    assert open_key._allowed_fallbacks(("m", "fb")) == ("m", "fb")

@@ -122,6 +122,21 @@ class UpstreamShape(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     max_output_tokens: int | None = Field(None, ge=1)
 
+    def prompts(self, operation: str) -> int:
+        """Prompts a completions body carries (each gets `n` completions); one otherwise."""
+        if operation != "text_completion":
+            return 1
+        return prompt_count((self.model_extra or {}).get("prompt"))
+
+    def normalised(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """`raw` with the fields sluice read as it read them (`"stream": "false"` is a
+        false `stream` for sluice, so it must be for the upstream too)."""
+        body = dict(raw)
+        for name in ("stream", "n", "max_tokens", "max_completion_tokens", "max_output_tokens"):
+            if name in raw:
+                body[name] = getattr(self, name)
+        return body
+
 
 async def read_json(request: Request) -> Any:
     """The request's JSON body, read as FastAPI reads a body parameter: an empty body is
@@ -207,8 +222,17 @@ class Generation:
         if name in routing.routes:
             chain = self._route(name, raw, operation)
         else:
-            chain = backends.resolve(name).chain
+            chain = self._allowed_fallbacks(backends.resolve(name).chain)
         return await self._serve_chain(raw, operation, chain, name, local)
+
+    def _allowed_fallbacks(self, chain: tuple[str, ...]) -> tuple[str, ...]:
+        """`chain` without the fallbacks the key may not use: the name it sent (or its
+        alias's target) stands, a fallback the operator configured does not open a model
+        the key is kept from."""
+        policy = self.principal.policy
+        if policy is None:
+            return chain
+        return (chain[0], *(model for model in chain[1:] if policy.allows_model(model)))
 
     async def _serve_chain(
         self,
@@ -244,7 +268,7 @@ class Generation:
         named = next((p for p in MAX_TOKENS_PARAMS[operation] if getattr(shape, p)), None)
         requested = getattr(shape, named) if named is not None else None
         check_max_tokens(requested, named or "max_tokens", self.principal, limits)
-        check_n(shape.n, 1, limits)
+        check_n(shape.n, shape.prompts(operation), limits)
         if requested is not None:
             return shape, named, requested
         policy = self.principal.policy
@@ -289,9 +313,8 @@ class Generation:
             if "logprob" in cascade.escalate_on and not wants_logprobs:
                 trial["logprobs"] = True if operation == "chat" else 1
             try:
-                response = await self._serve_chain(
-                    trial, operation, self.backends.resolve(model).chain, name, local
-                )
+                chain = self._allowed_fallbacks(self.backends.resolve(model).chain)
+                response = await self._serve_chain(trial, operation, chain, name, local)
             except SluiceError as exc:
                 if spec_for(exc).status < 500:
                     raise  # the request's own fault: the next model would refuse it too
@@ -318,16 +341,15 @@ class Generation:
             logger.info("cascade %s: %s escalated (%s)", name, model, signal)
         last = cascade.models[-1]
         headers["x-sluice-cascade"] = ",".join([*tried, last])
-        return await self._serve_chain(
-            raw, operation, self.backends.resolve(last).chain, name, local
-        )
+        chain = self._allowed_fallbacks(self.backends.resolve(last).chain)
+        return await self._serve_chain(raw, operation, chain, name, local)
 
     async def _upstream(
         self, raw: dict[str, Any], operation: str, chain: tuple[str, ...], requested: str
     ) -> Response:
         """The request through upstream backends (backends/proxy.py)."""
-        _, named, max_tokens = self._caps(raw, operation)
-        body = dict(raw)
+        shape, named, max_tokens = self._caps(raw, operation)
+        body = shape.normalised(raw)
         params = MAX_TOKENS_PARAMS[operation]
         if named is None and params:
             # bound the output the reservation holds, as the engine path does, by the
@@ -355,6 +377,7 @@ class Generation:
             or (record.request_id if record is not None else ""),
             max_tokens=0 if operation == "embeddings" else max_tokens,
             response_headers=response_headers(self.request.scope),
+            outputs=(shape.n or 1) * shape.prompts(operation),
         )
         try:
             await call.reserve()

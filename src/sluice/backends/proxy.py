@@ -25,6 +25,7 @@ upstream's own counts; the usage chunk is dropped again when the client did not 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -70,6 +71,7 @@ TOKENS_PER_MESSAGE = 4
 RETRY_BUDGET_WINDOW_S = 10.0
 RETRY_BUDGET_FLOOR = 3  # retries always allowed per window, so a quiet server still retries
 MAX_ERROR_BODY = 65_536
+MAX_LINE_BYTES = 64 * 1024 * 1024  # one SSE line (a whole answer in `response.completed`)
 PATHS = {
     "chat": "/chat/completions",
     "text_completion": "/completions",
@@ -172,6 +174,15 @@ class LocalHandoff(Exception):
         self.index = index
 
 
+class _Broken(Exception):
+    """A stream that broke in a way the relay saw (not the connection)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
 class _Unavailable(Exception):
     """No upstream of a model can take a request now (all down, open or at their cap)."""
 
@@ -198,6 +209,7 @@ class UpstreamCall:
         request_id: str,
         max_tokens: int,
         response_headers: dict[str, str],
+        outputs: int = 1,
     ) -> None:
         self.body = body
         self.operation = operation
@@ -214,11 +226,11 @@ class UpstreamCall:
         self.tracer = tracer
         self.request_id = request_id
         self.max_tokens = max_tokens
-        self.stream = bool(body.get("stream"))
+        # `body` comes checked (api/generation.py: `stream` a bool, `n` an int)
+        self.stream = body.get("stream") is True
         options = body.get("stream_options")
         self.client_wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        n = body.get("n")
-        self.n: int = n if isinstance(n, int) else 1
+        self.outputs = outputs  # completions the answer may hold: n times the prompts
         self.error: SluiceError | None = None
         self.acceptance = asyncio.Event()
         self.timeout_s = settings.limits.request_timeout_s
@@ -234,6 +246,8 @@ class UpstreamCall:
         self._closed = False
         self._span: trace.Span | None = None
         self._probe = False  # the answering attempt was a half-open breaker's probe
+        self.last_failure: UpstreamFailure | None = None  # of any attempt, the latest
+        self._done = False  # the stream's `[DONE]` arrived
 
     # -- the exchange interface SSEResponse uses -----------------------------------------------
     @property
@@ -256,7 +270,7 @@ class UpstreamCall:
             self.principal,
             first,
             self.prompt_estimate,
-            self.max_tokens * self.n,
+            self.max_tokens * self.outputs,
             price=self.backends.price_of(first),
             engine=False,
         )
@@ -264,7 +278,6 @@ class UpstreamCall:
     async def open(self) -> Answer | Response:
         """Run the attempts (module docstring): the first answer, the static fallback, or
         raise the error to answer with. `LocalHandoff` when the chain reaches the engine."""
-        last: UpstreamFailure | None = None
         attempt = 0
         for index, model in enumerate(self.chain):
             if self.backends.is_local(model):
@@ -279,7 +292,10 @@ class UpstreamCall:
                 ),
                 reraise=True,
             )
-            try:
+            # A failure (UpstreamFailure) or no backend left to try (_Unavailable, e.g. the
+            # retry found the breaker open): the next model; the latest failure is the
+            # error to answer with.
+            with contextlib.suppress(UpstreamFailure, _Unavailable):
                 async for trial in retrying:
                     with trial:
                         upstream = self.backends.pick(model)
@@ -289,13 +305,7 @@ class UpstreamCall:
                         answer = await self._attempt(upstream, model, attempt)
                         self._answered(answer)
                         return answer
-            except UpstreamFailure as failure:
-                last = failure
-            except _Unavailable:
-                if last is None:
-                    last = UpstreamFailure(
-                        "-", "unavailable", f"no backend of '{model}' can take a request now"
-                    )
+        last = self.last_failure
         static = self.routing.static_fallback.get(self.chain[0])
         if static is not None and self.operation in ("chat", "text_completion"):
             return self._static(static, last)
@@ -336,6 +346,7 @@ class UpstreamCall:
         try:
             answer = await self._send(upstream, model, attempt, headers)
         except UpstreamFailure as failure:
+            self.last_failure = failure
             upstream.failed(failure)
             upstream.end(probe)
             self._count(upstream, model, attempt, failure.reason)
@@ -372,6 +383,13 @@ class UpstreamCall:
                 ) as response:
                     content = await response.read()
                 self._check_status(name, response.status, content, response.headers)
+                try:
+                    parsed = json.loads(content)
+                except ValueError:
+                    parsed = None
+                if not isinstance(parsed, dict):
+                    raise UpstreamFailure(name, "bad_answer", "its 200 is not a JSON object")
+                self.usage = usage_of(parsed)
                 return Answer(upstream, model, attempt, body=content)
             async with asyncio.timeout(timeouts.first_token_s + timeouts.connect_s):
                 stream = await upstream.session.post(url, json=payload, headers=headers)
@@ -379,6 +397,10 @@ class UpstreamCall:
                     if stream.status != 200:
                         content = await stream.content.read(MAX_ERROR_BODY)
                         self._check_status(name, stream.status, content, stream.headers)
+                    if not stream.content_type.startswith("text/event-stream"):
+                        raise UpstreamFailure(
+                            name, "bad_answer", f"its stream is {stream.content_type}, not SSE"
+                        )
                     lines = _lines(stream.content)
                     first = await _next_event(lines)
                 except BaseException:
@@ -394,6 +416,8 @@ class UpstreamCall:
             raise UpstreamFailure(name, "timeout", "no answer within its time limit") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamFailure(name, "stream_cut", f"the connection failed: {exc!r}") from exc
+        except ValueError as exc:  # undecodable bytes, a line past MAX_LINE_BYTES
+            raise UpstreamFailure(name, "bad_answer", f"its stream is broken: {exc}") from exc
 
     def _check_status(
         self, backend: str, status: int, content: bytes, headers: Mapping[str, str]
@@ -436,7 +460,7 @@ class UpstreamCall:
 
     def _error_of(self, failure: UpstreamFailure | None) -> SluiceError:
         """The client's error when every attempt failed with `failure` (the last)."""
-        if failure is None or failure.reason == "unavailable":
+        if failure is None:
             return ServiceUnavailable(
                 f"No backend of the model '{self.requested}' can take a request now (all "
                 "are down, overloaded or cooling off after errors). Retry shortly.",
@@ -498,12 +522,8 @@ class UpstreamCall:
 
     # -- relaying -------------------------------------------------------------------------------
     def body_response(self, answer: Answer) -> Response:
-        """The upstream's body as it came (its usage recorded)."""
+        """The upstream's body as it came (its usage was read in `_send`)."""
         content = answer.body or b""
-        try:
-            self.usage = usage_of(json.loads(content))
-        except ValueError:
-            self.usage = None
         if self.record is not None and self.usage is not None:
             self.record.on_tokens(time.perf_counter(), self.usage[1])
         return Response(content, media_type="application/json", headers=self.headers)
@@ -520,16 +540,27 @@ class UpstreamCall:
                 if frame is not None:
                     yield frame
                 event = await _next_event(lines)
+            if self.operation in STREAMS_USAGE and not self._done:
+                raise _Broken("stream_cut", "the stream ended without its [DONE]")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            failure = UpstreamFailure(answer.upstream.name, "stream_cut", repr(exc))
-            answer.upstream.failed(failure)
-            self._count(answer.upstream, answer.model, answer.attempt, "stream_cut")
-            self.error = UpstreamError(
-                "The upstream backend's stream was cut before it ended.", code="upstream_error"
-            )
-            raise self.error from exc
+            raise self._cut(answer, "stream_cut", repr(exc)) from exc
+        except ValueError as exc:  # not JSON where JSON belongs, not UTF-8, a line too long
+            raise self._cut(answer, "bad_answer", str(exc)) from exc
+        except _Broken as exc:
+            raise self._cut(answer, exc.reason, exc.message) from None
         finally:
             _finish(answer.stream)
+
+    def _cut(self, answer: Answer, reason: str, detail: str) -> UpstreamError:
+        """A stream that broke after its first event: a failure for the breaker and the
+        metrics, and the error event the client gets (nothing is retried after a byte)."""
+        logger.warning("backend %s: %s (%s)", answer.upstream.name, reason, detail)
+        answer.upstream.failed(UpstreamFailure(answer.upstream.name, reason, detail))
+        self._count(answer.upstream, answer.model, answer.attempt, reason)
+        self.error = UpstreamError(
+            "The upstream backend's stream broke before it ended.", code="upstream_error"
+        )
+        return self.error
 
     def _relay(self, event: str) -> str | None:
         """One event's frame for the client (None: dropped); records tokens and usage."""
@@ -537,6 +568,7 @@ class UpstreamCall:
         if data is None:
             return event + "\n\n"
         if data == "[DONE]":
+            self._done = True
             return "data: [DONE]\n\n"
         if data.startswith('{"error"'):
             self.error = _stream_error(data)
@@ -548,6 +580,8 @@ class UpstreamCall:
         if '"usage"' not in data:
             return event + "\n\n"
         obj = json.loads(data)
+        if not isinstance(obj, dict):
+            raise ValueError("an event's data is not a JSON object")
         usage = usage_of(obj)
         if usage is not None:
             self.usage = usage
@@ -607,8 +641,8 @@ class UpstreamCall:
 
 def _refusal(backend: str, status: int, body: dict[str, Any] | None) -> SluiceError:
     """An upstream's 4xx as the client's error: its message, and its status where it is the
-    request's fault (400, 404 model, 413, 422 → 400); credentials or routing problems of
-    sluice's own (401, 403, other 404s) are a 502."""
+    request's fault (400 and 422 as 400, 413); sluice's own credentials or mapping refused
+    (401, 403, 404 and the rest) are a 502."""
     error = (body or {}).get("error")
     error = error if isinstance(error, dict) else {}
     message = str(error.get("message") or f"HTTP {status}")
@@ -666,15 +700,23 @@ async def _next_event(lines: AsyncIterator[str]) -> str | None:
 
 async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
     """The lines of a response body as they arrive, without their `\n` or `\r\n` (SSE's
-    line ends), of any length (aiohttp's own `readline` refuses lines past its buffer, and
-    a Responses API `response.completed` event carries the whole answer on one line)."""
-    rest = b""
+    line ends), up to `MAX_LINE_BYTES` long (aiohttp's own `readline` refuses lines past
+    its 64 KiB buffer, and a Responses API `response.completed` event carries the whole
+    answer on one line). Raises ValueError for a longer line or bytes that are not UTF-8."""
+    pending = bytearray()
     async for data in content.iter_any():
-        *complete, rest = (rest + data).split(b"\n")
-        for line in complete:
-            yield line.removesuffix(b"\r").decode()
-    if rest:
-        yield rest.removesuffix(b"\r").decode()
+        pending += data
+        start = 0
+        while (end := pending.find(b"\n", start)) != -1:
+            if end - start > MAX_LINE_BYTES:
+                break
+            yield bytes(pending[start:end]).removesuffix(b"\r").decode()
+            start = end + 1
+        del pending[:start]
+        if len(pending) > MAX_LINE_BYTES:
+            raise ValueError(f"a line of the stream is longer than {MAX_LINE_BYTES} bytes")
+    if pending:
+        yield bytes(pending).removesuffix(b"\r").decode()
 
 
 def _finish(response: aiohttp.ClientResponse) -> None:

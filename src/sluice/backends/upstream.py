@@ -37,7 +37,8 @@ class UpstreamFailure(Exception):
     """An attempt on an upstream failed in a way another backend (or a later retry) may not.
 
     `reason` is bounded (a metric label): `connect`, `timeout`, `status_5xx`, `status_429`,
-    `status_503`, `stream_cut`. `status`, `body` and `retry_after_s` are the upstream's
+    `status_503`, `stream_cut`, `bad_answer` (a 200 that is not JSON or SSE, or broken
+    event data). `status`, `body` and `retry_after_s` are the upstream's
     answer, where there was one."""
 
     def __init__(
@@ -121,12 +122,13 @@ class Upstream:
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        """The upstream's connection pool (at most `max_concurrent` connections, or no cap);
-        made on first use, inside the event loop as aiohttp wants."""
+        """The upstream's connection pool, made on first use, inside the event loop as
+        aiohttp wants. Not capped: `max_concurrent` is enforced by `available` (a pool limit
+        would also make the health check queue behind busy requests and fail)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 headers=self.headers,
-                connector=aiohttp.TCPConnector(limit=self.settings.max_concurrent or 0),
+                connector=aiohttp.TCPConnector(limit=0),
                 timeout=aiohttp.ClientTimeout(
                     sock_connect=self.settings.timeouts.connect_s,
                     sock_read=self.settings.timeouts.first_token_s,

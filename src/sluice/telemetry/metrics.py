@@ -246,7 +246,7 @@ class Metrics:
             "sluice_upstream_attempts",
             "Requests sent to upstream backends, by backend, model, attempt (1 = first) and "
             "outcome (ok, error, refused, or the failure: connect, timeout, status_5xx, "
-            "status_429, status_503, stream_cut).",
+            "status_429, status_503, stream_cut, bad_answer).",
             ["backend", "model", "attempt", "outcome"],
             registry=r,
         )
