@@ -332,6 +332,7 @@ def exposed_metric_names() -> set[str]:
     """Family and sample names of sluice's registry, engine gauges included."""
     metrics = Metrics()
     metrics.watch_engine(lambda: EngineStats(running=1, waiting=2, kv_cache_usage=0.5), str)
+    metrics.watch_backends(lambda: {"b": {"breaker": "closed", "healthy": True, "outstanding": 0}})
     names: set[str] = set()
     for family in metrics.registry.collect():
         names.add(family.name)

