@@ -23,6 +23,9 @@ Processes, all on 127.0.0.1:
   mocks as `openai/mock-model` deployments, a master key (its virtual keys and limits need
   Postgres), no database, the local model cost map (nothing fetched), `num_retries: 1` and
   the same fallback as sluice.
+- with `--bare`: sluice-bare, a second sluice on the same configuration with no keys and
+  telemetry off (`SLUICE_TELEMETRY__ENABLED=false`): the proxy path alone, to split
+  sluice's figures into what proxying costs and what the gateway and telemetry add.
 
 Measurements (load generator: wrk, C, 1 thread; every measurement runs each target in turn
 for `--rounds` rounds, the order reversed every other round; medians over rounds). For
@@ -588,6 +591,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="py-spy on sluice during one more throughput run"
     )
+    parser.add_argument(
+        "--bare",
+        action="store_true",
+        help="also sluice with no keys and telemetry off (the proxy path alone)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results/upstream"))
     args = parser.parse_args()
     if args.command == "mock":
@@ -631,6 +639,16 @@ def run(args: argparse.Namespace) -> None:
                 },
             )
             key = bench_key(f"http://127.0.0.1:{port}/v1")
+            bare = None
+            if args.bare:
+                port = free_port()
+                command = [sys.executable, "-m", "sluice", "serve", "--engine", "synthetic"]
+                command += ["--config", str(work / "sluice.yaml"), "--port", str(port)]
+                bare_env = {
+                    "SLUICE_TELEMETRY__ENABLED": "false",
+                    "SLUICE_GATEWAY__DATABASE": str(work / "bare.db"),
+                }
+                bare = stack.start("sluice-bare", command, port, "/readyz", bare_env)
 
             (work / "litellm.yaml").write_text(yaml.safe_dump(litellm_config(ports)))
             port = free_port()
@@ -649,6 +667,8 @@ def run(args: argparse.Namespace) -> None:
                 Target("sluice", sluice, "mock", key),
                 Target("litellm", litellm, "mock", LITELLM_KEY),
             ]
+            if bare is not None:
+                targets.insert(2, Target("sluice-bare", bare, "mock", None))
             result = measure(targets, mocks, args, work, skip)
             result["otlp_exports"] = sink.exports
             result["versions"] = versions(args.litellm)
@@ -680,7 +700,7 @@ def measure(
     if args.profile:
         result["profile"] = profile(targets[1], args, work)
     if "death" not in skip:
-        _, sluice, litellm = targets
+        sluice, litellm = targets[1], targets[-1]
         result["death"] = [
             death(sluice, mocks["fragile-sluice"], args),
             death(litellm, mocks["fragile-litellm"], args),
@@ -779,7 +799,7 @@ def versions(litellm: str) -> dict[str, str]:
 
 
 # -- the report ---------------------------------------------------------------------------------
-TARGETS = ("direct", "sluice", "litellm")
+TARGETS = ("direct", "sluice", "sluice-bare", "litellm")  # sluice-bare only with --bare
 
 
 SUMMARY_FIELDS = (
@@ -817,16 +837,18 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
 
     console = Console(width=160)
     summary = summarise(result["rows"])
+    measured = {row["target"] for row in result["rows"]}
+    targets = [target for target in TARGETS if target in measured]
     result["summary"] = summary
     versions = result["versions"]
     title = f"sluice {versions['sluice']} vs LiteLLM {versions['litellm']} (medians over rounds)"
     table = Table(title=title)
     table.add_column("measure")
-    for target in TARGETS:
+    for target in targets:
         table.add_column(target, justify="right")
 
     def cells(kind: str, field: str, fmt: str) -> list[str]:
-        values = [summary.get(kind, {}).get(t, {}).get(field) for t in TARGETS]
+        values = [summary.get(kind, {}).get(t, {}).get(field) for t in targets]
         return [format(v, fmt) if v is not None else "-" for v in values]
 
     c, s = args.connections, args.stream_connections
@@ -844,7 +866,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
     table.add_row("  other processes' CPU (cores)", *cells("latency", "others_busy", ".2f"))
     direct = summary.get("latency", {}).get("direct", {}).get("p50_ms")
     added = []
-    for target in TARGETS:
+    for target in targets:
         p50 = summary.get("latency", {}).get(target, {}).get("p50_ms")
         added.append(
             f"{p50 - direct:+.3f}"
@@ -852,7 +874,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
             else "-"
         )
     table.add_row("  added p50 ms (goal ≤ 1)", *added)
-    result["added_p50_ms"] = dict(zip(TARGETS, added, strict=True))
+    result["added_p50_ms"] = dict(zip(targets, added, strict=True))
     table.add_row(f"streamed chunks/s at {s} streams", *cells("stream", "chunks_per_s", ".0f"))
     table.add_row("  stream req/s", *cells("stream", "req_per_s", ".1f"))
     table.add_row("  CPU ms per stream", *cells("stream", "cpu_ms_per_request", ".2f"))
