@@ -159,7 +159,6 @@ class Answer:
     upstream: Upstream
     model: str
     attempt: int
-    status: int = 200
     body: bytes | None = None
     stream: aiohttp.ClientResponse | None = None
     lines: AsyncIterator[str] | None = None
@@ -240,7 +239,6 @@ class UpstreamCall:
         self.usage: tuple[int, int] | None = None
         self.prompt_estimate = estimate_prompt_tokens(body)
         self.output_chunks = 0
-        self.static = False
         self.response_headers = response_headers
         self._slot = False
         self._closed = False
@@ -481,7 +479,6 @@ class UpstreamCall:
     def _static(self, message: str, failure: UpstreamFailure | None) -> Response:
         """The deterministic answer of last resort."""
         model = self.chain[0]
-        self.static = True
         if self.metrics is not None:
             self.metrics.static_fallbacks.labels(model).inc()
         logger.warning(
@@ -726,12 +723,3 @@ def _finish(response: aiohttp.ClientResponse) -> None:
         response.release()
     else:
         response.close()
-
-
-def check_upstream_body(body: Any) -> dict[str, Any]:
-    """A forwarded body must be a JSON object with a string `model` (or none)."""
-    if not isinstance(body, dict):
-        raise InvalidRequest(
-            "The request body must be a JSON object sent with 'Content-Type: application/json'."
-        )
-    return body
