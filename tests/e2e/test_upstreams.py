@@ -517,6 +517,9 @@ def test_a_cascade_escalates_when_its_signal_fires(cluster: dict[str, SluiceProc
     assert not_json.headers["x-sluice-cascade"] == "solo,pool"
     plain = _post(front, _chat("strict", max_tokens=5))
     assert plain.headers["x-sluice-cascade"] == "solo"
+    as_read = _post(front, _chat("smart", max_tokens=30, stop=[" nine"], stream="false"))
+    assert as_read.headers["content-type"].startswith("application/json")
+    assert as_read.json()["choices"][0]["finish_reason"] == "stop"
 
 
 def test_a_stalled_upstream_times_out_to_the_fallback_and_is_marked_down(

@@ -477,6 +477,7 @@ def test_the_body_goes_upstream_as_sluice_read_it() -> None:
     assert (body["stream"], body["n"], body["max_tokens"]) == (False, 3, 7)
     assert shape.prompts("text_completion") == 2 and shape.prompts("chat") == 1
     assert "stream" not in shape.normalised({"model": "m"})
+    assert UpstreamShape.model_validate({"model": "m", "logprobs": "false"}).logprobs is False
 
 
 async def test_a_busy_capped_upstream_still_passes_its_health_check(servers: Servers) -> None:
@@ -607,3 +608,15 @@ def test_fallbacks_a_key_may_not_use_are_skipped() -> None:
     assert generation._allowed_fallbacks(("m", "fb", "also")) == ("m", "also")
     open_key = dataclasses.replace(generation, principal=Principal("anonymous"))
     assert open_key._allowed_fallbacks(("m", "fb")) == ("m", "fb")
+
+
+def test_cascade_signals_judge_only_what_they_can() -> None:
+    """Choices that are not objects, a `json_schema` that is not an object and a schema that
+    is not a valid one give no signal, never an error."""
+    schema = CascadeSettings(models=["a", "b"], escalate_on=["schema"])
+    assert escalation(schema, {}, {"choices": [5, "x"]}) is None
+    loose = {"response_format": {"type": "json_schema", "json_schema": "not an object"}}
+    assert escalation(schema, loose, answer('{"x": 1}')) is None
+    broken = {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}}
+    assert escalation(schema, broken, answer('{"x": 1}')) is None
+    assert escalation(schema, broken, answer("not json")) == "schema"

@@ -121,6 +121,7 @@ class UpstreamShape(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     max_output_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | int | None = None  # chat: a bool; completions: how many
 
     def prompts(self, operation: str) -> int:
         """Prompts a completions body carries (each gets `n` completions); one otherwise."""
@@ -132,7 +133,7 @@ class UpstreamShape(BaseModel):
         """`raw` with the fields sluice read as it read them (`"stream": "false"` is a
         false `stream` for sluice, so it must be for the upstream too)."""
         body = dict(raw)
-        for name in ("stream", "n", "max_tokens", "max_completion_tokens", "max_output_tokens"):
+        for name in type(self).model_fields:
             if name in raw:
                 body[name] = getattr(self, name)
         return body
@@ -301,10 +302,11 @@ class Generation:
             )
         cascade = self.settings.routing.cascades[name]
         headers = response_headers(self.request.scope)
-        stream = bool(raw.get("stream"))
-        options = raw.get("stream_options")
-        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        wants_logprobs = bool(raw.get("logprobs"))
+        shape: UpstreamShape = parse_body(UpstreamShape, raw)  # read as the attempts read it
+        raw = shape.normalised(raw)
+        stream = shape.stream is True
+        include_usage = bool((shape.stream_options or {}).get("include_usage"))
+        wants_logprobs = bool(shape.logprobs)
         tried: list[str] = []
         for model in cascade.models[:-1]:
             tried.append(model)

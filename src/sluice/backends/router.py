@@ -183,7 +183,8 @@ def escalation(cascade: CascadeSettings, request: dict[str, Any], answer: Any) -
     """Why `answer` (a chat or completion body) should go to the cascade's next model: the
     signal that fired (`length`, `schema`, `logprob`), or None to keep it."""
     choices = answer.get("choices") if isinstance(answer, dict) else None
-    if not isinstance(choices, list) or not choices:
+    choices = [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
+    if not choices:
         return None
     signals = cascade.escalate_on
     if "length" in signals and any(c.get("finish_reason") == "length" for c in choices):
@@ -203,7 +204,8 @@ def _meets_format(response_format: Any, choices: list[dict[str, Any]]) -> bool:
     kind = response_format.get("type")
     if kind not in ("json_object", "json_schema"):
         return True
-    schema = (response_format.get("json_schema") or {}).get("schema")
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
     for choice in choices:
         message = choice.get("message") or {}
         text = message.get("content") if isinstance(message, dict) else choice.get("text")
@@ -218,6 +220,8 @@ def _meets_format(response_format: Any, choices: list[dict[str, Any]]) -> bool:
                 jsonschema.validate(value, schema, cls=jsonschema.Draft202012Validator)
             except jsonschema.ValidationError:
                 return False
+            except jsonschema.SchemaError:
+                return True  # the request's schema is not one: nothing to judge against
     return True
 
 
