@@ -23,7 +23,6 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from opentelemetry import trace
-from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import Status, StatusCode
 from starlette.types import Receive, Scope, Send
@@ -55,7 +54,12 @@ from sluice.gateway.store_redis import StoreFailure
 from sluice.lifecycle import Lifecycle, Phase
 from sluice.telemetry.logging import resolved_format
 from sluice.telemetry.metrics import Metrics, SloSpec
-from sluice.telemetry.tracing import ErrorBiasedSampler, ErrorRateWindow, build_tracer_provider
+from sluice.telemetry.tracing import (
+    ErrorBiasedSampler,
+    ErrorRateWindow,
+    build_tracer_provider,
+    instrument,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -321,13 +325,5 @@ def create_app(
     else:
         app.add_middleware(RequestMiddleware)  # the request id only
     if telemetry.enabled:
-        # The server span wraps everything above; incoming `traceparent` headers are honoured.
-        # One server span per request; no span per ASGI message (one per SSE chunk, hundreds
-        # per answer, each costing CPU on the hot path and room in the tracing backend).
-        FastAPIInstrumentor.instrument_app(
-            app,
-            tracer_provider=tracer_provider,
-            excluded_urls="healthz,health,readyz,metrics,version",
-            exclude_spans=["receive", "send"],
-        )
+        instrument(app, tracer_provider)  # the server span wraps everything above
     return app

@@ -109,6 +109,7 @@ def run(
         timeout_graceful_shutdown=int(CUT_OFF_S),
         lifespan="on",
         log_config=None,  # sluice's logging (telemetry/logging.py) is already configured
+        access_log=False,  # one line per request, sluice's own (telemetry/logging.py)
         http=guarded_protocol(
             limits.headers_timeout_s, limits.body_timeout_s, limits.max_connections
         ),

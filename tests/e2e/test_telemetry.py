@@ -73,4 +73,7 @@ def test_the_server_log_is_json_lines_from_every_process(server: SluiceProcess) 
     assert any(r["logger"].startswith("vllm.v1.engine") for r in from_children)
     advice = [r for r in records if "LD_PRELOAD" in r["msg"]]
     assert advice and all(r["level"] == "info" for r in advice)
+    # One line per request, sluice's own: uvicorn's access log would be a second.
+    assert any(r["logger"] == "sluice.request" for r in records)
+    assert not any(r["logger"] == "uvicorn.access" for r in records)
     assert not any("checkpoint shards" in r["msg"] for r in records)

@@ -52,6 +52,7 @@ from sluice.api.serving import Serving
 from sluice.api.sse import (
     CLIENT_CLOSED_REQUEST,
     ClientDisconnected,
+    OwnedResponse,
     SSEResponse,
     StreamOwner,
     until_disconnected,
@@ -322,6 +323,8 @@ class Generation:
                     raise  # the request's own fault: the next model would refuse it too
                 logger.warning("cascade %s: %s failed (%s); escalating", name, model, exc)
                 continue
+            if isinstance(response, OwnedResponse):
+                await response.close_owner()  # judged here, not sent
             answer = json.loads(bytes(response.body))
             signal = escalation(cascade, raw, answer)
             if signal is None:
@@ -395,9 +398,7 @@ class Generation:
         if result.stream is not None:
             keep_alive = float(getattr(self.serving_args, "sse_keep_alive_interval", 0) or 0)
             return SSEResponse(call.frames(result), call, keep_alive)
-        response = call.body_response(result)
-        await call.close()
-        return response
+        return call.body_response(result)  # closes the call once sent
 
     def serves(self, model: str) -> bool:
         """`model` is one of the base model's names or a loaded LoRA adapter."""
@@ -464,13 +465,11 @@ class Generation:
         if hasattr(result, "__anext__"):
             keep_alive = float(getattr(self.serving_args, "sse_keep_alive_interval", 0) or 0)
             return SSEResponse(result, exchange, keep_alive, observer=exchange)
-        await exchange.close()
         if isinstance(result, Response):
+            await exchange.close()
             result.headers.update(exchange.headers)
             return result
-        return Response(
-            result.model_dump_json(), media_type="application/json", headers=exchange.headers
-        )
+        return OwnedResponse(result.model_dump_json(), exchange)  # closes it once sent
 
     @property
     def serving_args(self) -> Any:

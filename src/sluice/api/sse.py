@@ -86,6 +86,30 @@ class ClientDisconnected(Exception):
     sent, there is nobody to send it to)."""
 
 
+class OwnedResponse(Response):
+    """A whole JSON body whose owner closes (settles, releases, ends its span) once the body
+    is sent, or whatever ended the sending: the settlement's store round trip is not part of
+    the latency the client sees. Whoever reads the body instead of sending it (a cascade
+    judging an answer) closes the owner itself with `close_owner`."""
+
+    def __init__(self, content: bytes | str, owner: StreamOwner) -> None:
+        super().__init__(content, media_type="application/json", headers=owner.headers)
+        self.owner = owner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error: BaseException | None = None
+        try:
+            await super().__call__(scope, receive, send)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            await self.owner.close(error)
+
+    async def close_owner(self) -> None:
+        await self.owner.close()
+
+
 class SSEResponse(Response):
     """The ASGI response for one exchange's stream of vLLM frames (module docstring)."""
 

@@ -43,6 +43,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.responses import Response
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
+from sluice.api.sse import OwnedResponse
 from sluice.backends.registry import Backends
 from sluice.backends.upstream import Upstream, UpstreamFailure, failure_of_status
 from sluice.config import RoutingSettings, Settings
@@ -518,12 +519,13 @@ class UpstreamCall:
         return Response("".join(frames), media_type="text/event-stream", headers=headers)
 
     # -- relaying -------------------------------------------------------------------------------
-    def body_response(self, answer: Answer) -> Response:
-        """The upstream's body as it came (its usage was read in `_send`)."""
+    def body_response(self, answer: Answer) -> OwnedResponse:
+        """The upstream's body as it came (its usage was read in `_send`); the call closes
+        once it is sent."""
         content = answer.body or b""
         if self.record is not None and self.usage is not None:
             self.record.on_tokens(time.perf_counter(), self.usage[1])
-        return Response(content, media_type="application/json", headers=self.headers)
+        return OwnedResponse(content, self)
 
     async def frames(self, answer: Answer) -> AsyncGenerator[str, None]:
         """The upstream's stream as SSE frames, event by event as they arrive; usage is

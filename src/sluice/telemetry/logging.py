@@ -126,7 +126,10 @@ def configure_logging(level: str, fmt: str | None) -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    # One line per request comes from sluice; uvicorn's access log would be a second.
+    # One line per request comes from sluice; uvicorn's access log would be a second. A
+    # later `logging.config.dictConfig(..., disable_existing_loggers=False)` (vLLM's
+    # configuration runs one) enables every logger again, so server.py also turns the
+    # access log off in uvicorn's own config.
     logging.getLogger("uvicorn.access").disabled = True
 
 

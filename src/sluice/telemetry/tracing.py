@@ -22,8 +22,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fastapi import FastAPI
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -138,6 +140,24 @@ def build_tracer_provider(
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+# Paths without a server span (probes, the scrape, the version): the same as the request
+# middleware leaves uncounted.
+UNTRACED_PATHS = ("healthz", "health", "readyz", "metrics", "version")
+
+
+def instrument(app: FastAPI, tracer_provider: TracerProvider) -> None:
+    """The server span of every request but probes (OpenTelemetry's FastAPI instrumentation;
+    an incoming `traceparent` joins the caller's trace). One span per request, none per ASGI
+    message: the per-message spans (one per SSE chunk, hundreds per answer) would cost CPU
+    on the hot path and room in the tracing backend."""
+    FastAPIInstrumentor.instrument_app(
+        app,
+        tracer_provider=tracer_provider,
+        excluded_urls=",".join(UNTRACED_PATHS),
+        exclude_spans=["receive", "send"],
+    )
 
 
 class GenerationSpan:
