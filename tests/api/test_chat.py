@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.api.conftest import app_client, assert_settled, chat_body, chat_prompt, make_settings
@@ -203,3 +205,26 @@ def test_scripted_core_sees_one_request(client: TestClient, engine: FakeEngine) 
     client.post("/v1/chat/completions", json=chat_body(max_tokens=1))
     assert isinstance(engine.core, ScriptedCore)
     assert len(engine.core.requests) == 1
+
+
+def test_an_answer_that_cannot_be_serialised_still_closes_its_request(
+    client: TestClient, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The body is built before the response owns the request: a body that fails to build
+    closes the exchange there (the client fixture checks nothing stays in flight)."""
+    chat_class = type(client.app.state.serving.chat)  # type: ignore[attr-defined]
+    original = chat_class.create_chat_completion
+
+    class Unserialisable:
+        def model_dump_json(self) -> str:
+            raise TypeError("unable to serialize")
+
+    async def broken(self: Any, *args: Any, **kwargs: Any) -> Any:
+        await original(self, *args, **kwargs)
+        return Unserialisable()
+
+    monkeypatch.setattr(chat_class, "create_chat_completion", broken)
+    response = client.post("/v1/chat/completions", json=chat_body())
+    assert response.status_code >= 400  # an error in OpenAI's shape, whichever status
+    assert "unable to serialize" in response.json()["error"]["message"]
+    assert_settled(client, engine)

@@ -14,8 +14,8 @@ fields (unknown ones refused), the key's model allowlist and the `max_tokens`/`n
 an `Exchange` (lifecycle slot and admission), then vLLM's serving call with the exchange as
 the observer of every engine request it starts, under the request's time limit and with the
 client's disconnect cancelling it. What vLLM returns becomes the response: a stream
-(`SSEResponse`, which closes the exchange when it ends), a body (the exchange closes first),
-or an error in OpenAI's shape.
+(`SSEResponse`, which closes the exchange when it ends), a body (`OwnedResponse`, which
+closes it once the body is sent), or an error in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -469,7 +469,12 @@ class Generation:
             await exchange.close()
             result.headers.update(exchange.headers)
             return result
-        return OwnedResponse(result.model_dump_json(), exchange)  # closes it once sent
+        try:
+            content = result.model_dump_json()
+        except BaseException as exc:  # nothing else would close the exchange
+            await exchange.close(exc)
+            raise
+        return OwnedResponse(content, exchange)  # closes it once sent
 
     @property
     def serving_args(self) -> Any:
