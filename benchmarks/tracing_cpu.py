@@ -248,13 +248,17 @@ def per_request(args: argparse.Namespace) -> None:
     (`GenerationSpan` with the same attributes, `on_delta` per streamed output, `finish`),
     the provider from `build_tracer_provider` with the `ErrorBiasedSampler`, spans exported
     by the OTLP/HTTP exporter to a sink in another process. The ASGI app is called directly
-    (no HTTP), `--block` requests per block, blocks alternating the sampler's ratio 1 and 0
-    (ABBA), each block ending with the provider's flush so its export is in its CPU.
-    Reported: this process's CPU per request on each side and their difference per pair."""
+    (no HTTP), `--block` requests per block, blocks rotating (ABC, then CBA) between the
+    sampler's ratio 1 (traced), ratio 0 (sampled out: the instrumentation still runs, with
+    non-recording spans) and tracing off (telemetry disabled: no instrumentation, the no-op
+    tracer, as create_app does then), each block ending with the provider's flush so its
+    export is in its CPU. Reported: this process's CPU per request on each side, and traced
+    minus each of the other two, per pair."""
     import asyncio
 
     from fastapi import FastAPI
     from opentelemetry import context as otel_context
+    from opentelemetry import trace
     from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
     from starlette.responses import Response
 
@@ -279,37 +283,44 @@ def per_request(args: argparse.Namespace) -> None:
     sampler = ErrorBiasedSampler(1.0, ErrorRateWindow(60.0), 0.05, 20)
     provider = build_tracer_provider(model=model, sampler=sampler, exporter=None)
     tracer = provider.get_tracer("sluice")
-    app = FastAPI()
     outputs = args.max_tokens
 
-    @app.post("/v1/chat/completions")
-    async def chat() -> Response:  # the spans of one streamed chat, as Exchange makes them
-        span = GenerationSpan(
-            tracer,
-            otel_context.get_current(),
-            {
-                "gen_ai.operation.name": "chat",
-                "gen_ai.system": "vllm",
-                "gen_ai.request.model": model,
-                "gen_ai.request.max_tokens": outputs,
-                "gen_ai.request.temperature": 0.0,
-                "gen_ai.request.top_p": 1.0,
-            },
-            "chat",
-            model,
-        )
-        for _ in range(outputs):
-            span.on_delta()
-        span.finish(
-            response_id="chatcmpl-0123456789abcdef",
-            input_tokens=40,
-            output_tokens=outputs,
-            finish_reasons=["length"],
-            error=None,
-        )
-        return Response(b"data: [DONE]\n\n", media_type="text/event-stream")
+    def app_of(tracer: trace.Tracer) -> FastAPI:
+        app = FastAPI()
 
-    instrument(app, provider)
+        @app.post("/v1/chat/completions")
+        async def chat() -> Response:  # the spans of one streamed chat, as Exchange makes them
+            span = GenerationSpan(
+                tracer,
+                otel_context.get_current(),
+                {
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.system": "vllm",
+                    "gen_ai.request.model": model,
+                    "gen_ai.request.max_tokens": outputs,
+                    "gen_ai.request.temperature": 0.0,
+                    "gen_ai.request.top_p": 1.0,
+                },
+                "chat",
+                model,
+            )
+            for _ in range(outputs):
+                span.on_delta()
+            span.finish(
+                response_id="chatcmpl-0123456789abcdef",
+                input_tokens=40,
+                output_tokens=outputs,
+                finish_reasons=["length"],
+                error=None,
+            )
+            return Response(b"data: [DONE]\n\n", media_type="text/event-stream")
+
+        return app
+
+    traced_app = app_of(tracer)
+    instrument(traced_app, provider)
+    # tracing off: no instrumentation, and the no-op tracer sluice's code gets then
+    apps = {"traced": traced_app, "untraced": traced_app, "off": app_of(trace.NoOpTracer())}
     scope = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
@@ -337,7 +348,8 @@ def per_request(args: argparse.Namespace) -> None:
         pass
 
     async def block(side: str, pair: int) -> dict[str, object]:
-        sampler.ratio_sampler = TraceIdRatioBased(float(RATIO[side]))
+        sampler.ratio_sampler = TraceIdRatioBased(float(RATIO.get(side, "0.0")))
+        app = apps[side]
         before = time.process_time()
         for _ in range(args.block):
             await app(dict(scope), receive, send)
@@ -346,11 +358,12 @@ def per_request(args: argparse.Namespace) -> None:
         return {"server": side, "round": pair, "requests": args.block, "cpu_ms": cpu_ms}
 
     async def run() -> list[dict[str, object]]:
-        await block("traced", 0)  # warm-up, not counted
-        await block("untraced", 0)
+        sides = (*SERVERS, "off")
+        for side in sides:
+            await block(side, 0)  # warm-up, not counted
         rows = []
         for pair in range(1, args.pairs + 1):
-            order = SERVERS if pair % 2 else tuple(reversed(SERVERS))
+            order = sides if pair % 2 else tuple(reversed(sides))
             for side in order:
                 rows.append(await block(side, pair))
         return rows
@@ -372,21 +385,30 @@ def per_request(args: argparse.Namespace) -> None:
         return float(str(r["cpu_ms"])) / args.block
 
     pairs = range(1, args.pairs + 1)
-    added = [1000 * (per_request_ms("traced", p) - per_request_ms("untraced", p)) for p in pairs]
-    mean = statistics.mean(added)
-    half = t95(len(added) - 1) * statistics.stdev(added) / math.sqrt(len(added))
+
+    def difference(side: str, baseline: str) -> dict[str, object]:
+        """`side` minus `baseline`, µs per request, per pair: mean, 95% interval, median."""
+        added = [1000 * (per_request_ms(side, p) - per_request_ms(baseline, p)) for p in pairs]
+        mean = statistics.mean(added)
+        half = t95(len(added) - 1) * statistics.stdev(added) / math.sqrt(len(added))
+        return {
+            "mean": mean,
+            "ci95": [mean - half, mean + half],
+            "median": statistics.median(added),
+        }
+
     summary = {
-        "pairs": len(added),
+        "pairs": len(pairs),
         "requests_per_block": args.block,
         "output_tokens_per_request": outputs,
         "otlp_exports": exports,
-        "traced_us_per_request_median": 1000
-        * statistics.median(per_request_ms("traced", p) for p in pairs),
-        "untraced_us_per_request_median": 1000
-        * statistics.median(per_request_ms("untraced", p) for p in pairs),
-        "tracing_us_per_request_mean": mean,
-        "tracing_us_per_request_ci95": [mean - half, mean + half],
-        "tracing_us_per_request_median": statistics.median(added),
+        **{
+            f"{side}_us_per_request_median": 1000
+            * statistics.median(per_request_ms(side, p) for p in pairs)
+            for side in ("traced", "untraced", "off")
+        },
+        "tracing_us_per_request_vs_sampled_out": difference("traced", "untraced"),
+        "tracing_us_per_request_vs_off": difference("traced", "off"),
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
