@@ -18,6 +18,7 @@ from aiohttp import web
 from opentelemetry import trace
 
 from sluice.api.generation import Generation, UpstreamShape
+from sluice.api.sse import ClientDisconnected
 from sluice.backends import proxy
 from sluice.backends.proxy import (
     RETRY_BUDGET_FLOOR,
@@ -31,7 +32,13 @@ from sluice.backends.proxy import (
 from sluice.backends.registry import Backends, BackendsError
 from sluice.backends.router import as_stream, escalation, needed_tags
 from sluice.config import CascadeSettings, Settings
-from sluice.errors import InvalidRequest, RateLimitExceeded, ServiceUnavailable, UpstreamError
+from sluice.errors import (
+    InvalidRequest,
+    RateLimitExceeded,
+    RequestTimedOut,
+    ServiceUnavailable,
+    UpstreamError,
+)
 from sluice.gateway.auth import Principal
 from sluice.gateway.keys import KeyPolicy
 from sluice.lifecycle import Lifecycle
@@ -116,7 +123,22 @@ def backends_with(
     return backends
 
 
-def call(backends: Backends, chain: tuple[str, ...] = ("m", "fb"), **body: Any) -> UpstreamCall:
+class Attempts:
+    """Records `Metrics.upstream_attempt` calls: (backend, attempt, outcome)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, str]] = []
+
+    def upstream_attempt(self, backend: str, model: str, attempt: int, outcome: str) -> None:
+        self.seen.append((backend, attempt, outcome))
+
+
+def call(
+    backends: Backends,
+    chain: tuple[str, ...] = ("m", "fb"),
+    attempts: Attempts | None = None,
+    **body: Any,
+) -> UpstreamCall:
     return UpstreamCall(
         body={"model": chain[0], "messages": [{"role": "user", "content": "hi"}], **body},
         operation="chat",
@@ -128,7 +150,7 @@ def call(backends: Backends, chain: tuple[str, ...] = ("m", "fb"), **body: Any) 
         gateway=None,  # type: ignore[arg-type]  # open() does not reserve
         lifecycle=Lifecycle(),
         budget=RetryBudget(0.2),
-        metrics=None,
+        metrics=attempts,  # type: ignore[arg-type]  # only upstream_attempt is called
         record=None,
         tracer=trace.NoOpTracer(),
         request_id="r",
@@ -420,7 +442,8 @@ async def test_a_stream_cut_after_its_first_event_is_an_error_not_a_retry(
         return response
 
     backends = backends_with(servers, {"x": cut, "y": cut})
-    upstream_call = call(backends, stream=True)
+    attempts = Attempts()
+    upstream_call = call(backends, attempts=attempts, stream=True)
     answer = await upstream_call.open()
     assert isinstance(answer, Answer) and answer.attempt == 1
     frames: list[str] = []
@@ -429,11 +452,49 @@ async def test_a_stream_cut_after_its_first_event_is_an_error_not_a_retry(
         async for frame in upstream_call.frames(answer):
             frames.append(frame)
 
-    with pytest.raises(UpstreamError):
+    with pytest.raises(UpstreamError) as raised:
         await relay()
     assert len(frames) == 2 and sent == [1]  # relayed, then the error: never sent again
     assert isinstance(upstream_call.error, UpstreamError)
     assert answer.upstream.breaker.failure_count == 1
+    await upstream_call.close(raised.value)
+    assert [outcome for _, _, outcome in attempts.seen] == ["stream_cut"]  # counted once
+
+
+async def streaming(request: web.Request) -> web.StreamResponse:
+    """A whole stream: one content event, the usage event and [DONE]."""
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    chunk = {"choices": [{"index": 0, "delta": {"content": "a"}}]}
+    usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+    for event in (chunk, usage):
+        await response.write(f"data: {json.dumps(event)}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+@pytest.mark.parametrize(
+    ("ending", "outcome"),
+    [
+        (None, "ok"),
+        (ClientDisconnected(), "client_closed"),
+        (ConnectionResetError("sending the answer failed"), "client_closed"),
+        (RequestTimedOut("past the time limit"), "error"),
+    ],
+)
+async def test_each_attempt_counts_one_outcome_and_a_client_leaving_is_not_the_upstreams(
+    servers: Servers, ending: BaseException | None, outcome: str
+) -> None:
+    backends = backends_with(servers, {"x": streaming, "y": streaming})
+    attempts = Attempts()
+    upstream_call = call(backends, chain=("n",), attempts=attempts, stream=True)
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer)
+    async for _ in upstream_call.frames(answer):
+        pass
+    await upstream_call.close(ending)
+    await upstream_call.close(ending)  # once
+    assert attempts.seen == [("x", 1, outcome)]
 
 
 def test_an_upstream_at_its_concurrency_cap_is_skipped() -> None:

@@ -43,7 +43,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.responses import Response
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from sluice.api.sse import OwnedResponse
+from sluice.api.sse import ClientDisconnected, OwnedResponse
 from sluice.backends.registry import Backends
 from sluice.backends.upstream import Upstream, UpstreamFailure, failure_of_status
 from sluice.config import RoutingSettings, Settings
@@ -247,6 +247,7 @@ class UpstreamCall:
         self._probe = False  # the answering attempt was a half-open breaker's probe
         self.last_failure: UpstreamFailure | None = None  # of any attempt, the latest
         self._done = False  # the stream's `[DONE]` arrived
+        self._failure_counted = False  # a cut stream counted its attempt's failure already
 
     # -- the exchange interface SSEResponse uses -----------------------------------------------
     @property
@@ -556,6 +557,7 @@ class UpstreamCall:
         logger.warning("backend %s: %s (%s)", answer.upstream.name, reason, detail)
         answer.upstream.failed(UpstreamFailure(answer.upstream.name, reason, detail))
         self._count(answer.upstream, answer.model, answer.attempt, reason)
+        self._failure_counted = True
         self.error = UpstreamError(
             "The upstream backend's stream broke before it ended.", code="upstream_error"
         )
@@ -603,8 +605,8 @@ class UpstreamCall:
                 answer.upstream.end(self._probe)
                 if answer.stream is not None:
                     _finish(answer.stream)
-                outcome = "ok" if error is None and self.error is None else "error"
-                self._count(answer.upstream, answer.model, answer.attempt, outcome)
+                if not self._failure_counted:
+                    self._count(answer.upstream, answer.model, answer.attempt, self._end(error))
             prompt, completion = self._used(answer is not None)
             record = self.record
             if record is not None and answer is not None:
@@ -627,6 +629,17 @@ class UpstreamCall:
                     self._span.record_exception(failure)
                     self._span.set_status(Status(StatusCode.ERROR, type(failure).__name__))
                 self._span.end()
+
+    def _end(self, error: BaseException | None) -> str:
+        """The answering attempt's outcome (one per attempt): `ok`; `client_closed` when the
+        client left (a disconnect, or sending its answer failed), which is not held against
+        the upstream; `error` for the rest (the request's time limit, an error event)."""
+        failure = error or self.error
+        if failure is None:
+            return "ok"
+        if isinstance(failure, ClientDisconnected | OSError):
+            return "client_closed"
+        return "error"
 
     def _used(self, answered: bool) -> tuple[int, int]:
         """`(prompt, completion)` tokens to settle: the upstream's usage, else the estimate

@@ -245,8 +245,8 @@ class Metrics:
         self.upstream_attempts = Counter(
             "sluice_upstream_attempts",
             "Requests sent to upstream backends, by backend, model, attempt (1 = first) and "
-            "outcome (ok, error, refused, or the failure: connect, timeout, status_5xx, "
-            "status_429, status_503, stream_cut, bad_answer).",
+            "outcome, one per attempt (ok, client_closed, error, refused, or the failure: "
+            "connect, timeout, status_5xx, status_429, status_503, stream_cut, bad_answer).",
             ["backend", "model", "attempt", "outcome"],
             registry=r,
         )
