@@ -2,6 +2,12 @@
 OTLP/HTTP) against tracing sampled out, on the synthetic engine, in turns, in one run.
 
     .venv/bin/python benchmarks/tracing_cpu.py --out docs/benchmarks/tracing/one-process
+    .venv/bin/python benchmarks/tracing_cpu.py --per-request \
+        --out docs/benchmarks/tracing/per-request
+
+The first command compares whole-server CPU per streamed token (below); the second measures
+what tracing adds per request alone, against sampled out and against tracing off, which
+this machine's ±10% scatter cannot hide (`per_request`).
 
 One `sluice serve --engine synthetic` process (no weights: the engine is a timer, so the
 process's CPU is sluice's own and token rates are far above a CPU model's), per-request
