@@ -65,8 +65,13 @@ T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 
 T95.update({10: 2.23, 12: 2.18, 15: 2.13, 20: 2.09, 25: 2.06, 30: 2.04, 40: 2.02, 60: 2.00})
 
 
-def t95(df: int) -> float:
-    return T95[max(k for k in T95 if k <= df)] if df < 60 else 1.98
+def mean_ci95(values: list[float]) -> tuple[float, list[float]]:
+    """The mean of `values` and its two-sided 95% interval (Student's t)."""
+    mean = statistics.mean(values)
+    df = len(values) - 1
+    t = T95[max(k for k in T95 if k <= df)] if df < 60 else 1.98
+    half = t * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, [mean - half, mean + half]
 
 
 def serve(argv: list[str]) -> None:
@@ -222,8 +227,7 @@ def report_pairs(rows: list[dict[str, object]], out: Path) -> None:
     if not all(exports["traced"]) or any(exports["untraced"]):
         raise SystemExit(f"the sampler switch did not take: OTLP exports per block {exports}")
     ratios = [per_token("traced", p) / per_token("untraced", p) for p in pairs]
-    mean = statistics.mean(ratios)
-    half = t95(len(ratios) - 1) * statistics.stdev(ratios) / math.sqrt(len(ratios))
+    mean, ci95 = mean_ci95(ratios)
     summary = {
         "pairs": len(ratios),
         "traced_cpu_ms_per_token_median": statistics.median(per_token("traced", p) for p in pairs),
@@ -232,7 +236,7 @@ def report_pairs(rows: list[dict[str, object]], out: Path) -> None:
         ),
         "ratio_median": statistics.median(ratios),
         "ratio_mean": mean,
-        "ratio_ci95": [mean - half, mean + half],
+        "ratio_ci95": ci95,
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
         "ratios": ratios,
@@ -395,13 +399,8 @@ def per_request(args: argparse.Namespace) -> None:
     def difference(side: str, baseline: str) -> dict[str, object]:
         """`side` minus `baseline`, µs per request, per pair: mean, 95% interval, median."""
         added = [1000 * (per_request_ms(side, p) - per_request_ms(baseline, p)) for p in pairs]
-        mean = statistics.mean(added)
-        half = t95(len(added) - 1) * statistics.stdev(added) / math.sqrt(len(added))
-        return {
-            "mean": mean,
-            "ci95": [mean - half, mean + half],
-            "median": statistics.median(added),
-        }
+        mean, ci95 = mean_ci95(added)
+        return {"mean": mean, "ci95": ci95, "median": statistics.median(added)}
 
     summary = {
         "pairs": len(pairs),

@@ -22,7 +22,7 @@ from sluice.errors import InvalidRequest, PayloadTooLarge, SluiceError, error_re
 from sluice.telemetry.logging import log_request
 from sluice.telemetry.metrics import Metrics
 from sluice.telemetry.record import SCOPE_KEY, RequestRecord, record_of
-from sluice.telemetry.tracing import ErrorRateWindow
+from sluice.telemetry.tracing import UNTRACED_PATHS, ErrorRateWindow
 
 KNOWN_ENDPOINTS = frozenset(
     {
@@ -146,7 +146,7 @@ class RequestMiddleware:
     response is done. Probes, `/metrics` and `/version` are not counted. One middleware,
     so a streamed response's chunks pass one wrapper, not two."""
 
-    UNTRACKED = frozenset({"/healthz", "/health", "/readyz", "/metrics", "/version"})
+    UNTRACKED = frozenset(f"/{path}" for path in UNTRACED_PATHS)
 
     def __init__(
         self,

@@ -142,8 +142,8 @@ def build_tracer_provider(
     return provider
 
 
-# Paths without a server span (probes, the scrape, the version): the same as the request
-# middleware leaves uncounted.
+# Paths without a server span (probes, the scrape, the version); the request middleware
+# leaves the same ones out of metrics and the log line.
 UNTRACED_PATHS = ("healthz", "health", "readyz", "metrics", "version")
 
 
