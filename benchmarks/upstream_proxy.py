@@ -624,9 +624,13 @@ def run(args: argparse.Namespace) -> None:
             ports = {name: proc.port for name, proc in mocks.items()}
 
             (work / "sluice.yaml").write_text(yaml.safe_dump(sluice_config(ports)))
+
+            def sluice_command(port: int) -> list[str]:
+                command = [sys.executable, "-m", "sluice", "serve", "--engine", "synthetic"]
+                return [*command, "--config", str(work / "sluice.yaml"), "--port", str(port)]
+
             port = free_port()
-            command = [sys.executable, "-m", "sluice", "serve", "--engine", "synthetic"]
-            command += ["--config", str(work / "sluice.yaml"), "--port", str(port)]
+            command = sluice_command(port)
             sluice = stack.start(
                 "sluice",
                 command,
@@ -642,8 +646,7 @@ def run(args: argparse.Namespace) -> None:
             bare = None
             if args.bare:
                 port = free_port()
-                command = [sys.executable, "-m", "sluice", "serve", "--engine", "synthetic"]
-                command += ["--config", str(work / "sluice.yaml"), "--port", str(port)]
+                command = sluice_command(port)
                 bare_env = {
                     "SLUICE_TELEMETRY__ENABLED": "false",
                     "SLUICE_GATEWAY__DATABASE": str(work / "bare.db"),
