@@ -108,3 +108,31 @@ def test_errors_leave_no_engine_work_behind(client: openai.OpenAI, server: Sluic
             client.chat.completions.create(**{"model": MODEL, "messages": CHAT, **kwargs})
     stats = server.wait_idle()
     assert stats == {**stats, "running": 0, "waiting": 0, "in_flight": 0}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"top_k": 2**64},
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "n", "schema": {"type": "integer", "maximum": 10**23}},
+            }
+        },
+    ],
+    ids=["top_k", "schema-maximum"],
+)
+def test_numbers_the_engine_cannot_carry_are_400_and_leave_nothing(
+    server: SluiceProcess, extra: dict[str, Any], stream: bool
+) -> None:
+    # vLLM's wire format to its engine core encodes integers in 64 bits: anything wider,
+    # wherever in the body, is the request's fault (a 400 before any stream starts)
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "stream": stream, **extra}
+    response = httpx.post(f"{server.api}/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    _assert_error_shape(response.json())
+    assert "out of range" in response.json()["error"]["message"]
+    stats = server.wait_idle()
+    assert stats == {**stats, "running": 0, "waiting": 0, "in_flight": 0}

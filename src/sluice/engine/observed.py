@@ -30,7 +30,7 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from vllm.exceptions import GracefulHTTPError, VLLMClientError
+from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMValidationError
 from vllm.outputs import STREAM_FINISHED, RequestOutput
 from vllm.renderers.inputs.preprocess import extract_prompt_len
 from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -109,7 +109,19 @@ class ObservedAsyncLLM(AsyncLLM):  # type: ignore[misc]  # vLLM is untyped here
         return self._observed_pooling(observer, prompt, pooling_params, request_id, kwargs)
 
     async def add_request(self, request_id: str, *args: Any, **kwargs: Any) -> Any:
-        collector = await super().add_request(request_id, *args, **kwargs)
+        """vLLM's `add_request`, and `accepted` to the observer. A number the engine's wire
+        format cannot carry (msgspec encodes integers in 64 bits: a `top_k` of 1e30, a
+        JSON schema's `maximum` of 10**23) is the request's fault: a 400
+        (`VLLMValidationError`) and the request, already registered with the output
+        processor, aborted (vLLM raises `OverflowError` there and leaves it behind)."""
+        try:
+            collector = await super().add_request(request_id, *args, **kwargs)
+        except OverflowError as exc:
+            await self.abort(request_id)  # the external id: vLLM gave it an internal one
+            raise VLLMValidationError(
+                "A number in the request is out of range: the engine takes integers from "
+                f"-2**63 to 2**64-1 ({exc})."
+            ) from exc
         waiting = self._awaiting_acceptance.pop(request_id, None)
         if waiting is not None:
             observer, submission_id = waiting
