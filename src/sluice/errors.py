@@ -38,6 +38,8 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,10 +254,23 @@ def as_sluice_error(exc: BaseException) -> SluiceError:
     return InternalError("The server had an error while processing your request.")
 
 
+# The names this request's client used for fields vLLM reports under its own (chat's
+# `max_completion_tokens`, the Responses API's `max_output_tokens` are vLLM's `max_tokens`
+# inside; its `previous_response_id` is vLLM's `response_id` in errors). Set per request by
+# the route (api/generation.py); `from_vllm` names the field as the client sent it.
+CLIENT_PARAMS: ContextVar[Mapping[str, str] | None] = ContextVar("CLIENT_PARAMS", default=None)
+
+
 def from_vllm(status: int, message: str, param: str | None = None) -> SluiceError:
-    """The sluice error for an error vLLM's serving layer reported with HTTP `status`."""
+    """The sluice error for an error vLLM's serving layer reported with HTTP `status`, its
+    `param` (and the field's name in the message) as the client named it (`CLIENT_PARAMS`)."""
     if param is None and (named := VLLM_PARAMETER.search(message)) is not None:
         param = named.group(1) or named.group(2)
+    names = CLIENT_PARAMS.get()
+    if names and param is not None and param in names:
+        client = names[param]
+        message = re.sub(rf"\b{re.escape(param)}\b", client, message)
+        param = client
     if status == 400 or status == 422:
         if "maximum context length" in message or "longer than the maximum model length" in (
             message

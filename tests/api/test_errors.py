@@ -215,6 +215,97 @@ def test_openai_fields_that_do_not_change_the_answer_are_accepted(
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("metadata", 5),
+        ("metadata", {"team": 1}),
+        ("metadata", {f"k{i}": "v" for i in range(17)}),
+        ("safety_identifier", []),
+        ("safety_identifier", "x" * 65),
+        ("prompt_cache_key", 1e30),
+        ("prediction", 5),
+        ("prediction", {"type": "other"}),
+        ("store", 0),  # not `false`
+        ("modalities", {"text": 1}),
+        ("best_of", True),
+        ("service_tier", 0),
+    ],
+)
+@pytest.mark.usefixtures("refusal")
+def test_openai_fields_of_the_wrong_type_are_refused(
+    client: TestClient, field: str, value: Any
+) -> None:
+    # the types OpenAI's API description gives them, not whatever Python compares equal
+    error = assert_error(
+        post(client, "/v1/chat/completions", chat_body(**{field: value})),
+        400,
+        param=field,
+        code="invalid_type",
+    )
+    assert error["message"].startswith(f"Invalid type for '{field}': expected ")
+
+
+DEEP = 1500  # deeper than Python's parser recurses (1000), within the 4 KiB body limit
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings"]
+)
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"model": "fake-model", "prompt": "hi", "x": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+        b'{"model": "fake-model", "prompt": "hi", "temperature": NaN}',
+        b'{"model": "fake-model", "prompt": "hi", "top_p": -Infinity}',
+    ],
+    ids=["nested", "nan", "infinity"],
+)
+@pytest.mark.usefixtures("refusal")
+def test_bodies_that_are_not_json_are_400_and_the_connection_lives(
+    client: TestClient, path: str, content: bytes
+) -> None:
+    # JSON has no NaN or Infinity (RFC 8259); nesting past the parser's depth is not a 500
+    response = client.post(path, content=content, headers={"content-type": "application/json"})
+    error = assert_error(response, 400)
+    assert error["message"].startswith("We could not parse the JSON body of your request")
+    assert client.get("/v1/models").status_code == 200
+
+
+@pytest.mark.usefixtures("refusal")
+def test_an_unknown_model_on_the_embeddings_endpoint_is_404(client: TestClient) -> None:
+    # not "this model does not embed": there is no such model
+    body = {"model": "nope", "input": "x"}
+    assert_error(post(client, "/v1/embeddings", body), 404, param="model", code="model_not_found")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", chat_body(max_completion_tokens=0), "max_completion_tokens"),
+        ("/v1/chat/completions", chat_body(max_tokens=0), "max_tokens"),
+        ("/v1/responses", {"model": "fake-model", "input": "hi", "max_output_tokens": 0}, None),
+        (
+            "/v1/responses",
+            {"model": "fake-model", "input": "hi", "previous_response_id": "resp_nope"},
+            "previous_response_id",
+        ),
+    ],
+)
+def test_errors_name_the_field_as_the_client_sent_it(
+    client: TestClient, path: str, body: Any, param: str | None
+) -> None:
+    response = post(client, path, body)
+    assert response.status_code in (400, 404), response.text
+    error = response.json()["error"]
+    named = param or "max_output_tokens"
+    if param is None:  # vLLM's own bound, under its own name inside: the client's name out
+        assert error["param"] in (None, named), error
+        assert "max_tokens" not in error["message"], error
+    else:
+        assert error["param"] == named, error
+
+
 def _nullable_fields(schema_name: str) -> list[str]:
     """The request fields OpenAI's API description lets a client send as `null`."""
     schemas = _document()["components"]["schemas"]

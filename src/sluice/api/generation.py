@@ -63,6 +63,7 @@ from sluice.backends.router import as_stream, escalation, needed_tags
 from sluice.config import Settings
 from sluice.engine.protocol import REQUEST_OBSERVER
 from sluice.errors import (
+    CLIENT_PARAMS,
     Draining,
     InvalidRequest,
     ServiceUnavailable,
@@ -159,12 +160,22 @@ async def read_json(request: Request) -> Any:
         ):
             raise _not_an_object()
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_not_json)
     except ValueError:
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The OpenAI API expects a "
             "JSON payload."
         ) from None
+    except RecursionError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request: it is nested too deeply."
+        ) from None
+
+
+def _not_json(constant: str) -> Any:
+    """`NaN`, `Infinity` and `-Infinity`, which Python's parser accepts but JSON (RFC 8259)
+    has no place for: an upstream would refuse the body, and no field takes them."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _not_an_object() -> InvalidRequest:
@@ -243,8 +254,10 @@ class Generation:
         chain: tuple[str, ...],
         requested: str,
         local: Callable[[dict[str, Any]], Awaitable[Response]],
+        static_fallback: bool = True,
     ) -> Response:
-        """Serve with the first model of `chain` that can, engine or upstreams."""
+        """Serve with the first model of `chain` that can, engine or upstreams
+        (`static_fallback`: the chain's static message may answer when all failed)."""
         self.allowed.update(chain)
         index = 0
         while True:
@@ -258,7 +271,9 @@ class Generation:
                     index += 1
                     continue
             try:
-                return await self._upstream(raw, operation, chain[index:], requested)
+                return await self._upstream(
+                    raw, operation, chain[index:], requested, static_fallback
+                )
             except LocalHandoff as handoff:
                 index += handoff.index
 
@@ -317,7 +332,10 @@ class Generation:
                 trial["logprobs"] = True if operation == "chat" else 1
             try:
                 chain = self._allowed_fallbacks(self.backends.resolve(model).chain)
-                response = await self._serve_chain(trial, operation, chain, name, local)
+                # a try that fails escalates: the static message is the last model's
+                response = await self._serve_chain(
+                    trial, operation, chain, name, local, static_fallback=False
+                )
             except SluiceError as exc:
                 if spec_for(exc).status < 500:
                     raise  # the request's own fault: the next model would refuse it too
@@ -350,7 +368,12 @@ class Generation:
         return await self._serve_chain(raw, operation, chain, name, local)
 
     async def _upstream(
-        self, raw: dict[str, Any], operation: str, chain: tuple[str, ...], requested: str
+        self,
+        raw: dict[str, Any],
+        operation: str,
+        chain: tuple[str, ...],
+        requested: str,
+        static_fallback: bool = True,
     ) -> Response:
         """The request through upstream backends (backends/proxy.py)."""
         shape, named, max_tokens = self._caps(raw, operation)
@@ -378,11 +401,12 @@ class Generation:
             metrics=state.metrics if self.settings.telemetry.enabled else None,
             record=record,
             tracer=self.tracer,
-            request_id=self.request.headers.get("x-request-id")
-            or (record.request_id if record is not None else ""),
+            # the id the middleware settled on (the client's, cut to length, or a new one)
+            request_id=str(self.request.scope.get("state", {}).get("request_id", "")),
             max_tokens=0 if operation == "embeddings" else max_tokens,
             response_headers=response_headers(self.request.scope),
             outputs=(shape.n or 1) * shape.prompts(operation),
+            static_fallback=static_fallback,
         )
         try:
             await call.reserve()
@@ -420,6 +444,7 @@ class Generation:
         """Check `body`, open the exchange, run `call` (vLLM's serving method) and turn what
         it returns into the response (module docstring)."""
         check_fields(body)
+        CLIENT_PARAMS.set(_client_params(operation, shape))
         model = self.model_of(body)
         if model not in self.allowed:
             check_allowed(model, self.principal)
@@ -535,6 +560,14 @@ async def _cut_short(outcome: str, owner: StreamOwner, record: RequestRecord | N
         record.fail(CLIENT_CLOSED_REQUEST, "client_closed_request")
     await owner.close(ClientDisconnected())
     return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+def _client_params(operation: str, shape: Shape) -> dict[str, str] | None:
+    """What the client calls the fields vLLM's errors name (errors.CLIENT_PARAMS)."""
+    names = {"response_id": "previous_response_id"} if operation == "generate_content" else {}
+    if shape.max_tokens_param != "max_tokens":
+        names["max_tokens"] = shape.max_tokens_param
+    return names or None
 
 
 def _rate_headers(response: Response) -> dict[str, str]:

@@ -71,8 +71,8 @@ def text_error(body: bytes) -> InvalidRequest | None:
             "The request body contains a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
             "which is not valid Unicode text."
         )
-    except ValueError:
-        return None  # not JSON: the route reports that
+    except (ValueError, RecursionError):
+        return None  # not JSON, or nested too deeply: the route reports that
     return None
 
 

@@ -134,26 +134,94 @@ def _unset(value: Any) -> bool:
 
 
 def _is(*allowed: Any) -> Callable[[Any], bool]:
-    return lambda value: value is None or value in allowed
+    """None or one of `allowed`, compared with its type (`0` is not `False`)."""
+    return lambda value: (
+        value is None or any(type(value) is type(option) and value == option for option in allowed)
+    )
 
 
-# OpenAI fields vLLM's models do not declare: accepted when the check passes. Source:
+def _string(max_length: int | None = None) -> Callable[[Any], bool]:
+    return lambda value: (
+        value is None
+        or (isinstance(value, str) and (max_length is None or len(value) <= max_length))
+    )
+
+
+def _object(value: Any) -> bool:
+    return value is None or isinstance(value, dict)
+
+
+def _metadata(value: Any) -> bool:
+    """OpenAI's `Metadata`: up to 16 pairs, string keys of at most 64 characters, string
+    values of at most 512."""
+    return value is None or (
+        isinstance(value, dict)
+        and len(value) <= 16
+        and all(isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in value.items())
+    )
+
+
+def _prediction(value: Any) -> bool:
+    """OpenAI's `PredictionContent`: `{"type": "content", "content": text or parts}`."""
+    return value is None or (
+        isinstance(value, dict)
+        and value.get("type") == "content"
+        and isinstance(value.get("content"), str | list)
+    )
+
+
+def _boolean(value: Any) -> bool:
+    return value is None or isinstance(value, bool)
+
+
+def _integer(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _strings(value: Any) -> bool:
+    return value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+# OpenAI fields vLLM's models do not declare, with the type OpenAI's API description gives
+# each (a value of another type is a 400 `invalid_type`). Source:
 # ../shared/openai-openapi/openapi.yaml (CreateChatCompletionRequest, CreateCompletionRequest,
 # CreateResponse) against vLLM 0.32's models.
+OPENAI_FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "metadata": (
+        _metadata,
+        "an object of up to 16 string keys (64 characters each) with "
+        "string values (512 characters each)",
+    ),
+    "safety_identifier": (_string(64), "a string of at most 64 characters"),
+    "prompt_cache_key": (_string(), "a string"),
+    "prompt_cache_retention": (_string(), "a string"),
+    "prompt_cache_options": (_object, "an object"),
+    "prediction": (_prediction, "an object {'type': 'content', 'content': text or parts}"),
+    "stream_options": (_object, "an object"),
+    "service_tier": (_string(), "a string"),
+    "store": (_boolean, "a boolean"),
+    "modalities": (_strings, "an array of strings"),
+    "verbosity": (_string(), "a string"),
+    "best_of": (_integer, "an integer"),
+}
+
+# Of those, which values this server serves (else a 400 `unsupported_value`): any, for
+# metadata and hints that do not change the answer; only the value that does not change
+# it, for the rest; nothing but null for features this server does not have.
 OPENAI_ONLY_FIELDS: dict[str, Callable[[Any], bool]] = {
     # Metadata and hints that do not change the answer.
     "metadata": lambda value: True,
     "safety_identifier": lambda value: True,
     "prompt_cache_key": lambda value: True,  # vLLM's prefix cache needs no key
-    "prompt_cache_retention": lambda value: True,
+    "prompt_cache_retention": _is("in_memory", "in-memory", "24h"),
     "prompt_cache_options": lambda value: True,
     "prediction": lambda value: True,  # predicted outputs only speed up; answers are the same
     "stream_options": lambda value: True,  # /v1/responses: include_obfuscation only
     "service_tier": _is("auto", "default"),
     "store": _is(False),  # nothing is stored for later retrieval
-    "modalities": lambda value: value is None or list(value) == ["text"],
+    "modalities": lambda value: value is None or value == ["text"],
     "verbosity": _is("medium"),
-    "best_of": lambda value: value is None or value == 1,
+    "best_of": _is(1),
     # Features this server does not have.
     "audio": _unset,
     "web_search_options": _unset,
@@ -169,6 +237,7 @@ REFUSAL_HINTS = {
     "function_call": "use 'tool_choice' instead",
     "store": "this server stores no completions",
     "best_of": "use 'n' instead",
+    "modalities": "this server answers with text only: ['text']",
 }
 
 
@@ -181,6 +250,13 @@ def check_fields(body: BaseModel) -> None:
                 f"Unrecognized request argument supplied: {name}",
                 param=name,
                 code="unknown_parameter",
+            )
+        typed, expected = OPENAI_FIELD_TYPES.get(name, (lambda _: True, ""))
+        if not typed(value):
+            raise InvalidRequest(
+                f"Invalid type for '{name}': expected {expected}.",
+                param=name,
+                code="invalid_type",
             )
         if not accept(value):
             hint = REFUSAL_HINTS.get(name, "this server does not support it")

@@ -113,6 +113,13 @@ async def create_response(generation: GenerationDep) -> Response:
 async def create_embedding(generation: GenerationDep) -> Response:
     async def local(raw: dict[str, Any]) -> Response:
         body = parse_body(EmbeddingBody, raw)
+        model = generation.model_of(body)
+        check_allowed(model, generation.principal)  # 403 first, as on every endpoint
+        if not generation.serves(model):  # 404 before "this model does not embed"
+            raise ModelNotFound(
+                f"The model '{model}' does not exist or you do not have access to it.",
+                param="model",
+            )
         embedding = generation.serving.embedding
         shape = Shape(prompts=prompt_count(getattr(body, "input", None)))
         return await generation.serve(
