@@ -681,3 +681,233 @@ def test_cascade_signals_judge_only_what_they_can() -> None:
     broken = {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}}
     assert escalation(schema, broken, answer('{"x": 1}')) is None
     assert escalation(schema, broken, answer("not json")) == "schema"
+
+
+def sse_raw(*parts: bytes, pause_s: float = 0.0) -> Handler:
+    """A stream written as the given raw parts (`pause_s` between them)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for part in parts:
+            await response.write(part)
+            await asyncio.sleep(pause_s)
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+async def relayed(upstream_call: UpstreamCall, answer: Any) -> list[str]:
+    return [frame async for frame in upstream_call.frames(answer)]
+
+
+async def test_streams_that_always_break_after_their_first_event_open_the_breaker(
+    servers: Servers,
+) -> None:
+    # each stream answers (its first event arrives) and then breaks: a failure every time,
+    # so the breaker opens as it would for any other failure
+    backends = backends_with(servers, {"x": sse_handler([FIRST, FIRST])}, breaker_failures=3)
+    backends.by_model["m"] = [backends.upstreams[0]]
+    x = backends.upstreams[0]
+    for _ in range(3):
+        upstream_call = call(backends, stream=True)
+        answer = await upstream_call.open()
+        assert isinstance(answer, Answer)
+        with pytest.raises(UpstreamError):
+            await relayed(upstream_call, answer)
+        await upstream_call.close(upstream_call.error)
+    assert x.state == "open"
+    # a whole stream closes it again (and counts as the success, at its end)
+    servers.handlers["x"] = sse_handler([FIRST, "[DONE]"])
+    x.breaker.reset()
+    upstream_call = call(backends, stream=True)
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer)
+    x.failed(proxy.UpstreamFailure("x", "stream_cut", "earlier"))
+    assert x.breaker.failure_count == 1
+    await relayed(upstream_call, answer)
+    assert x.breaker.failure_count == 0
+
+
+async def test_keep_alive_comments_do_not_stretch_the_wait_for_the_next_event(
+    servers: Servers,
+) -> None:
+    pings = [f"data: {FIRST}\n\n".encode(), *([b": ping\n\n"] * 40)]
+    backends = backends_with(servers, {"x": sse_raw(*pings, pause_s=0.05)})
+    backends.by_model["m"] = [backends.upstreams[0]]
+    backends.upstreams[0].settings.timeouts.first_token_s = 0.5
+    upstream_call = call(backends, stream=True)
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer)
+    started = time.monotonic()
+    with pytest.raises(UpstreamError):
+        await relayed(upstream_call, answer)
+    assert time.monotonic() - started < 1.5  # not the 2 s of pings
+    attempts = Attempts()
+    upstream_call.metrics = attempts  # type: ignore[assignment]
+    await upstream_call.close(upstream_call.error)
+    assert backends.upstreams[0].breaker.failure_count == 1
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+async def test_every_sse_line_ending_is_a_line_ending(servers: Servers, ending: bytes) -> None:
+    # SSE allows LF, CRLF and a lone CR; split across writes, a CRLF is still one line end
+    usage = '{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}'
+    events = [f"data: {FIRST}", f"data: {usage}", "data: [DONE]"]
+    body = b"".join(event.encode() + ending * 2 for event in events)
+    parts = [body[i : i + 7] for i in range(0, len(body), 7)]
+    backends = backends_with(servers, {"x": sse_raw(*parts)})
+    backends.by_model["m"] = [backends.upstreams[0]]
+    upstream_call = call(backends, stream=True)
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer)
+    frames = await relayed(upstream_call, answer)
+    assert frames == [f"data: {FIRST}\n\n", "data: [DONE]\n\n"]
+    assert upstream_call.usage == (3, 1)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        b'event: error\ndata: {"error": {"message": "evt boom", "code": 500}}\n\n',
+        b'data:{"error": {"message": "evt boom", "type": "server_error"}}\n\n',
+        b'data: {"error": "evt boom", "error_type": "generation"}\n\n',  # TGI's
+    ],
+    ids=["event-line", "no-space", "tgi"],
+)
+async def test_an_upstream_error_event_reaches_the_client_in_openais_shape(
+    servers: Servers, error: bytes
+) -> None:
+    parts = (f"data: {FIRST}\n\n".encode(), error, b"data: [DONE]\n\n")
+    backends = backends_with(servers, {"x": sse_raw(*parts)})
+    backends.by_model["m"] = [backends.upstreams[0]]
+    upstream_call = call(backends, stream=True)
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer)
+    frames = await relayed(upstream_call, answer)
+    assert frames[-1] == "data: [DONE]\n\n"
+    sent = json.loads(frames[1].removeprefix("data: "))
+    assert sent["error"] == {
+        "message": "evt boom",
+        "type": "server_error",
+        "param": None,
+        "code": "upstream_error",
+    }
+    assert upstream_call.error is not None and upstream_call.error.message == "evt boom"
+    assert answer.upstream.breaker.failure_count == 1  # a 5xx-like failure of the upstream
+
+
+@pytest.mark.parametrize(("code", "failover"), [(500, True), (400, False)])
+async def test_an_error_as_the_first_event_is_a_failure_or_the_clients_error(
+    servers: Servers, code: int, failover: bool
+) -> None:
+    # nothing reached the client yet: a failure falls back, a refusal is the client's 400
+    first = json.dumps({"error": {"message": "no", "code": code}})
+    backends = backends_with(
+        servers, {"x": sse_handler([first, "[DONE]"]), "y": sse_handler([FIRST, "[DONE]"])}
+    )
+    backends.by_model["m"] = [backends.upstreams[0]]
+    upstream_call = call(backends, stream=True, retries=0)
+    if failover:
+        answer = await upstream_call.open()
+        assert isinstance(answer, Answer) and answer.model == "fb"
+    else:
+        with pytest.raises(InvalidRequest) as raised:
+            await upstream_call.open()
+        assert raised.value.message == "no"
+
+
+async def test_output_without_usage_is_still_counted(servers: Servers) -> None:
+    # spaced JSON (Python's json.dumps default) and no usage chunk: the events count
+    spaced = json.dumps({"choices": [{"index": 0, "delta": {"content": "tok "}}]})
+    backends = backends_with(servers, {"x": sse_handler([spaced, spaced, "[DONE]"])})
+    backends.by_model["m"] = [backends.upstreams[0]]
+    upstream_call = call(backends, stream=True)
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer)
+    await relayed(upstream_call, answer)
+    assert upstream_call.usage is None and upstream_call.output_tokens == 2
+    # a whole answer without usage: estimated from its text (4 characters a token)
+    no_usage = {k: v for k, v in OK_BODY.items() if k != "usage"}
+    no_usage["choices"] = [{"index": 0, "message": {"role": "assistant", "content": "x" * 40}}]
+
+    async def bare(request: web.Request) -> web.StreamResponse:
+        return web.json_response(no_usage)
+
+    servers.handlers["x"] = bare
+    upstream_call = call(backends)
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer)
+    assert upstream_call.usage is None and upstream_call.output_tokens == 10
+
+
+def test_output_detection_and_estimates() -> None:
+    assert proxy._has_output('{"delta": {"content" : "a"}}')
+    assert proxy._has_output('{"delta":{"reasoning_content":"a"}}')
+    assert proxy._has_output('{"type":"response.output_text.delta","delta":"a"}')
+    assert not proxy._has_output('{"delta": {"content": ""}}')
+    assert not proxy._has_output('{"delta": {"content": null, "role": "assistant"}}')
+    answer = {
+        "choices": [
+            {"message": {"content": "abcd", "tool_calls": [{"function": {"arguments": "{}xx"}}]}},
+            {"text": "abcdefgh"},
+        ],
+        "usage": None,
+    }
+    assert proxy.estimate_output_tokens(answer) == 4
+    responses = {"output": [{"content": [{"type": "output_text", "text": "x" * 9}]}]}
+    assert proxy.estimate_output_tokens(responses) == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"error": {"message": "bad thing"}}, "bad thing"),
+        ({"error": "plain text"}, "plain text"),
+        ({"detail": "not allowed"}, "not allowed"),
+        ({"detail": [{"loc": ["body"], "msg": "x"}]}, '[{"loc": ["body"], "msg": "x"}]'),
+        ({"message": "top level"}, "top level"),
+        ({}, None),
+    ],
+)
+def test_an_upstreams_error_message_is_found_whatever_its_shape(
+    body: dict[str, Any], message: str | None
+) -> None:
+    assert proxy.message_of(body) == message
+
+
+async def test_a_cascades_try_escalates_instead_of_taking_the_static_fallback(
+    servers: Servers,
+) -> None:
+    backends = backends_with(
+        servers,
+        {"x": failing(500, 99), "y": failing(500, 99)},
+        retries=0,
+        static_fallback={"m": "Busy; retry."},
+    )
+    trial = call(backends)
+    trial.static_fallback = False
+    with pytest.raises(UpstreamError):  # a failure the cascade escalates on
+        await trial.open()
+    answer = await call(backends).open()  # the last model (or no cascade): the message
+    assert not isinstance(answer, Answer) and b"Busy; retry." in bytes(answer.body)
+
+
+async def test_an_attempt_cancelled_before_its_answer_is_counted(servers: Servers) -> None:
+    async def hang(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(30)
+        return web.json_response(OK_BODY)
+
+    backends = backends_with(servers, {"x": hang})
+    backends.by_model["m"] = [backends.upstreams[0]]
+    attempts = Attempts()
+    upstream_call = call(backends, attempts=attempts)
+    task = asyncio.ensure_future(upstream_call.open())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await upstream_call.close(ClientDisconnected())
+    assert attempts.seen == [("x", 1, "client_closed")]
+    assert backends.upstreams[0].outstanding == 0

@@ -2,15 +2,16 @@
 settlement.
 
 `open` runs the attempts: for each model of the chain (the model, then its fallbacks) it
-picks the least-loaded available upstream (backends/registry.py) and sends the request;
-a failure (`UpstreamFailure`: connection error, timeout, 5xx, 429, a stream cut before its
-first event) is retried on that model with exponential backoff and jitter (tenacity) up to
-`routing.retries` times while the retry budget allows, then the next model is tried. Nothing
-is retried once a byte went to the client: a stream counts as answered at its first event,
-and the client's status is sent only then. A 4xx from an upstream is the request's own
-fault and is answered as it is (status and message), never retried. When every attempt
-failed: the model's static fallback message if one is configured (header
-`x-sluice-fallback: static`), else the last failure as an error in OpenAI's shape.
+picks the least-loaded available upstream (backends/registry.py) and sends the request; a
+failure (`UpstreamFailure`: connection error, timeout, 5xx, 429, a stream cut before its
+first event or opening with a 5xx-like error event) is retried on that model with
+exponential backoff and jitter (tenacity) up to `routing.retries` times while the retry
+budget allows, then the next model is tried. Nothing is retried once a byte went to the
+client: a stream counts as answered at its first event, and the client's status is sent only
+then. A 4xx from an upstream is the request's own fault and is answered as it is (status and
+message), never retried. When every attempt failed: the model's static fallback message if
+one is configured (header `x-sluice-fallback: static`), else the last failure as an error in
+OpenAI's shape.
 
 Around the attempts it owns what `Exchange` owns for the engine: the lifecycle slot (upstream
 requests are served while the engine loads), the gateway's reservation (the prompt's tokens
@@ -19,7 +20,9 @@ the record (model that answered, `backend`, `attempt`, first-token time, gaps) a
 client span per attempt (`traceparent` goes to the upstream). Streams always ask the
 upstream for usage (`stream_options.include_usage`) so settlement and metrics use the
 upstream's own counts; the usage chunk is dropped again when the client did not ask.
-`close` settles once from that usage (the estimate where an upstream sent none).
+`close` settles once from that usage (estimates where an upstream sent none). A stream is
+the upstream's success for its breaker only once it ended whole; one that breaks, stalls
+past `first_token_s` between events or reports a 5xx-like error event is a failure.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections import deque
@@ -45,7 +49,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from sluice.api.sse import ClientDisconnected, OwnedResponse
 from sluice.backends.registry import Backends
-from sluice.backends.upstream import Upstream, UpstreamFailure, failure_of_status
+from sluice.backends.upstream import Upstream, UpstreamFailure, failure_of_status, message_of
 from sluice.config import RoutingSettings, Settings
 from sluice.errors import (
     InvalidRequest,
@@ -55,6 +59,7 @@ from sluice.errors import (
     ServiceUnavailable,
     SluiceError,
     UpstreamError,
+    error_body,
     request_timed_out,
 )
 from sluice.gateway.auth import Principal
@@ -210,6 +215,7 @@ class UpstreamCall:
         max_tokens: int,
         response_headers: dict[str, str],
         outputs: int = 1,
+        static_fallback: bool = True,
     ) -> None:
         self.body = body
         self.operation = operation
@@ -231,6 +237,7 @@ class UpstreamCall:
         options = body.get("stream_options")
         self.client_wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         self.outputs = outputs  # completions the answer may hold: n times the prompts
+        self.static_fallback = static_fallback  # False for a cascade's tries: they escalate
         self.error: SluiceError | None = None
         self.acceptance = asyncio.Event()
         self.timeout_s = settings.limits.request_timeout_s
@@ -239,12 +246,16 @@ class UpstreamCall:
         self.answer: Answer | None = None
         self.usage: tuple[int, int] | None = None
         self.prompt_estimate = estimate_prompt_tokens(body)
-        self.output_chunks = 0
+        # output tokens counted while no usage came: one per event with output relayed, or
+        # estimated from a whole answer's text
+        self.output_tokens = 0
         self.response_headers = response_headers
         self._slot = False
         self._closed = False
         self._span: trace.Span | None = None
         self._probe = False  # the answering attempt was a half-open breaker's probe
+        # an attempt cancelled before it answered, counted when the call closes
+        self._unanswered: tuple[Upstream, str, int] | None = None
         self.last_failure: UpstreamFailure | None = None  # of any attempt, the latest
         self._done = False  # the stream's `[DONE]` arrived
         self._failure_counted = False  # a cut stream counted its attempt's failure already
@@ -306,7 +317,7 @@ class UpstreamCall:
                         self._answered(answer)
                         return answer
         last = self.last_failure
-        static = self.routing.static_fallback.get(self.chain[0])
+        static = self.routing.static_fallback.get(self.chain[0]) if self.static_fallback else None
         if static is not None and self.operation in ("chat", "text_completion"):
             return self._static(static, last)
         raise self._error_of(last)
@@ -358,10 +369,15 @@ class UpstreamCall:
             if isinstance(exc, SluiceError):  # the upstream answered: the request's fault
                 upstream.succeeded()
                 self._count(upstream, model, attempt, "refused")
+            else:  # cancelled (the client left, the time limit): `close` counts it
+                self._unanswered = (upstream, model, attempt)
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             span.end()
             raise
-        upstream.succeeded()
+        if answer.stream is None:
+            upstream.succeeded()
+        # A stream succeeds for the breaker only when it ends whole (`frames`): one that
+        # always breaks after its first event must open the breaker like any failure.
         self._probe = probe
         self._span = span
         return answer
@@ -390,6 +406,8 @@ class UpstreamCall:
                 if not isinstance(parsed, dict):
                     raise UpstreamFailure(name, "bad_answer", "its 200 is not a JSON object")
                 self.usage = usage_of(parsed)
+                if self.usage is None:  # settled from estimates (`_used`)
+                    self.output_tokens = estimate_output_tokens(parsed)
                 return Answer(upstream, model, attempt, body=content)
             async with asyncio.timeout(timeouts.first_token_s + timeouts.connect_s):
                 stream = await upstream.session.post(url, json=payload, headers=headers)
@@ -409,6 +427,11 @@ class UpstreamCall:
             if first is None:
                 stream.close()
                 raise UpstreamFailure(name, "stream_cut", "the stream ended before any event")
+            data = _data_of(first)
+            error = None if data is None else _error_of_event(data)
+            if error is not None:  # nothing reached the client: a failure or a refusal
+                stream.close()
+                self._check_status(name, _status_of_error(error), b"", {}, {"error": error})
             return Answer(upstream, model, attempt, stream=stream, lines=lines, first_event=first)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise UpstreamFailure(name, "connect", f"cannot connect: {exc!r}") from exc
@@ -420,15 +443,21 @@ class UpstreamCall:
             raise UpstreamFailure(name, "bad_answer", f"its stream is broken: {exc}") from exc
 
     def _check_status(
-        self, backend: str, status: int, content: bytes, headers: Mapping[str, str]
+        self,
+        backend: str,
+        status: int,
+        content: bytes,
+        headers: Mapping[str, str],
+        body: dict[str, Any] | None = None,
     ) -> None:
         if status == 200:
             return
-        try:
-            body = json.loads(content)
-        except ValueError:
-            body = None
-        body = body if isinstance(body, dict) else None
+        if body is None:
+            try:
+                body = json.loads(content)
+            except (ValueError, RecursionError):
+                body = None
+            body = body if isinstance(body, dict) else None
         failure = failure_of_status(backend, status, body, headers)
         if failure is not None:
             raise failure
@@ -524,8 +553,9 @@ class UpstreamCall:
         """The upstream's body as it came (its usage was read in `_send`); the call closes
         once it is sent."""
         content = answer.body or b""
-        if self.record is not None and self.usage is not None:
-            self.record.on_tokens(time.perf_counter(), self.usage[1])
+        if self.record is not None:
+            output = self.usage[1] if self.usage is not None else self.output_tokens
+            self.record.on_tokens(time.perf_counter(), output)
         return OwnedResponse(content, self)
 
     async def frames(self, answer: Answer) -> AsyncGenerator[str, None]:
@@ -534,15 +564,30 @@ class UpstreamCall:
         assert answer.lines is not None and answer.stream is not None
         lines = answer.lines
         event = answer.first_event
+        limit_s = answer.upstream.settings.timeouts.first_token_s
+        clock = asyncio.get_running_loop().time
         try:
             while event is not None:
                 frame = self._relay(event)
                 if frame is not None:
                     yield frame
-                event = await _next_event(lines)
+                # The socket's read timeout (`first_token_s`) bounds a silent wait; comments
+                # (keep-alive pings) reset it while no event comes, so a wait that sees one
+                # goes on under a timer to the same bound (none on the per-event path).
+                started = clock()
+                event = await _next_event(lines, until_comment=True)
+                if event is COMMENT:
+                    async with asyncio.timeout_at(started + limit_s):
+                        event = await _next_event(lines)
             if self.operation in STREAMS_USAGE and not self._done:
-                raise _Broken("stream_cut", "the stream ended without its [DONE]")
-        except (aiohttp.ClientError, TimeoutError) as exc:
+                if self.error is None:
+                    raise _Broken("stream_cut", "the stream ended without its [DONE]")
+                yield "data: [DONE]\n\n"  # after an error event, as vLLM ends its streams
+            if self.error is None:
+                answer.upstream.succeeded()  # the stream ended whole
+        except TimeoutError as exc:
+            raise self._cut(answer, "timeout", f"no event within {limit_s} s") from exc
+        except aiohttp.ClientError as exc:
             raise self._cut(answer, "stream_cut", repr(exc)) from exc
         except ValueError as exc:  # not JSON where JSON belongs, not UTF-8, a line too long
             raise self._cut(answer, "bad_answer", str(exc)) from exc
@@ -571,13 +616,18 @@ class UpstreamCall:
         if data == "[DONE]":
             self._done = True
             return "data: [DONE]\n\n"
-        if data.startswith('{"error"'):
-            self.error = _stream_error(data)
-            return event + "\n\n"
-        record = self.record
-        if record is not None and _has_output(data):
-            self.output_chunks += 1
-            record.on_tokens(time.perf_counter(), 1)
+        error = _error_of_event(data)
+        if error is not None:
+            # in OpenAI's shape, whatever the upstream's (SSEResponse sends `self.error`)
+            self.error = _stream_error(error)
+            if _status_of_error(error) >= 500 and self.answer is not None:
+                upstream = self.answer.upstream
+                upstream.failed(UpstreamFailure(upstream.name, "status_5xx", self.error.message))
+            return "data: " + json.dumps(error_body(self.error)) + "\n\n"
+        if _has_output(data):
+            self.output_tokens += 1
+            if self.record is not None:
+                self.record.on_tokens(time.perf_counter(), 1)
         if '"usage"' not in data:
             return event + "\n\n"
         obj = json.loads(data)
@@ -607,6 +657,9 @@ class UpstreamCall:
                     _finish(answer.stream)
                 if not self._failure_counted:
                     self._count(answer.upstream, answer.model, answer.attempt, self._end(error))
+            elif self._unanswered is not None:
+                outcome = self._end(error)
+                self._count(*self._unanswered, "error" if outcome == "ok" else outcome)
             prompt, completion = self._used(answer is not None)
             record = self.record
             if record is not None and answer is not None:
@@ -648,7 +701,7 @@ class UpstreamCall:
             return 0, 0
         if self.usage is not None:
             return self.usage
-        return self.prompt_estimate, self.output_chunks
+        return self.prompt_estimate, self.output_tokens
 
 
 def _refusal(backend: str, status: int, body: dict[str, Any] | None) -> SluiceError:
@@ -657,7 +710,7 @@ def _refusal(backend: str, status: int, body: dict[str, Any] | None) -> SluiceEr
     (401, 403, 404 and the rest) are a 502."""
     error = (body or {}).get("error")
     error = error if isinstance(error, dict) else {}
-    message = str(error.get("message") or f"HTTP {status}")
+    message = message_of(body) or f"HTTP {status}"
     param = error.get("param") if isinstance(error.get("param"), str) else None
     code = error.get("code") if isinstance(error.get("code"), str) else None
     if status in (400, 422):
@@ -668,15 +721,38 @@ def _refusal(backend: str, status: int, body: dict[str, Any] | None) -> SluiceEr
     return UpstreamError(f"The upstream backend refused the request ({status}): {message}")
 
 
-def _stream_error(data: str) -> UpstreamError:
-    """An `{"error": ...}` event of an upstream's stream, as the error sent in its place."""
-    try:
-        error = json.loads(data).get("error") or {}
-    except ValueError:
-        error = {}
+def _stream_error(error: dict[str, Any]) -> UpstreamError:
+    """An upstream stream's error event (`_error_of_event`), as the error sent in its place."""
     message = str(error.get("message") or "The upstream backend failed while streaming.")
     code = error.get("code")
     return UpstreamError(message, code=code if isinstance(code, str) else "upstream_error")
+
+
+def _error_of_event(data: str) -> dict[str, Any] | None:
+    """The error an event's data reports, if it is an error event: OpenAI's and vLLM's
+    `{"error": {...}}`, or `{"error": "text"}` (Hugging Face TGI's); None for any other
+    event (a Responses API stream's `error` events are its own shape and pass as they are)."""
+    if '"error"' not in data:
+        return None
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict) or "error" not in obj or "choices" in obj or "type" in obj:
+        return None
+    error = obj["error"]
+    if isinstance(error, dict):
+        return error
+    return {"message": str(error)}
+
+
+def _status_of_error(error: dict[str, Any]) -> int:
+    """The HTTP status an error event stands for: its integer `code` (vLLM's) when that is
+    one, else 500 (a failure of the upstream)."""
+    code = error.get("code")
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
+        return code
+    return 500
 
 
 def _data_of(event: str) -> str | None:
@@ -687,48 +763,84 @@ def _data_of(event: str) -> str | None:
     return "\n".join(parts) if parts else None
 
 
+# A chunk's generated text: chat content, reasoning, tool-call arguments, completion text,
+# a Responses API text delta; a non-empty string, however the JSON is spaced.
+OUTPUT_TEXT = re.compile(
+    r'"(?:content|reasoning_content|reasoning|text|arguments|delta)"\s*:\s*"(?!")'
+)
+# Where a whole answer's generated text is: under `choices` (chat, completions) or `output`
+# (Responses API), in these fields.
+OUTPUT_FIELDS = frozenset({"content", "reasoning_content", "reasoning", "text", "arguments"})
+
+
 def _has_output(data: str) -> bool:
-    """A chunk carrying generated text (content, reasoning, tool arguments, completion text),
-    found without parsing it: the per-chunk path stays cheap."""
-    return (
-        ('"content":"' in data and '"content":""' not in data)
-        or '"text":"' in data
-        or '"arguments":"' in data
-        or '"delta":"' in data
-    )
+    """A chunk carrying generated text (`OUTPUT_TEXT`), found without parsing it: the
+    per-chunk path stays cheap."""
+    return OUTPUT_TEXT.search(data) is not None
 
 
-async def _next_event(lines: AsyncIterator[str]) -> str | None:
-    """The next SSE event (its lines, comments dropped), or None at the end."""
+def estimate_output_tokens(answer: dict[str, Any]) -> int:
+    """Output tokens of a whole answer that came without `usage`, estimated from its text
+    (`OUTPUT_FIELDS` under `choices` or `output`, `CHARS_PER_TOKEN`), so that an upstream
+    that reports no usage is not free for budgets and TPM."""
+    chars = 0
+    pending: list[Any] = [answer.get("choices"), answer.get("output")]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if key in OUTPUT_FIELDS and isinstance(value, str):
+                    chars += len(value)
+                elif isinstance(value, dict | list):
+                    pending.append(value)
+    return math.ceil(chars / CHARS_PER_TOKEN)
+
+
+COMMENT = ":"  # what `_next_event(until_comment=True)` returns for a comment line
+
+
+async def _next_event(lines: AsyncIterator[str], until_comment: bool = False) -> str | None:
+    """The next SSE event (its lines, comments dropped), or None at the end; with
+    `until_comment`, `COMMENT` for a comment that comes before the event's first line."""
     parts: list[str] = []
     async for line in lines:
         if line:
             if not line.startswith(":"):
                 parts.append(line)
+            elif until_comment and not parts:
+                return COMMENT
         elif parts:
             return "\n".join(parts)
     return "\n".join(parts) if parts else None
 
 
+# SSE's line ends: CRLF, LF or a lone CR (WHATWG HTML, "Parsing an event stream").
+LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
 async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
-    """The lines of a response body as they arrive, without their `\n` or `\r\n` (SSE's
-    line ends), up to `MAX_LINE_BYTES` long (aiohttp's own `readline` refuses lines past
-    its 64 KiB buffer, and a Responses API `response.completed` event carries the whole
-    answer on one line). Raises ValueError for a longer line or bytes that are not UTF-8."""
-    pending = bytearray()
+    """The lines of a response body as they arrive, without their line ends (`LINE_END`),
+    up to `MAX_LINE_BYTES` long (aiohttp's own `readline` refuses lines past its 64 KiB
+    buffer, and a Responses API `response.completed` event carries the whole answer on one
+    line). Raises ValueError for a longer line or bytes that are not UTF-8."""
+    pending = b""
     async for data in content.iter_any():
         pending += data
         start = 0
-        while (end := pending.find(b"\n", start)) != -1:
-            if end - start > MAX_LINE_BYTES:
+        for end in LINE_END.finditer(pending):
+            if end.start() - start > MAX_LINE_BYTES:
                 break
-            yield bytes(pending[start:end]).removesuffix(b"\r").decode()
-            start = end + 1
-        del pending[:start]
+            if end.end() == len(pending) and end.group() == b"\r":
+                break  # a CR that ends the data so far may be the start of a CRLF
+            yield pending[start : end.start()].decode()
+            start = end.end()
+        pending = pending[start:]
         if len(pending) > MAX_LINE_BYTES:
             raise ValueError(f"a line of the stream is longer than {MAX_LINE_BYTES} bytes")
     if pending:
-        yield bytes(pending).removesuffix(b"\r").decode()
+        yield pending.removesuffix(b"\r").decode()
 
 
 def _finish(response: aiohttp.ClientResponse) -> None:

@@ -9,14 +9,15 @@ breaker (the `circuitbreaker` library: `breaker_failures` consecutive failures o
 it, a failure opens it again).
 
 What counts as a failure (`UpstreamFailure`, `retryable`): a connection error, a timeout, a
-5xx, a 429 or a stream cut short. A 4xx is the request's own fault: the upstream answered,
-which counts as a success for the breaker.
+5xx (or a 5xx-like error event in a stream), a 429 or a stream cut short. A 4xx is the
+request's own fault: the upstream answered, which counts as a success for the breaker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -71,17 +72,31 @@ def failure_of_status(
     retry_after: float | None = None
     with contextlib.suppress(TypeError, ValueError):
         retry_after = float(headers.get("retry-after", ""))
-    message = _message_of(body) or f"HTTP {status}"
+    message = message_of(body) or f"HTTP {status}"
     return UpstreamFailure(
         backend, reason, message, status=status, body=body, retry_after_s=retry_after
     )
 
 
-def _message_of(body: dict[str, Any] | None) -> str | None:
-    error = (body or {}).get("error")
+MAX_MESSAGE_CHARS = 1000  # of an upstream's error message quoted to the client
+
+
+def message_of(body: dict[str, Any] | None) -> str | None:
+    """The message of an upstream's error body, whatever its shape: OpenAI's
+    `{"error": {"message"}}`, `{"error": "text"}` (Hugging Face TGI), FastAPI's
+    `{"detail": ...}` (vLLM's own server for some errors), or a top-level `message`."""
+    body = body or {}
+    error = body.get("error")
     if isinstance(error, dict):
-        return str(error.get("message", "")) or None
-    return None
+        found: Any = error.get("message")
+    elif error is not None:
+        found = error
+    else:
+        found = body.get("detail", body.get("message"))
+    if found is None or found == "":
+        return None
+    text = found if isinstance(found, str) else json.dumps(found, default=str)
+    return text[:MAX_MESSAGE_CHARS]
 
 
 class Upstream:
