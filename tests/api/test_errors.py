@@ -182,6 +182,7 @@ def test_unknown_fields_are_refused_by_name(client: TestClient, path: str, body:
         ("function_call", "auto"),
         ("service_tier", "flex"),
         ("use_beam_search", True),
+        ("length_penalty", 2.0),  # beam search's alone: it would be ignored
     ],
 )
 @pytest.mark.usefixtures("refusal")

@@ -32,6 +32,16 @@ def test_tokenize_and_detokenize(client: TestClient, engine: FakeEngine) -> None
     assert engine.requests == []  # no engine work
 
 
+@pytest.mark.parametrize("tokens", [[10**9], [1, 2, 10**9]])
+def test_detokenize_refuses_ids_out_of_the_vocabulary(
+    client: TestClient, tokens: list[int]
+) -> None:
+    # as a prompt of token ids is refused: there is no text for such an id
+    response = client.post("/detokenize", json={"model": MODEL_ID, "tokens": tokens})
+    error = assert_error(response, 400, param="tokens")
+    assert "out of vocabulary" in error["message"]
+
+
 def test_tokenize_refuses_unknown_models(client: TestClient) -> None:
     response = client.post("/tokenize", json={"model": "nope", "prompt": "x"})
     assert_error(response, 404, param="model", code="model_not_found")

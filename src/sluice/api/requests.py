@@ -272,3 +272,11 @@ def check_fields(body: BaseModel) -> None:
             param="use_beam_search",
             code="unsupported_value",
         )
+    if getattr(body, "length_penalty", 1.0) not in (1.0, None):
+        # vLLM reads it only for beam search: any other value would be ignored
+        raise InvalidRequest(
+            "'length_penalty' applies to beam search only, which this server does not run; "
+            "leave it at 1.0.",
+            param="length_penalty",
+            code="unsupported_value",
+        )

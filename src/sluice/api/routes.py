@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import BaseRoute
+from vllm import envs
 from vllm.entrypoints.openai.responses.api_router import _convert_stream_to_sse_events
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
@@ -38,7 +39,7 @@ from sluice.api.requests import (
 )
 from sluice.api.serving import Serving
 from sluice.backends.registry import Backends
-from sluice.errors import ModelNotFound, Unauthenticated, from_vllm
+from sluice.errors import InvalidRequest, ModelNotFound, Unauthenticated, from_vllm
 from sluice.gateway.auth import Principal
 from sluice.gateway.guards import check_allowed
 from sluice.lifecycle import DRAINING_RETRY_AFTER_S, LOADING_RETRY_AFTER_S, Phase
@@ -96,6 +97,15 @@ async def create_response(generation: GenerationDep) -> Response:
     async def local(raw: dict[str, Any]) -> Response:
         body = parse_body(ResponsesBody, raw)
         responses = generation.serving.responses
+        if body.previous_response_id is not None and not envs.VLLM_ENABLE_RESPONSES_API_STORE:
+            # vLLM would answer 404 "not found", which clients read as an unknown model
+            raise InvalidRequest(
+                "'previous_response_id' is not supported: this server stores no responses "
+                "(vLLM's VLLM_ENABLE_RESPONSES_API_STORE is off); send the earlier turns in "
+                "'input'.",
+                param="previous_response_id",
+                code="unsupported_value",
+            )
 
         async def call() -> Any:
             result = await responses.create_responses(body, generation.request)
@@ -153,8 +163,10 @@ async def tokenize(
 async def detokenize(
     body: DetokenizeBody, request: Request, principal: PrincipalDep, serving: ServingDep
 ) -> Response:
-    """vLLM's detokenizer endpoint: the text of token ids."""
+    """vLLM's detokenizer endpoint: the text of token ids (an id out of the vocabulary is
+    a 400, as in a prompt: vLLM's own check, which its detokenizer skips)."""
     _tokenizing(body, principal, serving)
+    serving.models.engine_client.renderer.validate_token_ids(body.tokens, parameter="tokens")
     return _json(await serving.tokenization.create_detokenize(body, request))
 
 
