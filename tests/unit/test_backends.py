@@ -727,6 +727,14 @@ async def test_streams_that_always_break_after_their_first_event_open_the_breake
     x.failed(proxy.UpstreamFailure("x", "stream_cut", "earlier"))
     assert x.breaker.failure_count == 1
     await relayed(upstream_call, answer)
+    await upstream_call.close()
+    assert x.breaker.failure_count == 0
+    # so does a good stream the client leaves early: the upstream did its part
+    x.failed(proxy.UpstreamFailure("x", "stream_cut", "earlier"))
+    upstream_call = call(backends, stream=True)
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer)
+    await upstream_call.close(ClientDisconnected())
     assert x.breaker.failure_count == 0
 
 
@@ -757,7 +765,7 @@ async def test_every_sse_line_ending_is_a_line_ending(servers: Servers, ending: 
     events = [f"data: {FIRST}", f"data: {usage}", "data: [DONE]"]
     body = b"".join(event.encode() + ending * 2 for event in events)
     parts = [body[i : i + 7] for i in range(0, len(body), 7)]
-    backends = backends_with(servers, {"x": sse_raw(*parts)})
+    backends = backends_with(servers, {"x": sse_raw(*parts, pause_s=0.01)})
     backends.by_model["m"] = [backends.upstreams[0]]
     upstream_call = call(backends, stream=True)
     answer = await upstream_call.open()
@@ -911,3 +919,45 @@ async def test_an_attempt_cancelled_before_its_answer_is_counted(servers: Server
     await upstream_call.close(ClientDisconnected())
     assert attempts.seen == [("x", 1, "client_closed")]
     assert backends.upstreams[0].outstanding == 0
+
+
+async def test_an_event_ended_by_a_lone_cr_is_relayed_before_more_data_comes(
+    servers: Servers,
+) -> None:
+    # a CR at the end of what arrived may be half a CRLF, but it ends the line already
+    parts = (f"data: {FIRST}\r\r".encode(), b"data: [DONE]\r\r")
+    backends = backends_with(servers, {"x": sse_raw(*parts, pause_s=1.0)})
+    backends.by_model["m"] = [backends.upstreams[0]]
+    started = time.monotonic()
+    answer = await call(backends, stream=True).open()
+    assert isinstance(answer, Answer) and answer.first_event == f"data: {FIRST}"
+    assert time.monotonic() - started < 0.8
+
+
+async def test_a_4xx_error_event_mid_stream_keeps_its_meaning(servers: Servers) -> None:
+    error = b'data: {"error": {"message": "bad schema", "code": 400, "param": "tools"}}\n\n'
+    parts = (f"data: {FIRST}\n\n".encode(), error, b"data: [DONE]\n\n")
+    backends = backends_with(servers, {"x": sse_raw(*parts)})
+    backends.by_model["m"] = [backends.upstreams[0]]
+    upstream_call = call(backends, stream=True)
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer)
+    frames = await relayed(upstream_call, answer)
+    sent = json.loads(frames[1].removeprefix("data: "))["error"]
+    assert (sent["type"], sent["param"], sent["message"]) == (
+        "invalid_request_error",
+        "tools",
+        "bad schema",
+    )
+    assert answer.upstream.breaker.failure_count == 0  # the request's fault, not the upstream's
+
+
+async def test_an_upstreams_429_is_the_upstreams_limit_not_the_keys(servers: Servers) -> None:
+    # a cascade escalates past it (generation.py); the client still sees OpenAI's 429
+    async def limited(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": {"message": "slow"}}, status=429)
+
+    backends = backends_with(servers, {"x": limited, "y": limited}, retries=0)
+    with pytest.raises(proxy.UpstreamRateLimited) as raised:
+        await call(backends).open()
+    assert isinstance(raised.value, RateLimitExceeded)

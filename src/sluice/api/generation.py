@@ -57,7 +57,12 @@ from sluice.api.sse import (
     StreamOwner,
     until_disconnected,
 )
-from sluice.backends.proxy import LocalHandoff, UpstreamCall, estimate_prompt_tokens
+from sluice.backends.proxy import (
+    LocalHandoff,
+    UpstreamCall,
+    UpstreamRateLimited,
+    estimate_prompt_tokens,
+)
 from sluice.backends.registry import LOCAL, Backends
 from sluice.backends.router import as_stream, escalation, needed_tags
 from sluice.config import Settings
@@ -337,7 +342,7 @@ class Generation:
                     trial, operation, chain, name, local, static_fallback=False
                 )
             except SluiceError as exc:
-                if spec_for(exc).status < 500:
+                if spec_for(exc).status < 500 and not isinstance(exc, UpstreamRateLimited):
                     raise  # the request's own fault: the next model would refuse it too
                 logger.warning("cascade %s: %s failed (%s); escalating", name, model, exc)
                 continue

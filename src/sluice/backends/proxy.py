@@ -188,6 +188,11 @@ class _Broken(Exception):
         self.message = message
 
 
+class UpstreamRateLimited(RateLimitExceeded):
+    """Every attempt ended in an upstream's 429: a 429 for the client, but the upstream's
+    limit, not the key's (a cascade escalates past it)."""
+
+
 class _Unavailable(Exception):
     """No upstream of a model can take a request now (all down, open or at their cap)."""
 
@@ -376,8 +381,8 @@ class UpstreamCall:
             raise
         if answer.stream is None:
             upstream.succeeded()
-        # A stream succeeds for the breaker only when it ends whole (`frames`): one that
-        # always breaks after its first event must open the breaker like any failure.
+        # A stream succeeds for the breaker when it ends without the upstream's fault
+        # (`close`): one that always breaks after its first event must open the breaker.
         self._probe = probe
         self._span = span
         return answer
@@ -497,7 +502,7 @@ class UpstreamCall:
             )
         message = f"The upstream backend failed: {failure.message}"
         if failure.reason == "status_429":
-            return RateLimitExceeded(
+            return UpstreamRateLimited(
                 f"The upstream backend is rate limiting: {failure.message}",
                 retry_after_s=failure.retry_after_s or 1,
             )
@@ -583,8 +588,6 @@ class UpstreamCall:
                 if self.error is None:
                     raise _Broken("stream_cut", "the stream ended without its [DONE]")
                 yield "data: [DONE]\n\n"  # after an error event, as vLLM ends its streams
-            if self.error is None:
-                answer.upstream.succeeded()  # the stream ended whole
         except TimeoutError as exc:
             raise self._cut(answer, "timeout", f"no event within {limit_s} s") from exc
         except aiohttp.ClientError as exc:
@@ -619,7 +622,7 @@ class UpstreamCall:
         error = _error_of_event(data)
         if error is not None:
             # in OpenAI's shape, whatever the upstream's (SSEResponse sends `self.error`)
-            self.error = _stream_error(error)
+            self.error = _stream_error(error, self.answer.upstream.name if self.answer else "")
             if _status_of_error(error) >= 500 and self.answer is not None:
                 upstream = self.answer.upstream
                 upstream.failed(UpstreamFailure(upstream.name, "status_5xx", self.error.message))
@@ -652,6 +655,10 @@ class UpstreamCall:
         with anyio.CancelScope(shield=True):
             answer = self.answer
             if answer is not None:
+                if answer.stream is not None and not self._failure_counted and self.error is None:
+                    # the upstream did its part (whole, or until the client left or the time
+                    # limit came): a success for its breaker
+                    answer.upstream.succeeded()
                 answer.upstream.end(self._probe)
                 if answer.stream is not None:
                     _finish(answer.stream)
@@ -721,8 +728,12 @@ def _refusal(backend: str, status: int, body: dict[str, Any] | None) -> SluiceEr
     return UpstreamError(f"The upstream backend refused the request ({status}): {message}")
 
 
-def _stream_error(error: dict[str, Any]) -> UpstreamError:
-    """An upstream stream's error event (`_error_of_event`), as the error sent in its place."""
+def _stream_error(error: dict[str, Any], backend: str) -> SluiceError:
+    """An upstream stream's error event (`_error_of_event`), as the error sent in its place:
+    a 4xx-like one (an integer `code`, vLLM's) as the upstream's refusal would be."""
+    status = _status_of_error(error)
+    if status < 500 and status != 429:
+        return _refusal(backend, status, {"error": error})
     message = str(error.get("message") or "The upstream backend failed while streaming.")
     code = error.get("code")
     return UpstreamError(message, code=code if isinstance(code, str) else "upstream_error")
@@ -826,16 +837,18 @@ async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
     buffer, and a Responses API `response.completed` event carries the whole answer on one
     line). Raises ValueError for a longer line or bytes that are not UTF-8."""
     pending = b""
+    after_cr = False  # the data so far ended in a CR: an LF next completes that CRLF
     async for data in content.iter_any():
+        if after_cr and data.startswith(b"\n"):
+            data = data[1:]
         pending += data
         start = 0
         for end in LINE_END.finditer(pending):
             if end.start() - start > MAX_LINE_BYTES:
                 break
-            if end.end() == len(pending) and end.group() == b"\r":
-                break  # a CR that ends the data so far may be the start of a CRLF
             yield pending[start : end.start()].decode()
             start = end.end()
+        after_cr = start == len(pending) and pending.endswith(b"\r")
         pending = pending[start:]
         if len(pending) > MAX_LINE_BYTES:
             raise ValueError(f"a line of the stream is longer than {MAX_LINE_BYTES} bytes")
