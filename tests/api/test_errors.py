@@ -307,6 +307,72 @@ def test_errors_name_the_field_as_the_client_sent_it(
         assert error["param"] == named, error
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("store", True),  # nothing is stored (vLLM's response store is off)
+        ("previous_response_id", "resp_abc"),
+        ("service_tier", "flex"),
+        ("tools", [{"type": "web_search"}]),  # a built-in tool: no tool server to run it
+    ],
+)
+@pytest.mark.usefixtures("refusal")
+def test_responses_fields_this_server_cannot_honour_are_refused(
+    client: TestClient, field: str, value: Any
+) -> None:
+    body = {"model": "fake-model", "input": "hi", field: value}
+    error = assert_error(
+        post(client, "/v1/responses", body), 400, param=field, code="unsupported_value"
+    )
+    assert field in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/v1/completions",
+            completion_body(prompt=LONG_PROMPT, max_tokens=10, truncate_prompt_tokens=-1),
+        ),
+        (
+            "/v1/chat/completions",
+            chat_body(
+                messages=[{"role": "user", "content": LONG_PROMPT}],
+                max_tokens=10,
+                truncate_prompt_tokens=-1,
+            ),
+        ),
+        (
+            "/v1/responses",
+            {
+                "model": "fake-model",
+                "input": LONG_PROMPT,
+                "max_output_tokens": 10,
+                "truncation": "auto",
+            },
+        ),
+    ],
+    ids=["completions", "chat", "responses"],
+)
+def test_a_prompt_the_body_asks_to_truncate_is_served(
+    client: TestClient, path: str, body: Any
+) -> None:
+    # vLLM cuts the prompt to the context; the output gets the room left, as vLLM serves it
+    response = post(client, path, body)
+    assert response.status_code == 200, response.text
+
+
+def test_context_overflow_names_the_clients_field(client: TestClient) -> None:
+    prompt = " ".join(["w"] * 480)  # fits the fake's 512-token context, with 60 more does not
+    body = chat_body(messages=[{"role": "user", "content": prompt}], max_completion_tokens=60)
+    assert_error(
+        post(client, "/v1/chat/completions", body),
+        400,
+        param="max_completion_tokens",
+        code="context_length_exceeded",
+    )
+
+
 def _nullable_fields(schema_name: str) -> list[str]:
     """The request fields OpenAI's API description lets a client send as `null`."""
     schemas = _document()["components"]["schemas"]

@@ -180,7 +180,29 @@ def test_lora_adapters_are_model_ids_under_the_keys_allowlist(
             json={"lora_name": "late", "lora_path": str(late)},
             headers=ADMIN_AUTH,
         )
-        assert_error(again, 400)
+        assert_error(again, 409, param="lora_name", code="conflict")
+        unknown = client.post(
+            "/admin/lora/load",
+            json={"lora_name": "x", "lora_path": str(late), "bogus": 1},
+            headers=ADMIN_AUTH,
+        )
+        assert_error(unknown, 400, param="bogus")
+        engine_client = client.app.state.serving.models.engine_client  # type: ignore[attr-defined]
+
+        async def refuse(request: object) -> None:  # what vLLM raises for a rank over the cap
+            raise ValueError("LoRA rank 16 is greater than max_lora_rank 8.")
+
+        engine_client.add_lora, real = refuse, engine_client.add_lora
+        try:
+            big = client.post(
+                "/admin/lora/load",
+                json={"lora_name": "big", "lora_path": str(late)},
+                headers=ADMIN_AUTH,
+            )
+        finally:
+            engine_client.add_lora = real
+        error = assert_error(big, 400, param="lora_path")  # the adapter's fault, not a 500
+        assert "max_lora_rank" in error["message"]
         unloaded = client.post("/admin/lora/unload", json={"lora_name": "late"}, headers=ADMIN_AUTH)
         assert unloaded.status_code == 200
         gone = client.post(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -54,6 +55,31 @@ def test_streaming(client: TestClient, engine: FakeEngine) -> None:
     assert_matches(last, "ErrorResponse")
     assert last["error"]["code"] == "request_timeout"
     assert last["error"]["type"] == "timeout_error"
+    assert engine.aborted == [engine.requests[0].request_id]
+
+
+def test_a_responses_stream_ends_in_its_own_error_event(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    # OpenAI's Responses stream: typed, numbered events; an error is an `error` event (its
+    # ResponseErrorEvent), and the stream has no `[DONE]`
+    body = {"model": "fake-model", "input": "hi", "max_output_tokens": 50, "stream": True}
+    response = client.post("/v1/responses", json=body)
+    assert response.status_code == 200
+    events = response.text.strip().split("\n\n")
+    assert "[DONE]" not in response.text
+    numbers = [json.loads(e.split("data: ", 1)[1])["sequence_number"] for e in events]
+    assert numbers == list(range(len(events)))
+    last = events[-1].split("\n")
+    assert last[0] == "event: error"
+    error = json.loads(last[1].removeprefix("data: "))
+    assert error == {
+        "type": "error",
+        "code": "request_timeout",
+        "message": error["message"],
+        "param": None,
+        "sequence_number": len(events) - 1,
+    }
     assert engine.aborted == [engine.requests[0].request_id]
 
 

@@ -19,7 +19,13 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
 from sluice.api.deps import GatewayDep, ServingDep, SettingsDep
-from sluice.errors import PermissionDenied, Unauthenticated, from_vllm
+from sluice.errors import (
+    Conflict,
+    InvalidRequest,
+    PermissionDenied,
+    Unauthenticated,
+    from_vllm,
+)
 from sluice.gateway.keyadmin import (
     DEFAULT_GRACE_S,
     MAX_GRACE_S,
@@ -118,20 +124,44 @@ async def list_lora_adapters(serving: ServingDep) -> dict[str, Any]:
     }
 
 
+class LoadLoRABody(LoadLoRAAdapterRequest):  # type: ignore[misc]
+    """vLLM's load request, unknown fields refused (as on every sluice body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class UnloadLoRABody(UnloadLoRAAdapterRequest):  # type: ignore[misc]
+    """vLLM's unload request, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 @router.post("/lora/load", dependencies=[Depends(_check_admin)])
-async def load_lora_adapter(body: LoadLoRAAdapterRequest, serving: ServingDep) -> dict[str, Any]:
+async def load_lora_adapter(body: LoadLoRABody, serving: ServingDep) -> dict[str, Any]:
     """Load an adapter from a folder on the server; it is then a model id (keys' model
-    allowlists apply to it by name)."""
+    allowlists apply to it by name). 409 for a name already loaded (unless `load_inplace`);
+    400 for an adapter the engine cannot load (no such folder, a rank over
+    `--max-lora-rank`, a file instead of a folder): vLLM answers those 500."""
+    if not body.load_inplace and body.lora_name in serving.models.lora_requests:
+        raise Conflict(
+            f"A LoRA adapter named '{body.lora_name}' is already loaded; unload it first, or "
+            "set 'load_inplace' to reload it.",
+            param="lora_name",
+        )
     result = await serving.models.load_lora_adapter(body)
     if isinstance(result, ErrorResponse):
+        engine = serving.models.engine_client
+        if result.error.code >= 500 and not getattr(engine, "errored", False):
+            raise InvalidRequest(
+                f"The LoRA adapter at '{body.lora_path}' cannot be loaded: {result.error.message}",
+                param="lora_path",
+            )
         raise from_vllm(result.error.code, result.error.message, result.error.param)
     return {"name": body.lora_name, "loaded": True, "message": result}
 
 
 @router.post("/lora/unload", dependencies=[Depends(_check_admin)])
-async def unload_lora_adapter(
-    body: UnloadLoRAAdapterRequest, serving: ServingDep
-) -> dict[str, Any]:
+async def unload_lora_adapter(body: UnloadLoRABody, serving: ServingDep) -> dict[str, Any]:
     result = await serving.models.unload_lora_adapter(body)
     if isinstance(result, ErrorResponse):
         raise from_vllm(result.error.code, result.error.message, result.error.param)

@@ -34,6 +34,7 @@ from opentelemetry import trace
 from sluice.config import LimitSettings
 from sluice.engine.protocol import Submission
 from sluice.errors import (
+    CLIENT_PARAMS,
     ContextLengthExceeded,
     EngineDead,
     RequestTimedOut,
@@ -151,7 +152,7 @@ class Exchange:
                 f"requested {submission.prompt_tokens + requested} tokens "
                 f"({submission.prompt_tokens} in the prompt, {requested} in the completion). "
                 "Please reduce the length of the prompt or the completion.",
-                param="max_tokens",
+                param=(CLIENT_PARAMS.get() or {}).get("max_tokens", "max_tokens"),
             )
         max_tokens = min(submission.max_tokens, self._max_tokens)
         submission = dataclasses.replace(submission, max_tokens=max_tokens)

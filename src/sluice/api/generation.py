@@ -426,7 +426,12 @@ class Generation:
             return result
         if result.stream is not None:
             keep_alive = float(getattr(self.serving_args, "sse_keep_alive_interval", 0) or 0)
-            return SSEResponse(call.frames(result), call, keep_alive)
+            return SSEResponse(
+                call.frames(result),
+                call,
+                keep_alive,
+                responses_api=operation == "generate_content",
+            )
         return call.body_response(result)  # closes the call once sent
 
     def serves(self, model: str) -> bool:
@@ -472,7 +477,8 @@ class Generation:
             model=model,
             operation=operation,
             engine_client=self.serving.models.engine_client,
-            requested_max_tokens=shape.max_tokens,
+            # a body that asked vLLM to truncate its prompt gets vLLM's lowered max_tokens
+            requested_max_tokens=None if _truncates(body) else shape.max_tokens,
             record=record,
             tracer=self.tracer,
         )
@@ -494,7 +500,13 @@ class Generation:
             )
         if hasattr(result, "__anext__"):
             keep_alive = float(getattr(self.serving_args, "sse_keep_alive_interval", 0) or 0)
-            return SSEResponse(result, exchange, keep_alive, observer=exchange)
+            return SSEResponse(
+                result,
+                exchange,
+                keep_alive,
+                observer=exchange,
+                responses_api=operation == "generate_content",
+            )
         if isinstance(result, Response):
             await exchange.close()
             result.headers.update(exchange.headers)
@@ -565,6 +577,16 @@ async def _cut_short(outcome: str, owner: StreamOwner, record: RequestRecord | N
         record.fail(CLIENT_CLOSED_REQUEST, "client_closed_request")
     await owner.close(ClientDisconnected())
     return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+def _truncates(body: BaseModel) -> bool:
+    """The body asks vLLM to cut a prompt that does not fit (completions' and chat's
+    `truncate_prompt_tokens`, the Responses API's `truncation: auto`): then the output gets
+    what room is left, as vLLM's server gives it, rather than a `context_length_exceeded`."""
+    return (
+        getattr(body, "truncate_prompt_tokens", None) is not None
+        or getattr(body, "truncation", "disabled") != "disabled"  # vLLM: null cuts too
+    )
 
 
 def _client_params(operation: str, shape: Shape) -> dict[str, str] | None:

@@ -97,15 +97,7 @@ async def create_response(generation: GenerationDep) -> Response:
     async def local(raw: dict[str, Any]) -> Response:
         body = parse_body(ResponsesBody, raw)
         responses = generation.serving.responses
-        if body.previous_response_id is not None and not envs.VLLM_ENABLE_RESPONSES_API_STORE:
-            # vLLM would answer 404 "not found", which clients read as an unknown model
-            raise InvalidRequest(
-                "'previous_response_id' is not supported: this server stores no responses "
-                "(vLLM's VLLM_ENABLE_RESPONSES_API_STORE is off); send the earlier turns in "
-                "'input'.",
-                param="previous_response_id",
-                code="unsupported_value",
-            )
+        _check_responses_fields(body, responses)
 
         async def call() -> Any:
             result = await responses.create_responses(body, generation.request)
@@ -117,6 +109,32 @@ async def create_response(generation: GenerationDep) -> Response:
         return await generation.serve(body, "generate_content", call, shape)
 
     return await generation.dispatch("generate_content", local)
+
+
+def _check_responses_fields(body: Any, responses: Any) -> None:
+    """What vLLM's Responses model declares but this server cannot honour, refused as chat
+    refuses it (api/requests.py) instead of ignored: storage (no response store unless
+    vLLM's `VLLM_ENABLE_RESPONSES_API_STORE`), a service tier other than auto/default, and
+    built-in tools (`web_search`, `mcp`, ...) without vLLM's tool server."""
+    stored = envs.VLLM_ENABLE_RESPONSES_API_STORE
+    no_store = "this server stores no responses (vLLM's VLLM_ENABLE_RESPONSES_API_STORE is off)"
+    refusals: list[tuple[str, str]] = []
+    if body.previous_response_id is not None and not stored:
+        # vLLM would answer 404 "not found", which clients read as an unknown model
+        refusals.append(("previous_response_id", f"{no_store}; send the earlier turns in 'input'"))
+    if "store" in body.model_fields_set and body.store and not stored:
+        refusals.append(("store", f"{no_store}; leave 'store' unset or false"))
+    if body.service_tier not in (None, "auto", "default"):
+        refusals.append(("service_tier", f"{body.service_tier!r}: use 'auto' or 'default'"))
+    builtin = [t.type for t in body.tools or [] if t.type not in ("function", "custom")]
+    if builtin and getattr(responses, "tool_server", None) is None:
+        kinds = ", ".join(builtin)
+        refusals.append(("tools", f"built-in tools ({kinds}) need vLLM's --tool-server"))
+    if refusals:
+        name, why = refusals[0]
+        raise InvalidRequest(
+            f"'{name}' is not supported: {why}.", param=name, code="unsupported_value"
+        )
 
 
 @router.post("/v1/embeddings")

@@ -119,9 +119,14 @@ class SSEResponse(Response):
         exchange: StreamOwner,
         keep_alive_s: float = 0.0,
         observer: RequestObserver | None = None,
+        responses_api: bool = False,
     ) -> None:
         super().__init__(media_type="text/event-stream")
         self.frames = frames
+        # a Responses API stream: its events are typed and numbered, its error is an `error`
+        # event (OpenAI's ResponseErrorEvent) and it has no `[DONE]`
+        self.responses_api = responses_api
+        self._events = 0  # events sent: the next one's `sequence_number`
         self.exchange = exchange
         self.keep_alive_s = keep_alive_s
         self.observer = observer
@@ -228,6 +233,7 @@ class SSEResponse(Response):
 
     async def _send_frame(self, frame: str, send: Send) -> None:
         self._last_sent = self._clock()
+        self._events += 1
         if frame.startswith(ERROR_PREFIX):
             frame = self._openai_error_frame(frame)
         await send({"type": "http.response.body", "body": frame.encode(), "more_body": True})
@@ -274,6 +280,19 @@ class SSEResponse(Response):
             await error_response(error)(scope, receive, send)
             return
         with contextlib.suppress(OSError):
+            if self.responses_api:
+                # OpenAI's ResponseErrorEvent; the stream ends there (this API has no [DONE])
+                body = error_body(error)["error"]
+                event = {
+                    "type": "error",
+                    "code": body["code"],
+                    "message": body["message"],
+                    "param": body["param"],
+                    "sequence_number": self._events,
+                }
+                frame = ("event: error\n" + _frame(event)).encode()
+                await send({"type": "http.response.body", "body": frame, "more_body": False})
+                return
             await send(
                 {
                     "type": "http.response.body",
