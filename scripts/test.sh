@@ -24,6 +24,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
     step "not installing ${missing[*]} (needs root and apt-get): their tests are skipped; install them to run those tests"
   fi
 fi
+step "client libraries for the end-to-end client tests (a virtualenv each, made once under ~/.cache/sluice/clients)"
+.venv/bin/python -m tests.clients.venvs
 step "ruff"
 .venv/bin/ruff check src tests benchmarks deploy
 .venv/bin/ruff format --check src tests benchmarks deploy
