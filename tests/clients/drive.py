@@ -150,34 +150,28 @@ def _instructor(base: str, mode: str) -> Any:
     return instructor.from_openai(client, mode=getattr(instructor.Mode, mode))
 
 
-# instructor's TOOLS modes send a non-strict tool (no `strict`, even TOOLS_STRICT in 1.17):
-# the call comes back, but its arguments are the model's guess; JSON_SCHEMA is enforced.
-for _mode in ("JSON_SCHEMA",):
+# JSON_SCHEMA is enforced (structured outputs). instructor's TOOLS modes send a non-strict
+# tool (no `strict`, even TOOLS_STRICT in 1.17): the call comes back, but its arguments are
+# this model's guess.
+INSTRUCTOR_REQUEST: dict[str, Any] = {
+    "response_model": City,
+    "max_retries": 0,
+    "max_tokens": TOOL_MAX_TOKENS,
+    "temperature": 0,
+    "messages": [{"role": "user", "content": "Name the capital of France."}],
+}
 
-    @case("instructor", f"mode={_mode}")
-    def _(base: str, model: str, mode: str = _mode) -> Any:
-        answer = _instructor(base, mode).chat.completions.create(
-            model=model,
-            response_model=City,
-            max_retries=0,
-            max_tokens=TOOL_MAX_TOKENS,
-            temperature=0,
-            messages=[{"role": "user", "content": "Name the capital of France."}],
-        )
-        return city(answer)
+
+@case("instructor", "mode=JSON_SCHEMA")
+def _(base: str, model: str) -> Any:
+    completions = _instructor(base, "JSON_SCHEMA").chat.completions
+    return city(completions.create(model=model, **INSTRUCTOR_REQUEST))
 
 
 @case("instructor", "create_partial (streamed, JSON_SCHEMA)")
 def _(base: str, model: str) -> Any:
-    partials = _instructor(base, "JSON_SCHEMA").chat.completions.create_partial(
-        model=model,
-        response_model=City,
-        max_retries=0,
-        max_tokens=TOOL_MAX_TOKENS,
-        temperature=0,
-        messages=[{"role": "user", "content": "Name the capital of France."}],
-    )
-    *_, last = partials
+    completions = _instructor(base, "JSON_SCHEMA").chat.completions
+    *_, last = completions.create_partial(model=model, **INSTRUCTOR_REQUEST)
     assert isinstance(last.city, str) and last.city, last
     return last.city
 

@@ -702,6 +702,16 @@ async def relayed(upstream_call: UpstreamCall, answer: Any) -> list[str]:
     return [frame async for frame in upstream_call.frames(answer)]
 
 
+async def open_stream(servers: Servers, handler: Handler) -> tuple[UpstreamCall, Answer]:
+    """A streamed call of `m` on upstream x alone (answering with `handler`), opened."""
+    backends = backends_with(servers, {"x": handler})
+    backends.by_model["m"] = [backends.upstreams[0]]
+    upstream_call = call(backends, stream=True)
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer)
+    return upstream_call, answer
+
+
 async def test_streams_that_always_break_after_their_first_event_open_the_breaker(
     servers: Servers,
 ) -> None:
@@ -765,11 +775,7 @@ async def test_every_sse_line_ending_is_a_line_ending(servers: Servers, ending: 
     events = [f"data: {FIRST}", f"data: {usage}", "data: [DONE]"]
     body = b"".join(event.encode() + ending * 2 for event in events)
     parts = [body[i : i + 7] for i in range(0, len(body), 7)]
-    backends = backends_with(servers, {"x": sse_raw(*parts, pause_s=0.01)})
-    backends.by_model["m"] = [backends.upstreams[0]]
-    upstream_call = call(backends, stream=True)
-    answer = await upstream_call.open()
-    assert isinstance(answer, Answer)
+    upstream_call, answer = await open_stream(servers, sse_raw(*parts, pause_s=0.01))
     frames = await relayed(upstream_call, answer)
     assert frames == [f"data: {FIRST}\n\n", "data: [DONE]\n\n"]
     assert upstream_call.usage == (3, 1)
@@ -788,11 +794,7 @@ async def test_an_upstream_error_event_reaches_the_client_in_openais_shape(
     servers: Servers, error: bytes
 ) -> None:
     parts = (f"data: {FIRST}\n\n".encode(), error, b"data: [DONE]\n\n")
-    backends = backends_with(servers, {"x": sse_raw(*parts)})
-    backends.by_model["m"] = [backends.upstreams[0]]
-    upstream_call = call(backends, stream=True)
-    answer = await upstream_call.open()
-    assert isinstance(answer, Answer)
+    upstream_call, answer = await open_stream(servers, sse_raw(*parts))
     frames = await relayed(upstream_call, answer)
     assert frames[-1] == "data: [DONE]\n\n"
     sent = json.loads(frames[1].removeprefix("data: "))
@@ -829,11 +831,7 @@ async def test_an_error_as_the_first_event_is_a_failure_or_the_clients_error(
 async def test_output_without_usage_is_still_counted(servers: Servers) -> None:
     # spaced JSON (Python's json.dumps default) and no usage chunk: the events count
     spaced = json.dumps({"choices": [{"index": 0, "delta": {"content": "tok "}}]})
-    backends = backends_with(servers, {"x": sse_handler([spaced, spaced, "[DONE]"])})
-    backends.by_model["m"] = [backends.upstreams[0]]
-    upstream_call = call(backends, stream=True)
-    answer = await upstream_call.open()
-    assert isinstance(answer, Answer)
+    upstream_call, answer = await open_stream(servers, sse_handler([spaced, spaced, "[DONE]"]))
     await relayed(upstream_call, answer)
     assert upstream_call.usage is None and upstream_call.output_tokens == 2
     # a whole answer without usage: estimated from its text (4 characters a token)
@@ -844,7 +842,7 @@ async def test_output_without_usage_is_still_counted(servers: Servers) -> None:
         return web.json_response(no_usage)
 
     servers.handlers["x"] = bare
-    upstream_call = call(backends)
+    upstream_call = call(servers.registries[-1])
     answer = await upstream_call.open()
     assert isinstance(answer, Answer)
     assert upstream_call.usage is None and upstream_call.output_tokens == 10
@@ -937,11 +935,7 @@ async def test_an_event_ended_by_a_lone_cr_is_relayed_before_more_data_comes(
 async def test_a_4xx_error_event_mid_stream_keeps_its_meaning(servers: Servers) -> None:
     error = b'data: {"error": {"message": "bad schema", "code": 400, "param": "tools"}}\n\n'
     parts = (f"data: {FIRST}\n\n".encode(), error, b"data: [DONE]\n\n")
-    backends = backends_with(servers, {"x": sse_raw(*parts)})
-    backends.by_model["m"] = [backends.upstreams[0]]
-    upstream_call = call(backends, stream=True)
-    answer = await upstream_call.open()
-    assert isinstance(answer, Answer)
+    upstream_call, answer = await open_stream(servers, sse_raw(*parts))
     frames = await relayed(upstream_call, answer)
     sent = json.loads(frames[1].removeprefix("data: "))["error"]
     assert (sent["type"], sent["param"], sent["message"]) == (
