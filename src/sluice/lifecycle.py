@@ -12,6 +12,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Callable
 
 from sluice.errors import Draining, EngineDead, ModelLoading
 
@@ -19,6 +20,9 @@ logger = logging.getLogger(__name__)
 
 LOADING_RETRY_AFTER_S = 10.0
 DRAINING_RETRY_AFTER_S = 5.0
+# After a drain times out: how long the requests it cut off have to answer and settle
+# before the server stops (and cancels whatever still runs).
+CUT_OFF_GRACE_S = 2.0
 
 
 class Phase(enum.StrEnum):
@@ -41,6 +45,7 @@ class Lifecycle:
         self._idle = asyncio.Event()
         self._idle.set()
         self.exit_requested = asyncio.Event()
+        self._on_cut_off: set[Callable[[], None]] = set()
 
     def loaded(self, seconds: float) -> None:
         """The engine is up: start serving."""
@@ -75,8 +80,25 @@ class Lifecycle:
             self.in_flight = 0
             self._idle.set()
 
+    def on_cut_off(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` if a drain times out while the request that registered it still
+        runs (it ends the request with `cut_off_error`); returns the unregistering call."""
+        self._on_cut_off.add(callback)
+        return lambda: self._on_cut_off.discard(callback)
+
+    @staticmethod
+    def cut_off_error() -> Draining:
+        return Draining(
+            "The server is shutting down and its drain time ran out before this request "
+            "finished. Retry on another replica.",
+            retry_after_s=DRAINING_RETRY_AFTER_S,
+        )
+
     async def drain(self, timeout_s: float) -> bool:
-        """Refuse new work and wait for in-flight requests; True if all finished in time."""
+        """Refuse new work and wait for in-flight requests; True if all finished in time.
+        Past `timeout_s` the requests still running are cut off (`on_cut_off`): each answers
+        with `cut_off_error` (a 503, or an error event in a stream) and settles, within
+        `CUT_OFF_GRACE_S`."""
         if self.phase in (Phase.READY, Phase.LOADING):
             self.phase = Phase.DRAINING
         started = time.monotonic()
@@ -89,6 +111,16 @@ class Lifecycle:
             logger.warning(
                 "drain timeout: %d request(s) still in flight are cut off", self.in_flight
             )
+            for cut in list(self._on_cut_off):
+                cut()
+            try:
+                await asyncio.wait_for(self._idle.wait(), CUT_OFF_GRACE_S)
+            except TimeoutError:
+                logger.error(
+                    "%d request(s) did not end within %.0fs of being cut off",
+                    self.in_flight,
+                    CUT_OFF_GRACE_S,
+                )
             return False
         logger.info("drained in %.1fs", time.monotonic() - started)
         return True

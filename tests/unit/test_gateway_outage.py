@@ -128,6 +128,52 @@ async def test_a_settlement_that_failed_mid_request_is_sent_once(
     assert await shared(redis_server) == (USED, 0)
 
 
+async def test_an_outage_does_not_hand_a_key_a_fresh_budget(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    """Fail-open: the fallback starts from what the key's budget had left at its last
+    reservation through Redis, so each replica cannot spend a whole budget again."""
+    gateway = make_gateway("open")
+    team = principal(budget_tokens=4 * USED)
+    for _ in range(3):
+        await serve(gateway, team)
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        await serve(gateway, team)  # the budget's last request, from the fallback
+        with pytest.raises(QuotaExceeded):
+            await serve(gateway, team)
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    await gateway.send_pending()
+    assert await shared(redis_server) == (4 * USED, 0)
+
+
+async def test_a_settlement_whose_task_is_cancelled_is_kept_and_sent_at_shutdown(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    """The server's cut-off cancels a request's task while its SETTLE waits on Redis: the
+    spend goes to the backlog, and shutting the gateway down sends it."""
+    gateway = make_gateway("closed")
+    team = principal(budget_tokens=1000)
+    first = await gateway.reserve(team, "m", prompt_tokens=PROMPT, max_output_tokens=OUTPUT)
+    second = await gateway.reserve(team, "m", prompt_tokens=PROMPT, max_output_tokens=OUTPUT)
+    for ticket in (first, second):
+        gateway.on_tokens(ticket, OUTPUT)
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        settling = asyncio.create_task(gateway.settle(first))
+        await asyncio.sleep(0.05)
+        settling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await settling
+        gateway.settle_later(second)  # an owner that can no longer wait
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    assert len(gateway.pending) == 2
+    await gateway.close()
+    assert await shared(redis_server) == (2 * USED, 0)
+
+
 @pytest.mark.parametrize("failure", ["open", "closed"])
 async def test_a_reservation_redis_runs_after_the_gateway_gave_up_is_not_left_behind(
     make_gateway: GatewayFactory, redis_server: RedisServer, failure: Literal["open", "closed"]

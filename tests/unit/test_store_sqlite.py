@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,16 @@ class KeyStoreContract:
         assert await keys.find(digest("sk-sluice-second")) is None
         assert await keys.find(first.secret_sha256) == first
         assert await keys.count_live() == 1
+
+    async def test_concurrent_updates_of_one_key_all_land(self, keys: KeyStore) -> None:
+        # two admins (or twenty) changing one key at once: none fails, none is undone
+        await keys.add(stored("team-a", rpm=1))
+        bump: Callable[[KeyPolicy], KeyPolicy] = lambda p: p.model_copy(  # noqa: E731
+            update={"rpm": p.rpm + 1}
+        )
+        await asyncio.gather(*(keys.update("team-a", bump) for _ in range(30)))
+        found = await keys.find(stored("team-a").secret_sha256)
+        assert found is not None and found.policy.rpm == 31
 
     async def test_update_changes_the_live_policy_in_place(self, keys: KeyStore) -> None:
         key = stored("team-a", rpm=5)

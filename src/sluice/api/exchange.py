@@ -231,30 +231,42 @@ class Exchange:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
-            running = [rid for rid in self._accepted if rid not in self._finished]
-            if running:
-                try:
-                    await self._engine_client.abort(running)
-                except Exception:  # an abort that fails must not hide the outcome
-                    logger.warning("abort of %s failed", running, exc_info=True)
-            for ticket, batch in self.tickets:
-                await self.gateway.settle(
-                    ticket,
-                    sum(s.prompt_tokens for s in batch if s.request_id in self._accepted),
-                )
-            self.lifecycle.release()
-            if self._span is not None:
-                self._span.finish(
-                    response_id=next(iter(self._submissions), ""),
-                    input_tokens=sum(
-                        s.prompt_tokens
-                        for s in self._submissions.values()
-                        if s.request_id in self._accepted
-                    ),
-                    output_tokens=self._output_tokens,
-                    finish_reasons=self._finish_reasons,
-                    error=error or self.error,
-                )
+            # The shield holds off the server's own cancel scopes, not a cancellation of
+            # the request's task (uvicorn's cut-off after a drain): then what is left to
+            # settle goes to the gateway's backlog and the slot is still released.
+            try:
+                running = [rid for rid in self._accepted if rid not in self._finished]
+                if running:
+                    try:
+                        await self._engine_client.abort(running)
+                    except Exception:  # an abort that fails must not hide the outcome
+                        logger.warning("abort of %s failed", running, exc_info=True)
+                for ticket, batch in self.tickets:
+                    await self.gateway.settle(ticket, self._accepted_prompt(batch))
+            except asyncio.CancelledError:
+                for ticket, batch in self.tickets:
+                    self.gateway.settle_later(ticket, self._accepted_prompt(batch))
+                raise
+            finally:
+                self.lifecycle.release()
+                self._finish_span(error)
+
+    def _accepted_prompt(self, batch: list[Submission]) -> int:
+        return sum(s.prompt_tokens for s in batch if s.request_id in self._accepted)
+
+    def _finish_span(self, error: BaseException | None) -> None:
+        if self._span is not None:
+            self._span.finish(
+                response_id=next(iter(self._submissions), ""),
+                input_tokens=sum(
+                    s.prompt_tokens
+                    for s in self._submissions.values()
+                    if s.request_id in self._accepted
+                ),
+                output_tokens=self._output_tokens,
+                finish_reasons=self._finish_reasons,
+                error=error or self.error,
+            )
 
     def _start_span(self, batch: list[Submission]) -> None:
         if self._span is not None:

@@ -415,7 +415,7 @@ class Generation:
         )
         try:
             await call.reserve()
-            outcome, result = await _run(self.request, call.open, call.deadline)
+            outcome, result = await _run(self.request, call.open, call.deadline, self.lifecycle)
         except BaseException as exc:
             await call.close(exc)
             raise
@@ -487,7 +487,7 @@ class Generation:
             record.output_text = []
         REQUEST_OBSERVER.set(exchange)
         try:
-            outcome, result = await _run(self.request, call, exchange.deadline)
+            outcome, result = await _run(self.request, call, exchange.deadline, self.lifecycle)
         except Exception as exc:
             await exchange.close(exc)
             raise exchange.error or from_exception(exc) from exc
@@ -540,23 +540,38 @@ GenerationDep = Annotated[Generation, Depends(_generation)]
 
 
 async def _run(
-    request: Request, call: Callable[[], Awaitable[Any]], deadline: float
+    request: Request,
+    call: Callable[[], Awaitable[Any]],
+    deadline: float,
+    lifecycle: Lifecycle,
 ) -> tuple[str, Any]:
-    """Run `call` until it returns (`("done", result)`), the deadline passes (`"timeout"`) or
-    the client disconnects (`"disconnected"`); the latter two cancel it."""
+    """Run `call` until it returns (`("done", result)`), the deadline passes (`"timeout"`),
+    the client disconnects (`"disconnected"`) or a drain that ran out of time cuts it off
+    (`"cut_off"`); all but the first cancel it."""
     work = asyncio.ensure_future(call())
     watch = asyncio.ensure_future(until_disconnected(request.receive))
     timeout = max(0.0, deadline - asyncio.get_running_loop().time())
     outcome = "timeout"
+    cut = False
+
+    def cut_off() -> None:
+        nonlocal cut
+        cut = True
+        watch.cancel()  # ends the wait below
+
+    unregister = lifecycle.on_cut_off(cut_off)
     try:
         done, _ = await asyncio.wait(
             {work, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
         )
-        if work in done:
+        if cut:
+            outcome = "cut_off"
+        elif work in done:
             outcome = "done"
         elif watch in done:
             outcome = "disconnected"
     finally:
+        unregister()
         watch.cancel()
         if not work.done():
             # vLLM's non-streaming generators turn cancellation into an error response.
@@ -567,10 +582,11 @@ async def _run(
 
 
 async def _cut_short(outcome: str, owner: StreamOwner, record: RequestRecord | None) -> Response:
-    """End a request `_run` cut short: past the time limit (raises the 504) or the client
-    gone (a 499 nobody reads, for the record)."""
-    if outcome == "timeout":
-        error = owner.timed_out()
+    """End a request `_run` cut short: past the time limit (raises the 504), cut off by the
+    end of a drain (raises the 503), or the client gone (a 499 nobody reads, for the
+    record)."""
+    if outcome in ("timeout", "cut_off"):
+        error = owner.timed_out() if outcome == "timeout" else Lifecycle.cut_off_error()
         await owner.close(error)
         raise error
     if record is not None:

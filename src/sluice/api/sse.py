@@ -12,8 +12,9 @@ them is the one place that decides:
 - **errors inside the stream.** vLLM reports them as an `{"error": ...}` frame in its own
   shape; each is rewritten in OpenAI's (errors.py), using the exchange's own reason when it
   stopped the request. The stream still ends with `data: [DONE]`.
-- **the time limit and disconnects.** Past the exchange's deadline the stream gets a 504
-  error frame and `[DONE]`; a client that goes away cancels the stream, which aborts the
+- **the time limit, the drain's cut-off and disconnects.** Past the exchange's deadline the
+  stream gets a 504 error frame and `[DONE]` (a 503 `draining` one when a drain that ran out
+  of time cuts it off); a client that goes away cancels the stream, which aborts the
   engine requests (vLLM's generator and `Exchange.close`). The exchange closes exactly once
   when the response ends, whatever ended it.
 - **keep-alive comments** (`: ping`) every `--sse-keep-alive-interval` seconds (sluice's
@@ -46,6 +47,7 @@ from sluice.errors import (
     from_vllm,
     spec_for,
 )
+from sluice.lifecycle import Lifecycle
 from sluice.telemetry.record import RequestRecord
 
 SSE_HEADERS = [
@@ -72,6 +74,7 @@ class StreamOwner(Protocol):
     error: SluiceError | None
     acceptance: asyncio.Event
     deadline: float  # event-loop time
+    lifecycle: Lifecycle
 
     @property
     def headers(self) -> dict[str, str]: ...
@@ -145,9 +148,20 @@ class SSEResponse(Response):
             async with anyio.create_task_group() as group:
                 group.start_soon(self._watch_disconnect, receive, group.cancel_scope)
                 with anyio.CancelScope(deadline=self.exchange.deadline) as limit:
-                    await self._stream(scope, receive, send, group)
+                    cut = False
+
+                    def cut_off() -> None:  # a drain ran out of time (lifecycle.py)
+                        nonlocal cut
+                        cut = True
+                        limit.cancel()
+
+                    unregister = self.exchange.lifecycle.on_cut_off(cut_off)
+                    try:
+                        await self._stream(scope, receive, send, group)
+                    finally:
+                        unregister()
                 if limit.cancel_called and not self.disconnected:
-                    error = self.exchange.timed_out()
+                    error = Lifecycle.cut_off_error() if cut else self.exchange.timed_out()
                     await self._fail(error, scope, receive, send)
                 group.cancel_scope.cancel()
         except Exception as exc:

@@ -672,23 +672,26 @@ class UpstreamCall:
             if record is not None and answer is not None:
                 record.prompt_tokens = prompt
                 record.completion_tokens = completion
-            if self.ticket is not None:
-                self.ticket.output_tokens = completion
-                await self.gateway.settle(self.ticket, prompt)
-            if self._slot:
-                self.lifecycle.release()
-            if self._span is not None:
-                self._span.set_attributes(
-                    {
-                        "gen_ai.usage.input_tokens": prompt,
-                        "gen_ai.usage.output_tokens": completion,
-                    }
-                )
-                failure = error or self.error
-                if failure is not None:
-                    self._span.record_exception(failure)
-                    self._span.set_status(Status(StatusCode.ERROR, type(failure).__name__))
-                self._span.end()
+            try:
+                if self.ticket is not None:
+                    self.ticket.output_tokens = completion
+                    await self.gateway.settle(self.ticket, prompt)
+            finally:  # also when the task is cancelled (Exchange.close has the details)
+                if self._slot:
+                    self.lifecycle.release()
+                self._end_span(prompt, completion, error)
+
+    def _end_span(self, prompt: int, completion: int, error: BaseException | None) -> None:
+        if self._span is None:
+            return
+        self._span.set_attributes(
+            {"gen_ai.usage.input_tokens": prompt, "gen_ai.usage.output_tokens": completion}
+        )
+        failure = error or self.error
+        if failure is not None:
+            self._span.record_exception(failure)
+            self._span.set_status(Status(StatusCode.ERROR, type(failure).__name__))
+        self._span.end()
 
     def _end(self, error: BaseException | None) -> str:
         """The answering attempt's outcome (one per attempt): `ok`; `client_closed` when the

@@ -45,6 +45,7 @@ from sluice.gateway.quota import (
     RateView,
     Settlement,
     rate_headers,
+    spend_field,
     wall_clock,
 )
 from sluice.gateway.store_local import (
@@ -140,7 +141,12 @@ class Gateway:
         self.quota = quota
         self.admission = admission
         self.clock = clock
-        self.fallback = LocalQuota(MemoryLedger(), clock=clock)
+        self.fallback_ledger = MemoryLedger()
+        self.fallback = LocalQuota(self.fallback_ledger, clock=clock)
+        # What each key's budgets had left at its last reservation the store made: the
+        # fallback starts an outage from there, not from a full budget (`_seed_fallback`).
+        self._budget_left: dict[str, BudgetLeft] = {}
+        self._seeded: set[str] = set()  # keys the fallback has seeded in this outage
         self.on_store_failure = on_store_failure
         self.on_budget = on_budget
         self.alerts = alerts or BudgetAlerts(settings.budget_alert_thresholds)
@@ -248,6 +254,11 @@ class Gateway:
             ticket.headers = rate_headers(ticket.grant.requests, ticket.grant.token_view)
             if limits.budget_tokens is not None or limits.budget_usd is not None:
                 self.on_budget(principal.name, limits, ticket.grant.budget_left)
+                if not ticket.grant.local:
+                    self._budget_left[principal.name] = ticket.grant.budget_left
+                    if principal.name in self._seeded:  # the store is back: its figures rule
+                        self._seeded.discard(principal.name)
+                        self.fallback_ledger.forget(principal.name)
         if engine:
             self.admission.queued(prompt_tokens)
         return ticket
@@ -278,8 +289,29 @@ class Gateway:
             if sent:
                 self._close(limits, demand, reservation_id)
             raise exc  # a StoreFailure is already the 503 `store_unavailable`
+        self._seed_fallback(limits, demand.key)
         local = self.fallback.reserve_now(limits, demand, reservation_id)
         return dataclasses.replace(local, local=True)
+
+    def _seed_fallback(self, limits: Limits, key: str) -> None:
+        """Once per outage and key: count in the fallback's ledger what the key's budgets had
+        used by its last shared reservation (budget less what was left, outstanding
+        reservations included: on the safe side), so an outage does not hand every replica
+        a fresh budget. A key this process never reserved through the store starts from
+        zero (nothing is known here)."""
+        left = self._budget_left.get(key)
+        if left is None or key in self._seeded:
+            return
+        self._seeded.add(key)
+        now = self.clock()
+        if limits.budget_tokens is not None and left.tokens is not None:
+            used = max(0, int(limits.budget_tokens - left.tokens))
+            field = spend_field(limits.budget_tokens_window, now)
+            self.fallback_ledger.record(key, [field], used, 0.0)
+        if limits.budget_usd is not None and left.usd is not None:
+            used_usd = max(0.0, limits.budget_usd - left.usd)
+            field = spend_field(limits.budget_usd_window, now)
+            self.fallback_ledger.record(key, [field], 0, used_usd)
 
     def _close(self, limits: Limits, demand: Demand, reservation_id: str) -> None:
         """Queue a zero-use settlement for a reservation the gateway gave up on."""
@@ -297,12 +329,11 @@ class Gateway:
         ticket.output_tokens += count
         self.admission.generated(count)
 
-    async def settle(self, ticket: Ticket, prompt_tokens: int | None = None) -> None:
-        """Replace the reservation by what was used: `prompt_tokens` (default: all the
-        reserved prompt tokens; fewer when some never reached the engine) plus the generated
-        tokens. Runs once, never raises."""
+    def _settlement_of(self, ticket: Ticket, prompt_tokens: int | None) -> Settlement | None:
+        """Mark `ticket` settled and count it out of admission; the settlement to send, or
+        None (already settled, or nothing was reserved)."""
         if ticket.settled:
-            return
+            return None
         ticket.settled = True
         if ticket.engine:
             if not ticket.started:
@@ -310,23 +341,46 @@ class Gateway:
             self.admission.finished()
         grant = ticket.grant
         if grant is None:
-            return
+            return None
         if prompt_tokens is not None:
             ticket.prompt_tokens = prompt_tokens
         used = ticket.prompt_tokens + ticket.output_tokens
-        settlement = Settlement(grant, used, ticket.usd, self.clock(), ticket.limits)
+        return Settlement(grant, used, ticket.usd, self.clock(), ticket.limits)
+
+    async def settle(self, ticket: Ticket, prompt_tokens: int | None = None) -> None:
+        """Replace the reservation by what was used: `prompt_tokens` (default: all the
+        reserved prompt tokens; fewer when some never reached the engine) plus the generated
+        tokens. Runs once, never raises but `CancelledError`, and then the settlement waits
+        in the backlog (`close` sends it at shutdown; a `SETTLE` sent twice counts once)."""
+        settlement = self._settlement_of(ticket, prompt_tokens)
+        if settlement is None:
+            return
+        grant = settlement.grant
         if grant.local:
-            await self.fallback.settle(grant, used, settlement.usd)
             self._keep(settlement)  # the shared store has not seen this spend yet
+            await self.fallback.settle(grant, settlement.tokens, settlement.usd)
             return
         try:
-            spent = await self.quota.settle(grant, used, settlement.usd, settlement.at)
+            spent = await self.quota.settle(grant, settlement.tokens, settlement.usd, settlement.at)
             self.alerts.observe(settlement, spent)
         except StoreFailure as exc:
             self._store_failed("settle", exc)
             self._keep(settlement)
+        except asyncio.CancelledError:
+            # the request's task was cancelled (the server's cut-off after a drain): the
+            # spend must not be lost with it
+            self._keep(settlement)
+            raise
         except Exception:
             logger.exception("settlement of %s failed", grant.reservation_id)
+
+    def settle_later(self, ticket: Ticket, prompt_tokens: int | None = None) -> None:
+        """`settle` without waiting, for an owner that can no longer wait (its task is being
+        cancelled): the settlement goes to the backlog, sent by the retry loop or at
+        shutdown."""
+        settlement = self._settlement_of(ticket, prompt_tokens)
+        if settlement is not None:
+            self._keep(settlement)
 
     def _keep(self, settlement: Settlement) -> None:
         """Hold `settlement` for the store and make sure something keeps sending it."""

@@ -68,6 +68,11 @@ class MemoryLedger:
     async def add(self, key: str, fields: list[str], tokens: int, usd: float) -> None:
         self.record(key, fields, tokens, usd)
 
+    def forget(self, key: str) -> None:
+        """Drop what `key` spent here (the shared store has it again)."""
+        for stored in [k for k in self._spend if k[0] == key]:
+            del self._spend[stored]
+
 
 class Database:
     """The embedded store's SQLite file: WAL mode, one connection, calls off the event loop."""

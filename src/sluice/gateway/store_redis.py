@@ -33,8 +33,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
-from sluice.errors import StoreUnavailable
+from sluice.errors import Conflict, StoreUnavailable
 from sluice.gateway.keys import KeyExists, KeyPolicy, PolicyChange, StoredKey
 from sluice.gateway.quota import (
     CONCURRENCY_RETRY_S,
@@ -61,7 +67,12 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 PREFIX = "sluice:"
 MAX_CONNECTIONS = 512
-WATCH_RETRIES = 5  # key changes (update, rotate) retried when another writer got between
+# Key changes (update, rotate) are retried when another writer got between (WATCH), after a
+# random exponential pause (AWS's "full jitter"), so that admins changing one key at once
+# all get through; past the last attempt the change is a 409 to retry.
+WATCH_ATTEMPTS = 20
+WATCH_BACKOFF_S = 0.005
+WATCH_BACKOFF_MAX_S = 0.25
 
 # KEYS: bucket hash, reservations hash, reservation expiry zset, spend hash.
 # ARGV: now, rpm, tpm, tokens, usd, budget_tokens, tokens_field, budget_usd, usd_field,
@@ -483,38 +494,59 @@ class RedisKeyStore:
         and write what `change(live, in_grace)` says, in one transaction, retried if another
         writer got between (WATCH). The live key as it was, or None if there is none."""
         previous = self._previous(name)
-        for _ in range(WATCH_RETRIES):
-            try:
-                async with asyncio.timeout(self.store.timeout_s * 4):
-                    pipe: Any
-                    async with self.store.client.pipeline(transaction=True) as pipe:
-                        await pipe.watch(self.NAMES, self.KEYS, previous)
-                        digest = await pipe.hget(self.NAMES, name)
-                        body = await pipe.hget(self.KEYS, digest) if digest else None
-                        if body is None:
-                            return None
-                        live = StoredKey.model_validate_json(body)
-                        grace = await pipe.zrangebyscore(previous, f"({now!r}", "+inf")
-                        bodies = await pipe.hmget(self.KEYS, grace) if grace else []
-                        in_grace = [StoredKey.model_validate_json(b) for b in bodies if b]
-                        write = change(live, in_grace)
-                        pipe.multi()
-                        pipe.hset(self.KEYS, mapping=write.bodies)
-                        if write.new_live is not None:
-                            pipe.hset(self.NAMES, name, write.new_live)
-                        if write.retire_until is not None:
-                            pipe.zadd(previous, {live.secret_sha256: write.retire_until})
-                            pipe.zremrangebyscore(previous, "-inf", f"({now!r}")
-                        if write.drop_name:
-                            pipe.hdel(self.NAMES, name)
-                            pipe.delete(previous)
-                        await pipe.execute()
-                        return live
-            except WatchError:
-                continue
-            except (RedisError, OSError, TimeoutError) as exc:
-                raise StoreFailure(f"redis: {type(exc).__name__}: {exc}") from exc
-        raise StoreFailure(f"redis: key '{name}' kept changing under {WATCH_RETRIES} attempts")
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(WatchError),
+                stop=stop_after_attempt(WATCH_ATTEMPTS),
+                wait=wait_random_exponential(multiplier=WATCH_BACKOFF_S, max=WATCH_BACKOFF_MAX_S),
+                reraise=True,
+            ):
+                with attempt:
+                    return await self._change_once(name, change, now, previous)
+        except WatchError:
+            raise Conflict(
+                f"The key '{name}' is being changed by other requests at the same time; retry."
+            ) from None
+        raise AssertionError("unreachable: AsyncRetrying returns or raises")
+
+    async def _change_once(
+        self,
+        name: str,
+        change: Callable[[StoredKey, list[StoredKey]], KeyChange],
+        now: float,
+        previous: str,
+    ) -> StoredKey | None:
+        """One attempt of `_change_live`; WatchError when another writer got between."""
+        try:
+            async with asyncio.timeout(self.store.timeout_s * 4):
+                pipe: Any
+                async with self.store.client.pipeline(transaction=True) as pipe:
+                    await pipe.watch(self.NAMES, self.KEYS, previous)
+                    digest = await pipe.hget(self.NAMES, name)
+                    body = await pipe.hget(self.KEYS, digest) if digest else None
+                    if body is None:
+                        return None
+                    live = StoredKey.model_validate_json(body)
+                    grace = await pipe.zrangebyscore(previous, f"({now!r}", "+inf")
+                    bodies = await pipe.hmget(self.KEYS, grace) if grace else []
+                    in_grace = [StoredKey.model_validate_json(b) for b in bodies if b]
+                    write = change(live, in_grace)
+                    pipe.multi()
+                    pipe.hset(self.KEYS, mapping=write.bodies)
+                    if write.new_live is not None:
+                        pipe.hset(self.NAMES, name, write.new_live)
+                    if write.retire_until is not None:
+                        pipe.zadd(previous, {live.secret_sha256: write.retire_until})
+                        pipe.zremrangebyscore(previous, "-inf", f"({now!r}")
+                    if write.drop_name:
+                        pipe.hdel(self.NAMES, name)
+                        pipe.delete(previous)
+                    await pipe.execute()
+                    return live
+        except WatchError:
+            raise
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreFailure(f"redis: {type(exc).__name__}: {exc}") from exc
 
     async def count_all(self) -> int:
         count: int = await self.store.call(self.store.client.hlen(self.KEYS))
