@@ -290,7 +290,12 @@ class Gateway:
                 self._close(limits, demand, reservation_id)
             raise exc  # a StoreFailure is already the 503 `store_unavailable`
         self._seed_fallback(limits, demand.key)
-        local = self.fallback.reserve_now(limits, demand, reservation_id)
+        try:
+            local = self.fallback.reserve_now(limits, demand, reservation_id)
+        except BaseException:  # refused here (429): what Redis may still make is closed
+            if sent:
+                self._close(limits, demand, reservation_id)
+            raise
         return dataclasses.replace(local, local=True)
 
     def _seed_fallback(self, limits: Limits, key: str) -> None:
