@@ -229,9 +229,11 @@ class AdmissionSettings(BaseModel):
 
 
 class UpstreamTimeouts(BaseModel):
-    """An upstream's time limits, seconds. `first_token_s` runs from sending the request to
-    the first streamed event (or, not streamed, to the response headers); `total_s` bounds
-    the whole answer (the server's `limits.request_timeout_s` still applies)."""
+    """An upstream's time limits, seconds, kept exactly (aiohttp's rounding up to whole
+    seconds is off). `first_token_s` runs from sending the request to the first streamed
+    event, and bounds each wait for the next; `total_s` bounds a whole answer that is not
+    streamed (it comes when generation ends); the server's `limits.request_timeout_s` still
+    applies to both."""
 
     model_config = ConfigDict(extra="forbid")
 

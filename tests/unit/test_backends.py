@@ -15,6 +15,9 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import settings as settings_of_hypothesis
+from hypothesis import strategies as st
 from opentelemetry import trace
 
 from sluice.api.generation import Generation, UpstreamShape
@@ -26,6 +29,7 @@ from sluice.backends.proxy import (
     LocalHandoff,
     RetryBudget,
     UpstreamCall,
+    UpstreamRateLimited,
     estimate_prompt_tokens,
     usage_of,
 )
@@ -37,7 +41,9 @@ from sluice.errors import (
     RateLimitExceeded,
     RequestTimedOut,
     ServiceUnavailable,
+    SluiceError,
     UpstreamError,
+    error_response,
 )
 from sluice.gateway.auth import Principal
 from sluice.gateway.keys import KeyPolicy
@@ -681,6 +687,20 @@ def test_cascade_signals_judge_only_what_they_can() -> None:
     broken = {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}}
     assert escalation(schema, broken, answer('{"x": 1}')) is None
     assert escalation(schema, broken, answer("not json")) == "schema"
+    # values of the wrong type where an upstream's answer has text and logprobs
+    strict = {"response_format": {"type": "json_object"}}
+    odd_content = {"choices": [{"message": {"content": 5}}, {"message": {"content": None}}]}
+    assert escalation(schema, strict, odd_content) == "schema"
+    deep = "[" * 100_000 + "]" * 100_000
+    assert escalation(schema, strict, answer(deep)) == "schema"
+    sure = CascadeSettings(models=["a", "b"], escalate_on=["logprob"], min_mean_logprob=-1.0)
+    odd_logprobs = {
+        "choices": [
+            {"logprobs": {"content": "x", "token_logprobs": ["-9", True, None, 10**400]}},
+            {"logprobs": {"content": [{"logprob": "-9"}, {"logprob": -0.5}]}},
+        ]
+    }
+    assert escalation(sure, {}, odd_logprobs) is None  # only -0.5 is a logprob
 
 
 def sse_raw(*parts: bytes, pause_s: float = 0.0) -> Handler:
@@ -955,3 +975,138 @@ async def test_an_upstreams_429_is_the_upstreams_limit_not_the_keys(servers: Ser
     with pytest.raises(proxy.UpstreamRateLimited) as raised:
         await call(backends).open()
     assert isinstance(raised.value, RateLimitExceeded)
+
+
+@pytest.mark.parametrize("limit", ["MAX_LINE_BYTES", "MAX_EVENT_BYTES"])
+async def test_an_event_past_its_size_limit_breaks_the_stream(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch, limit: str
+) -> None:
+    # one line too long, or many short `data:` lines that never end their event
+    monkeypatch.setattr(proxy, limit, 4096)
+    endless = b"".join(b"data: " + b"x" * 100 + b"\n" for _ in range(100))
+    raw = b"data: " + b"x" * 8192 + b"\n\n" if limit == "MAX_LINE_BYTES" else endless
+    upstream_call, answer = await open_stream(servers, sse_raw(f"data: {FIRST}\n\n".encode(), raw))
+    with pytest.raises(UpstreamError):
+        await relayed(upstream_call, answer)
+    assert answer.upstream.breaker.failure_count == 1
+
+
+@settings_of_hypothesis(max_examples=60, deadline=None)
+@given(
+    lines=st.lists(st.text(alphabet="ab :\u00e9", max_size=20), min_size=1, max_size=8),
+    ending=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    cuts=st.lists(st.integers(min_value=1, max_value=7), max_size=30),
+)
+def test_lines_come_out_whole_however_the_bytes_are_split(
+    lines: list[str], ending: bytes, cuts: list[int]
+) -> None:
+    """`_lines` yields the same lines whatever chunks the bytes arrive in (a chunk may end
+    inside a CRLF or inside a UTF-8 character)."""
+    raw = b"".join(line.encode() + ending for line in lines)
+    chunks, at = [], 0
+    for cut in cuts:
+        chunks.append(raw[at : at + cut])
+        at += cut
+    chunks.append(raw[at:])
+
+    class Content:
+        async def iter_any(self) -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                if chunk:
+                    yield chunk
+
+    async def collect() -> list[str]:
+        return [line async for line in proxy._lines(Content())]  # type: ignore[arg-type]
+
+    assert asyncio.run(collect()) == lines
+
+
+async def test_an_answer_past_its_size_limit_is_a_failure_and_falls_back(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(proxy, "MAX_BODY_BYTES", 1024)
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        body = dict(OK_BODY, padding="x" * 4096)
+        return web.json_response(body)
+
+    backends = backends_with(servers, {"x": huge}, retries=0)
+    backends.by_model["m"] = [backends.upstreams[0]]  # m on x only; y serves fb
+    answer = await call(backends).open()
+    assert isinstance(answer, Answer) and answer.model == "fb"
+    assert backends.upstreams[0].breaker.failure_count == 1
+
+
+async def test_nothing_after_done_reaches_the_client(servers: Servers) -> None:
+    # an upstream that goes on after [DONE] (and leaves the connection open)
+    upstream_call, answer = await open_stream(
+        servers,
+        sse_raw(
+            f"data: {FIRST}\n\ndata: [DONE]\n\n".encode(),
+            b'data: {"choices":[{"index":0,"delta":{"content":"late"}}]}\n\n',
+            pause_s=5.0,
+        ),
+    )
+    frames = await asyncio.wait_for(relayed(upstream_call, answer), 2.0)
+    assert frames[-1] == "data: [DONE]\n\n" and not any("late" in f for f in frames)
+    assert upstream_call.error is None
+
+
+@pytest.mark.parametrize(
+    ("usage", "settled"),
+    [
+        ({"prompt_tokens": -50, "completion_tokens": 1}, "estimate"),
+        ({"prompt_tokens": True, "completion_tokens": 1}, "estimate"),
+        ({"prompt_tokens": 3, "completion_tokens": -1}, "estimate"),
+        ({"prompt_tokens": 10**30, "completion_tokens": 10**30}, (proxy.MAX_PROMPT_TOKENS, 16)),
+        ({"prompt_tokens": 3, "completion_tokens": 1}, (3, 1)),
+    ],
+    ids=["negative", "bool", "negative-output", "huge", "sound"],
+)
+async def test_usage_an_upstream_reports_is_settled_within_what_the_request_allows(
+    servers: Servers, usage: dict[str, Any], settled: Any
+) -> None:
+    """A negative, boolean or absurd count never reaches a key's budget: counts that are no
+    counts fall back to the estimates; output is bounded by the `max_tokens` sent (16)."""
+
+    async def reported(request: web.Request) -> web.StreamResponse:
+        return web.json_response(dict(OK_BODY, usage=usage))
+
+    backends = backends_with(servers, {"x": reported})
+    backends.by_model["m"] = [backends.upstreams[0]]
+    upstream_call = call(backends)
+    assert isinstance(await upstream_call.open(), Answer)
+    expected = (upstream_call.prompt_estimate, 1) if settled == "estimate" else settled
+    assert upstream_call._used(answered=True) == expected
+
+
+@pytest.mark.parametrize("retry_after", ["nan", "inf", "-5", "1e400", "soon"])
+async def test_a_retry_after_that_is_no_delay_is_dropped(
+    servers: Servers, retry_after: str
+) -> None:
+    async def limited(request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            {"error": {"message": "slow down"}}, status=429, headers={"retry-after": retry_after}
+        )
+
+    backends = backends_with(servers, {"x": limited, "y": limited}, retries=0)
+    with pytest.raises(UpstreamRateLimited) as raised:
+        await call(backends).open()
+    assert raised.value.retry_after_s is None or raised.value.retry_after_s >= 0
+    assert error_response(raised.value).status_code == 429
+
+
+async def test_a_redirect_is_not_followed(servers: Servers) -> None:
+    """A 3xx would send the client's prompt wherever the upstream points: it is a failure."""
+    followed: list[str] = []
+
+    async def elsewhere(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/elsewhere"):
+            followed.append(request.path)
+            return web.json_response(OK_BODY)
+        raise web.HTTPTemporaryRedirect("/v1/elsewhere")
+
+    backends = backends_with(servers, {"x": elsewhere, "y": elsewhere}, retries=0)
+    with pytest.raises(SluiceError) as raised:
+        await call(backends).open()
+    assert error_response(raised.value).status_code == 502 and followed == []

@@ -38,7 +38,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiohttp
 import anyio
@@ -49,7 +49,13 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from sluice.api.sse import ClientDisconnected, OwnedResponse
 from sluice.backends.registry import Backends
-from sluice.backends.upstream import Upstream, UpstreamFailure, failure_of_status, message_of
+from sluice.backends.upstream import (
+    Upstream,
+    UpstreamFailure,
+    failure_of_status,
+    message_of,
+    read_capped,
+)
 from sluice.config import RoutingSettings, Settings
 from sluice.errors import (
     InvalidRequest,
@@ -76,8 +82,14 @@ CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
 RETRY_BUDGET_WINDOW_S = 10.0
 RETRY_BUDGET_FLOOR = 3  # retries always allowed per window, so a quiet server still retries
-MAX_ERROR_BODY = 65_536
+MAX_ERROR_BODY = 65_536  # of an upstream's error answer read (the rest is dropped)
 MAX_LINE_BYTES = 64 * 1024 * 1024  # one SSE line (a whole answer in `response.completed`)
+MAX_EVENT_BYTES = MAX_LINE_BYTES  # one SSE event, its data lines together
+MAX_BODY_BYTES = MAX_LINE_BYTES  # a whole answer that is not streamed (embeddings included)
+# Usage an upstream reports is trusted up to this many prompt tokens (above any model's
+# context length today): an upstream's bug or overflow must not charge a key 10**30 tokens.
+# Completion tokens are bounded exactly, by the `max_tokens` sent times the outputs asked.
+MAX_PROMPT_TOKENS = 1 << 24
 PATHS = {
     "chat": "/chat/completions",
     "text_completion": "/completions",
@@ -153,9 +165,14 @@ def usage_of(obj: Any) -> tuple[int, int] | None:
         return None
     prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
     completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    if not isinstance(prompt, int) or not isinstance(completion, int):
+    if not _count(prompt) or not _count(completion):
         return None
     return prompt, completion
+
+
+def _count(value: Any) -> TypeGuard[int]:
+    """A token count: an int (not a bool) of at least 0."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass
@@ -396,17 +413,23 @@ class UpstreamCall:
         name = upstream.name
         try:
             if not self.stream:
+                # The answer comes whole when generation ends: `total_s` alone bounds it.
                 limit = aiohttp.ClientTimeout(
-                    total=timeouts.total_s, sock_connect=timeouts.connect_s
+                    total=timeouts.total_s,
+                    sock_connect=timeouts.connect_s,
+                    ceil_threshold=math.inf,  # exact limits (aiohttp rounds up from 5 s)
                 )
                 async with upstream.session.post(
-                    url, json=payload, headers=headers, timeout=limit
+                    url, json=payload, headers=headers, timeout=limit, allow_redirects=False
                 ) as response:
-                    content = await response.read()
+                    if response.status == 200:
+                        content = await read_capped(response.content, MAX_BODY_BYTES)
+                    else:
+                        content = await read_capped(response.content, MAX_ERROR_BODY, cut=True)
                 self._check_status(name, response.status, content, response.headers)
                 try:
                     parsed = json.loads(content)
-                except ValueError:
+                except (ValueError, RecursionError):
                     parsed = None
                 if not isinstance(parsed, dict):
                     raise UpstreamFailure(name, "bad_answer", "its 200 is not a JSON object")
@@ -415,10 +438,12 @@ class UpstreamCall:
                     self.output_tokens = estimate_output_tokens(parsed)
                 return Answer(upstream, model, attempt, body=content)
             async with asyncio.timeout(timeouts.first_token_s + timeouts.connect_s):
-                stream = await upstream.session.post(url, json=payload, headers=headers)
+                stream = await upstream.session.post(
+                    url, json=payload, headers=headers, allow_redirects=False
+                )
                 try:
                     if stream.status != 200:
-                        content = await stream.content.read(MAX_ERROR_BODY)
+                        content = await read_capped(stream.content, MAX_ERROR_BODY, cut=True)
                         self._check_status(name, stream.status, content, stream.headers)
                     if not stream.content_type.startswith("text/event-stream"):
                         raise UpstreamFailure(
@@ -444,8 +469,8 @@ class UpstreamCall:
             raise UpstreamFailure(name, "timeout", "no answer within its time limit") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamFailure(name, "stream_cut", f"the connection failed: {exc!r}") from exc
-        except ValueError as exc:  # undecodable bytes, a line past MAX_LINE_BYTES
-            raise UpstreamFailure(name, "bad_answer", f"its stream is broken: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # not UTF-8, past a size limit
+            raise UpstreamFailure(name, "bad_answer", f"its answer is broken: {exc}") from exc
 
     def _check_status(
         self,
@@ -576,6 +601,8 @@ class UpstreamCall:
                 frame = self._relay(event)
                 if frame is not None:
                     yield frame
+                if self._done:  # nothing follows `[DONE]`; `_finish` closes what is left
+                    return
                 # The socket's read timeout (`first_token_s`) bounds a silent wait; comments
                 # (keep-alive pings) reset it while no event comes, so a wait that sees one
                 # goes on under a timer to the same bound (none on the per-event path).
@@ -592,7 +619,8 @@ class UpstreamCall:
             raise self._cut(answer, "timeout", f"no event within {limit_s} s") from exc
         except aiohttp.ClientError as exc:
             raise self._cut(answer, "stream_cut", repr(exc)) from exc
-        except ValueError as exc:  # not JSON where JSON belongs, not UTF-8, a line too long
+        except (ValueError, RecursionError) as exc:  # not JSON where JSON belongs, not
+            # UTF-8, past a size limit, nested past the parser's depth
             raise self._cut(answer, "bad_answer", str(exc)) from exc
         except _Broken as exc:
             raise self._cut(answer, exc.reason, exc.message) from None
@@ -709,9 +737,19 @@ class UpstreamCall:
         and the chunks relayed; nothing when no upstream answered."""
         if not answered:
             return 0, 0
-        if self.usage is not None:
-            return self.usage
-        return self.prompt_estimate, self.output_tokens
+        prompt, completion = self.usage or (self.prompt_estimate, self.output_tokens)
+        most = self.max_tokens * self.outputs if self.max_tokens else completion
+        if prompt > MAX_PROMPT_TOKENS or completion > most:
+            logger.warning(
+                "backend %s reported usage past what the request allows (%d prompt, %d "
+                "completion tokens; at most %d and %d): settled at those bounds",
+                self.answer.upstream.name if self.answer else "?",
+                prompt,
+                completion,
+                MAX_PROMPT_TOKENS,
+                most,
+            )
+        return min(prompt, MAX_PROMPT_TOKENS), min(completion, most)
 
 
 def _refusal(backend: str, status: int, body: dict[str, Any] | None) -> SluiceError:
@@ -819,10 +857,14 @@ async def _next_event(lines: AsyncIterator[str], until_comment: bool = False) ->
     """The next SSE event (its lines, comments dropped), or None at the end; with
     `until_comment`, `COMMENT` for a comment that comes before the event's first line."""
     parts: list[str] = []
+    size = 0
     async for line in lines:
         if line:
             if not line.startswith(":"):
                 parts.append(line)
+                size += len(line)
+                if size > MAX_EVENT_BYTES:
+                    raise ValueError(f"an event of the stream is longer than {MAX_EVENT_BYTES}")
             elif until_comment and not parts:
                 return COMMENT
         elif parts:
@@ -839,21 +881,23 @@ async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
     up to `MAX_LINE_BYTES` long (aiohttp's own `readline` refuses lines past its 64 KiB
     buffer, and a Responses API `response.completed` event carries the whole answer on one
     line). Raises ValueError for a longer line or bytes that are not UTF-8."""
-    pending = b""
+    pending = bytearray()
+    scanned = 0  # pending[:scanned] holds no line end: each byte is searched once
     after_cr = False  # the data so far ended in a CR: an LF next completes that CRLF
     async for data in content.iter_any():
         if after_cr and data.startswith(b"\n"):
             data = data[1:]
         pending += data
         start = 0
-        for end in LINE_END.finditer(pending):
+        for end in LINE_END.finditer(pending, scanned):
             if end.start() - start > MAX_LINE_BYTES:
                 break
             yield pending[start : end.start()].decode()
             start = end.end()
         after_cr = start == len(pending) and pending.endswith(b"\r")
-        pending = pending[start:]
-        if len(pending) > MAX_LINE_BYTES:
+        del pending[:start]
+        scanned = len(pending)
+        if scanned > MAX_LINE_BYTES:
             raise ValueError(f"a line of the stream is longer than {MAX_LINE_BYTES} bytes")
     if pending:
         yield pending.removesuffix(b"\r").decode()

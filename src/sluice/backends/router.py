@@ -209,16 +209,18 @@ def _meets_format(response_format: Any, choices: list[dict[str, Any]]) -> bool:
     for choice in choices:
         message = choice.get("message") or {}
         text = message.get("content") if isinstance(message, dict) else choice.get("text")
+        if not isinstance(text, str):
+            return False
         try:
-            value = json.loads(text or "")
-        except ValueError:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
             return False
         if kind == "json_object" and not isinstance(value, dict):
             return False
         if kind == "json_schema" and isinstance(schema, dict):
             try:
                 jsonschema.validate(value, schema, cls=jsonschema.Draft202012Validator)
-            except jsonschema.ValidationError:
+            except (jsonschema.ValidationError, RecursionError):
                 return False
             except jsonschema.SchemaError:
                 return True  # the request's schema is not one: nothing to judge against
@@ -233,11 +235,21 @@ def _mean_logprob(choices: list[dict[str, Any]]) -> float | None:
         logprobs = choice.get("logprobs")
         if not isinstance(logprobs, dict):
             continue
-        for token in logprobs.get("content") or []:
-            if isinstance(token, dict) and isinstance(token.get("logprob"), int | float):
+        content = logprobs.get("content")
+        for token in content if isinstance(content, list) else []:
+            if isinstance(token, dict) and _number(token.get("logprob")):
                 values.append(float(token["logprob"]))
-        values += [float(v) for v in logprobs.get("token_logprobs") or [] if v is not None]
+        token_logprobs = logprobs.get("token_logprobs")
+        if isinstance(token_logprobs, list):
+            values += [float(v) for v in token_logprobs if _number(v)]
     return statistics.fmean(values) if values else None
+
+
+def _number(value: Any) -> bool:
+    """A JSON number an upstream sent where one belongs (not a bool, a string or null)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return abs(value) < 1 << 1000  # a float can hold it
+    return isinstance(value, float)
 
 
 def as_stream(body: dict[str, Any], include_usage: bool) -> str:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -61,6 +62,10 @@ class UpstreamFailure(Exception):
         self.retry_after_s = retry_after_s
 
 
+MAX_RETRY_AFTER_S = 86_400.0  # an upstream's Retry-After passed on; past a day, dropped
+MAX_LISTING_BYTES = 1 << 20  # of a health check's `GET /models` answer read
+
+
 def failure_of_status(
     backend: str, status: int, body: dict[str, Any] | None, headers: Mapping[str, str]
 ) -> UpstreamFailure | None:
@@ -72,6 +77,8 @@ def failure_of_status(
     retry_after: float | None = None
     with contextlib.suppress(TypeError, ValueError):
         retry_after = float(headers.get("retry-after", ""))
+    if retry_after is not None and not 0 <= retry_after <= MAX_RETRY_AFTER_S:  # nan too
+        retry_after = None
     message = message_of(body) or f"HTTP {status}"
     return UpstreamFailure(
         backend, reason, message, status=status, body=body, retry_after_s=retry_after
@@ -147,6 +154,7 @@ class Upstream:
                 timeout=aiohttp.ClientTimeout(
                     sock_connect=self.settings.timeouts.connect_s,
                     sock_read=self.settings.timeouts.first_token_s,
+                    ceil_threshold=math.inf,  # exact limits (aiohttp rounds up from 5 s)
                 ),
                 auto_decompress=True,
             )
@@ -209,11 +217,17 @@ class Upstream:
         try:
             async with self.session.get(
                 self.url("/models"),
-                timeout=aiohttp.ClientTimeout(total=self.settings.timeouts.connect_s),
+                timeout=aiohttp.ClientTimeout(
+                    total=self.settings.timeouts.connect_s, ceil_threshold=math.inf
+                ),
+                allow_redirects=False,
             ) as response:
-                await response.read()
+                await read_capped(response.content, MAX_LISTING_BYTES, cut=True)
                 healthy = response.status == 200
         except (aiohttp.ClientError, TimeoutError):
+            healthy = False
+        except Exception:  # whatever it was, the upstream did not answer as it should
+            logger.warning("backend %s: health check failed", self.name, exc_info=True)
             healthy = False
         if healthy != self.healthy:
             logger.warning("backend %s is %s", self.name, "up" if healthy else "down")
@@ -232,3 +246,17 @@ class Upstream:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+async def read_capped(content: aiohttp.StreamReader, limit: int, cut: bool = False) -> bytes:
+    """A response body, read to its end as it arrives, at most `limit` bytes (after
+    decompression): past it, ValueError, or with `cut` the first `limit` bytes (an error
+    answer, only its message is wanted)."""
+    body = bytearray()
+    async for data in content.iter_any():
+        body += data
+        if len(body) > limit:
+            if cut:
+                return bytes(body[:limit])
+            raise ValueError(f"the answer is longer than {limit} bytes")
+    return bytes(body)
