@@ -8,6 +8,7 @@ import time: callers construct `Settings(...)` when they need one.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -82,7 +83,9 @@ class ModelPrice(BaseModel):
     same with `input_tokens_per_s` for input; input is free if its throughput is not given).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # Finite prices only: an infinite one makes NaN spend (inf * 0 tokens), which no budget
+    # check catches and no store can record.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     input_usd_per_mtok: float = Field(0.0, ge=0)
     output_usd_per_mtok: float = Field(0.0, ge=0)
@@ -100,6 +103,8 @@ class ModelPrice(BaseModel):
         self.output_usd_per_mtok = per_mtok / self.output_tokens_per_s
         if self.input_tokens_per_s is not None:
             self.input_usd_per_mtok = per_mtok / self.input_tokens_per_s
+        if not (math.isfinite(self.input_usd_per_mtok) and math.isfinite(self.output_usd_per_mtok)):
+            raise ValueError("the derived price is not a finite number: check the throughputs")
         return self
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
@@ -194,6 +199,13 @@ class GatewaySettings(BaseModel):
         if any(not 0 < share <= 1 for share in value):
             raise ValueError("each threshold is a share of the budget, above 0 and at most 1")
         return sorted(set(value))
+
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _empty_admin_key_is_none(cls, value: object) -> object:
+        """`SLUICE_GATEWAY__ADMIN_KEY=` (set but empty) leaves the admin API off, as unset
+        does: no `Authorization` header could carry an empty key."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("redis_url")
     @classmethod

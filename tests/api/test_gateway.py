@@ -451,6 +451,61 @@ def test_admin_refuses_infinite_budgets_and_grace_periods(keyed: TestClient) -> 
     assert "inf" not in listed and listed["fin"]["budget_usd"] is None
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("rpm", True),  # pydantic's lax mode would take true as 1
+        ("rpm", "5"),
+        ("rpm", 5.0),
+        ("tpm", 10**30),  # past 2^53: Redis's Lua holds numbers as doubles
+        ("max_concurrent", 2**53 + 1),
+        ("budget_tokens", 0),
+        ("budget_usd", True),
+        ("budget_usd", "1e300"),
+        ("budget_usd", 1e300),
+        ("enabled", "off"),
+        ("enabled", 0),
+        ("models", [""]),
+        ("models", [" spaced "]),
+        ("models", "one-model"),
+    ],
+)
+def test_admin_refuses_values_of_the_wrong_type_or_range(
+    keyed: TestClient, field: str, value: Any
+) -> None:
+    """A policy value is JSON's own type within the range the stores hold exactly: never
+    coerced (true, "5", 5.0), never stored past what Redis and SQLite count exactly."""
+    param = f"{field}.0" if isinstance(value, list) else field  # the item that is wrong
+    created = keyed.post("/admin/keys", json={"name": "typed", field: value}, headers=ADMIN_AUTH)
+    assert_error(created, 400, param=param)
+    assert keyed.post("/admin/keys", json={"name": "typed"}, headers=ADMIN_AUTH).status_code == 201
+    patched = keyed.patch("/admin/keys/typed", json={field: value}, headers=ADMIN_AUTH)
+    assert_error(patched, 400, param=param)
+    rotated = keyed.post("/admin/keys/typed/rotate", json={"grace_s": True}, headers=ADMIN_AUTH)
+    assert_error(rotated, 400, param="grace_s")
+    listed = {k["name"]: k for k in keyed.get("/admin/keys", headers=ADMIN_AUTH).json()["data"]}
+    assert listed["typed"][field] == (True if field == "enabled" else None)
+
+
+def test_admin_keeps_what_a_policy_means(keyed: TestClient) -> None:
+    """Epoch seconds for `expires_at` are seconds; a key that has already expired is not
+    created; each allowed model is listed once."""
+    later = keyed.post(
+        "/admin/keys",
+        json={"name": "epoch", "expires_at": 32503680000, "models": ["a", "b", "a"]},
+        headers=ADMIN_AUTH,
+    )
+    assert later.status_code == 201, later.text
+    assert later.json()["expires_at"].startswith("3000-01-01")
+    assert later.json()["models"] == ["a", "b"]
+    past = keyed.post(
+        "/admin/keys",
+        json={"name": "past", "expires_at": "2020-01-01T00:00:00Z"},
+        headers=ADMIN_AUTH,
+    )
+    assert_error(past, 400, param="expires_at")
+
+
 def test_max_concurrent_refuses_the_request_past_the_cap(
     engine_slow_keep_alive: FakeEngine, tmp_path: Path
 ) -> None:

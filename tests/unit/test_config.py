@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from sluice import cli
-from sluice.config import Settings, default_cache_dir
+from sluice.config import ModelPrice, Settings, default_cache_dir
 
 
 def settings(**kwargs: object) -> Settings:
@@ -281,3 +281,22 @@ def test_cli_model_path_prints_the_default_folder(
 ) -> None:
     assert cli.main(["model", "path", "--cache-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out == f"{tmp_path}/models/SmolLM2-135M-Instruct\n"
+
+
+@pytest.mark.parametrize(
+    "price",
+    [
+        {"output_usd_per_mtok": float("inf")},
+        {"input_usd_per_mtok": float("nan")},
+        {"gpu_usd_per_hour": 1.0, "output_tokens_per_s": 1e-320},  # derives to infinity
+    ],
+)
+def test_a_price_is_a_finite_number(price: dict[str, float]) -> None:
+    """An infinite price makes NaN spend (inf times 0 tokens) that no budget catches."""
+    with pytest.raises(ValidationError):
+        ModelPrice(**price)
+
+
+def test_an_empty_admin_key_leaves_the_admin_api_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICE_GATEWAY__ADMIN_KEY", "")
+    assert Settings(_env_file=None).gateway.admin_key is None  # type: ignore[call-arg]

@@ -167,3 +167,21 @@ def test_keys_update_and_rotate_from_the_command_line(
     after = audit[-2].after  # type: ignore[attr-defined]
     assert (after["rpm"], after["tpm"], after["max_concurrent"]) == (None, 900, 3)
     assert after["expires_at"] == "2030-01-01T00:00:00Z"
+
+
+def test_a_stored_key_that_a_keys_file_key_shares_its_name_with_can_be_revoked(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key stored first and a keys-file key of the same name added later: the stored one's
+    secret must still be revocable (the store is asked first), and only then is the name
+    the file's (409-like refusal)."""
+    assert main(["keys", "create", "team-a"]) == 0
+    capsys.readouterr()
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(
+        yaml.safe_dump({"keys": [{"name": "team-a", "secret_sha256": digest("sk-x-1234567890")}]})
+    )
+    monkeypatch.setenv("SLUICE_GATEWAY__KEYS_FILE", str(keys_file))
+    assert main(["keys", "revoke", "team-a"]) == 0
+    assert main(["keys", "revoke", "team-a"]) == 1
+    assert "keys file" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
@@ -77,7 +77,7 @@ class Rotation(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    grace_s: float = Field(
+    grace_s: Annotated[float, Strict()] = Field(
         DEFAULT_GRACE_S,
         ge=0,
         le=MAX_GRACE_S,

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sluice.errors import Conflict, InvalidRequest, NotFound
+from sluice.errors import Conflict, InvalidRequest, NotFound, SluiceError
 from sluice.gateway.auth import KeyRing
 from sluice.gateway.keys import KeyExists, KeyPolicy, StoredKey, audit, digest, new_secret
 from sluice.gateway.quota import QuotaStore, Usage
@@ -73,8 +73,24 @@ class KeyAdmin:
                 f"The key '{name}' is defined in the keys file; {what} it there.", param="name"
             )
 
+    def _missing(self, name: str, what: str) -> SluiceError:
+        """The error for a change the store found no live key for: `Conflict` when the name
+        is the keys file's (the store is tried first: a stored key that shares its name with
+        a file key added later must stay manageable), else `NotFound`."""
+        try:
+            self._not_in_file(name, what)
+        except Conflict as exc:
+            return exc
+        return NotFound(f"No live key named '{name}'.", param="name")
+
     async def create(self, policy: KeyPolicy) -> CreatedKey:
+        """Store a new key with `policy`: `Conflict` for a taken name, `InvalidRequest` for a
+        policy that has already expired (the key could never be used)."""
         self._not_in_file(policy.name, "change")
+        if policy.expired(time.time()):
+            raise InvalidRequest(
+                "expires_at is in the past: the key would never work.", param="expires_at"
+            )
         secret = new_secret()
         key = StoredKey(policy=policy, secret_sha256=digest(secret))
         try:
@@ -93,7 +109,6 @@ class KeyAdmin:
         """Change fields of the live key's policy in place (None clears a limit); the secret,
         the name and the spend stay. The fields apply to the policy as the store holds it in
         the same transaction. `InvalidRequest` for a bad field, `NotFound`."""
-        self._not_in_file(name, "edit")
         if "name" in changes and changes["name"] != name:
             raise InvalidRequest("A key's name cannot change; create a new key.", param="name")
 
@@ -107,7 +122,7 @@ class KeyAdmin:
 
         result = await self.keys.store.update(name, change)
         if result is None:
-            raise NotFound(f"No live key named '{name}'.", param="name")
+            raise self._missing(name, "edit")
         before, policy = result
         self.keys.forget()
         self._audit("update", name, before.policy, policy)
@@ -116,7 +131,6 @@ class KeyAdmin:
     async def rotate(self, name: str, grace_s: float) -> CreatedKey:
         """A new secret for the live key called `name` (same policy, limits and spend); the
         old secret keeps working for `grace_s` seconds."""
-        self._not_in_file(name, "rotate")
         if not 0 <= grace_s <= MAX_GRACE_S:  # NaN fails both
             raise InvalidRequest(
                 f"grace_s must be between 0 and {MAX_GRACE_S:.0f} seconds.", param="grace_s"
@@ -124,7 +138,7 @@ class KeyAdmin:
         secret = new_secret()
         result = await self.keys.store.rotate(name, digest(secret), time.time() + grace_s)
         if result is None:
-            raise NotFound(f"No live key named '{name}'.", param="name")
+            raise self._missing(name, "rotate")
         before, new = result
         self.keys.forget()
         self._audit("rotate", name, before.policy, new.policy)
@@ -132,10 +146,9 @@ class KeyAdmin:
 
     async def revoke(self, name: str) -> None:
         """Revoke the key: its live secret and any rotated-out one still in its grace."""
-        self._not_in_file(name, "remove")
         before = await self.keys.store.revoke(name, time.time())
         if before is None:
-            raise NotFound(f"No live key named '{name}'.", param="name")
+            raise self._missing(name, "remove")
         self.keys.forget()
         self._audit("revoke", name, before.policy, None)
 

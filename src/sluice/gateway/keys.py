@@ -19,9 +19,17 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    field_validator,
+    model_validator,
+)
 
 Priority = Literal["high", "normal", "low"]
 Window = Literal["hour", "day", "month"]
@@ -29,31 +37,49 @@ Window = Literal["hour", "day", "month"]
 SECRET_PREFIX = "sk-sluice-"
 AUDIT_LOGGER = "sluice.audit"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# Counts go into Redis's Lua (doubles) and the SQLite store: at most 2^53, the largest
+# integer a double holds exactly (JavaScript's Number.MAX_SAFE_INTEGER is 2^53 - 1).
+MAX_COUNT = 1 << 53
+MAX_USD = 1e12
+# JSON's own types only: no "5" for 5, no true for 1, no 5.0 for an integer (pydantic's lax
+# mode would take each of them, and "off" as false).
+Count = Annotated[int, Strict(), Field(ge=1, le=MAX_COUNT)]
+Flag = Annotated[bool, Strict()]
 
 
 class KeyPolicy(BaseModel):
     """A key's settings; `None` limits mean "no limit"."""
 
     # No infinities: JSON would store them as null (a budget or an end that silently vanishes).
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # A number for `expires_at` is epoch seconds (pydantic would guess milliseconds past 2e10).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, val_temporal_unit="seconds")
 
     name: str = Field(pattern=NAME_PATTERN, description="identity in limits, metrics and logs")
-    enabled: bool = True
-    models: list[str] | None = Field(None, description="allowed model ids; None = all")
-    rpm: int | None = Field(None, ge=1, description="requests per minute")
-    tpm: int | None = Field(None, ge=1, description="tokens per minute (prompt + completion)")
-    max_tokens: int | None = Field(None, ge=1, description="largest max_tokens per choice")
-    budget_tokens: int | None = Field(None, ge=1, description="tokens per budget window")
+    enabled: Flag = True
+    models: list[Annotated[str, Strict(), Field(pattern=r"^\S+$")]] | None = Field(
+        None, description="allowed model ids ([] = none); None = all"
+    )
+    rpm: Count | None = Field(None, description="requests per minute")
+    tpm: Count | None = Field(None, description="tokens per minute (prompt + completion)")
+    max_tokens: Count | None = Field(None, description="largest max_tokens per choice")
+    budget_tokens: Count | None = Field(None, description="tokens per budget window")
     budget_tokens_window: Window = "month"
-    budget_usd: float | None = Field(None, gt=0, description="USD per budget window")
+    budget_usd: Annotated[float, Strict()] | None = Field(
+        None, gt=0, le=MAX_USD, description="USD per budget window"
+    )
     budget_usd_window: Window = "month"
     priority: Priority = "normal"
-    max_concurrent: int | None = Field(
-        None, ge=1, description="requests in flight at once (across replicas on Redis)"
+    max_concurrent: Count | None = Field(
+        None, description="requests in flight at once (across replicas on Redis)"
     )
     expires_at: AwareDatetime | None = Field(
         None, description="when the key stops working (ISO 8601 with a zone); None = never"
     )
+
+    @field_validator("models")
+    @classmethod
+    def _each_model_once(cls, models: list[str] | None) -> list[str] | None:
+        return None if models is None else list(dict.fromkeys(models))
 
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models
