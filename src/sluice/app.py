@@ -43,6 +43,7 @@ from sluice.engine.base import freeze_startup_heap, in_daemon_thread
 from sluice.engine.models import (
     default_model_dir,
     ensure_default_model,
+    is_packaged_model,
     is_provisioned,
     local_or_hub_model,
 )
@@ -88,7 +89,9 @@ DEFAULT_MODEL_TOOLS = [
 def build_engine(settings: Settings, cli_args: Sequence[str] = ()) -> Engine:
     """The engine `settings` ask for, with vLLM's options from the `vllm:` settings and
     `cli_args` (engine/args.py). `settings.model=None` means the packaged default model (its
-    folder must have been pulled): served as `SmolLM2-135M-Instruct`, offline.
+    folder must have been pulled): served as `SmolLM2-135M-Instruct`, offline. So is a
+    `settings.model` folder that holds a copy of it (`is_packaged_model`: the CPU image bakes
+    one outside the cache volume); any other model is served by its id exactly as given.
 
     Raises `EngineArgumentError` for options vLLM refuses and `ModelProvisionError` for a
     model that cannot be had (engine/models.py). Imports vLLM (seconds).
@@ -110,8 +113,8 @@ def build_engine(settings: Settings, cli_args: Sequence[str] = ()) -> Engine:
     defaults: list[str] = []
     if resolved_format(settings.telemetry.log_format) == "json":
         defaults.append("--no-use-tqdm-on-load")  # a progress bar is not a log line
-    if settings.model is None:
-        model = str(default_model_dir(settings.cache_dir))
+    if settings.model is None or is_packaged_model(settings.model):
+        model = settings.model or str(default_model_dir(settings.cache_dir))
         names = [DEFAULT_MODEL_NAME]
         defaults += DEFAULT_MODEL_TOOLS
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the packaged model needs no hub

@@ -153,6 +153,34 @@ def test_the_cpu_image_bakes_the_default_model() -> None:
     assert copied.split()[-1] == model and copied.endswith("/SmolLM2-135M-Instruct")
 
 
+def test_the_cpu_images_baked_model_is_served_as_the_default_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image points SLUICE_MODEL at its baked copy (outside the cache volume): clients
+    still ask for `SmolLM2-135M-Instruct` (README, compose, Fly, Render, k8s) and tool calls
+    still use the default model's template and parser. A copy laid out where the image puts
+    it, with what `sluice model pull` writes (its config and marker), is served so."""
+    from sluice.app import DEFAULT_MODEL_TOOLS, build_engine
+    from sluice.config import DEFAULT_MODEL_NAME, Settings
+    from sluice.engine.models import MARKER
+
+    baked = tmp_path / image_env("cpu")["SLUICE_MODEL"].lstrip("/")
+    baked.mkdir(parents=True)
+    for name in ("config.json", MARKER):  # what tells a finished conversion (models.py)
+        (baked / name).write_text("{}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    engine = build_engine(Settings(_env_file=None, model=str(baked), cache_dir=tmp_path))  # type: ignore[call-arg]
+    assert engine.served_model_names == [DEFAULT_MODEL_NAME]
+    assert engine.args.model == str(baked)
+    assert engine.args.enable_auto_tool_choice and "--tool-call-parser" in DEFAULT_MODEL_TOOLS
+    # any other folder keeps its path as its name (vLLM's rule)
+    other = tmp_path / "my-model"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    engine = build_engine(Settings(_env_file=None, model=str(other), cache_dir=tmp_path))  # type: ignore[call-arg]
+    assert engine.served_model_names == [str(other)]
+
+
 def test_runs_as_the_unprivileged_user() -> None:
     runtime = stage("runtime")
     script = " ".join(r.args for r in runtime.all("RUN"))

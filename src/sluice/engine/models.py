@@ -49,6 +49,14 @@ def is_provisioned(folder: Path) -> bool:
     return (folder / MARKER).is_file() and (folder / "config.json").is_file()
 
 
+def is_packaged_model(model: str) -> bool:
+    """True if `model` is a folder holding sluice's conversion of the packaged default model
+    (`sluice model pull` made it, wherever it was copied to since: the CPU image's baked
+    copy): it is served as the default model is, by name and with its tool flags."""
+    folder = Path(model)
+    return folder.name == DEFAULT_MODEL_NAME and is_provisioned(folder)
+
+
 def check_hf_folder(folder: Path) -> None:
     """Refuse a `--model` folder that is not a Hugging Face model folder."""
     if not folder.is_dir():
