@@ -291,9 +291,11 @@ def create_app(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await the_engine.shutdown()
-            await backends.close()
+            # Spend first (the settlement backlog's last flush): a platform that kills the
+            # process during the engine's shutdown must not take unrecorded spend with it.
             await gateway.close()
+            await backends.close()
+            await the_engine.shutdown()
             tracer_provider.shutdown()
 
     metrics = Metrics(

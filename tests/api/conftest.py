@@ -118,12 +118,22 @@ def app_client(
         yield test_client
 
 
+READY_TIMEOUT_S = 60.0  # a cold first start imports and compiles vLLM's front end
+
+
 def wait_ready(test_client: TestClient) -> None:
-    for _ in range(200):
-        if test_client.get("/readyz").status_code == 200:
+    """Wait for `/readyz` to say ready: at most `READY_TIMEOUT_S` (seconds warm, more on a
+    fresh machine where the first app's start-up imports vLLM's serving layer from a cold
+    disk), failing at once with the reason when the start-up failed."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        answer = test_client.get("/readyz")
+        if answer.status_code == 200:
             return
+        if answer.json().get("status") == "dead":
+            raise AssertionError(f"fake app failed to start: {answer.text}")
         time.sleep(0.01)
-    raise AssertionError("fake app never became ready")
+    raise AssertionError(f"fake app not ready within {READY_TIMEOUT_S:.0f} s: {answer.text}")
 
 
 def lifecycle_of(test_client: TestClient) -> Lifecycle:
