@@ -22,6 +22,7 @@ from sluice.app import create_app
 from sluice.config import LimitSettings, Settings
 from sluice.engine.protocol import EngineStats
 from sluice.gateway.command import open_bind_refusal
+from sluice.lifecycle import CUT_OFF_GRACE_S
 from sluice.server import CUT_OFF_S
 from sluice.telemetry.metrics import Metrics
 from tests.deploy.files import (
@@ -51,9 +52,12 @@ from tests.deploy.files import (
 )
 from tests.fake_engine import FakeEngine
 
-# After the drain: uvicorn's cut-off, the engine's shutdown and the last span export. The
-# platform's grace period must leave this much beyond drain_timeout_s.
-SHUTDOWN_MARGIN_S = 10.0
+# After the drain: the cut-off's answers, uvicorn's cut-off, vLLM's engine shutdown (it kills
+# its engine core after 5 s), the interpreter's exit (2.5 s measured) and the last span export
+# (3 s). The platform's grace period must leave this much beyond drain_timeout_s.
+VLLM_ENGINE_SHUTDOWN_S = 5.0
+EXIT_AND_EXPORT_S = 6.0
+SHUTDOWN_MARGIN_S = CUT_OFF_GRACE_S + CUT_OFF_S + VLLM_ENGINE_SHUTDOWN_S + EXIT_AND_EXPORT_S
 # Render's shutdown delay when render.yaml does not set maxShutdownDelaySeconds.
 RENDER_DEFAULT_SHUTDOWN_S = 30.0
 # Start-up budgets allow twice the worst measured model load.
