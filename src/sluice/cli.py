@@ -192,7 +192,7 @@ def serve(settings: Settings, vllm_args: list[str]) -> int:
     from sluice.app import build_engine, create_app
     from sluice.backends.registry import BackendsError
     from sluice.engine.args import EngineArgumentError, model_in
-    from sluice.server import run
+    from sluice.server import end_process, run
     from sluice.telemetry.logging import configure_logging
 
     configure_logging(settings.log_level, settings.telemetry.log_format)
@@ -222,13 +222,15 @@ def serve(settings: Settings, vllm_args: list[str]) -> int:
         app = create_app(settings, engine)
     except BackendsError as exc:
         return _fail(f"invalid backends or routing: {exc}", 2)
-    return run(
-        app,
-        settings.host,
-        settings.port,
-        settings.drain_timeout_s,
-        settings.log_level,
-        settings.limits,
+    end_process(
+        run(
+            app,
+            settings.host,
+            settings.port,
+            settings.drain_timeout_s,
+            settings.log_level,
+            settings.limits,
+        )
     )
 
 
