@@ -25,6 +25,7 @@ from fastapi.openapi.utils import get_openapi
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import Status, StatusCode
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
 from sluice import __version__
@@ -331,4 +332,23 @@ def create_app(
         app.add_middleware(RequestMiddleware)  # the request id only
     if telemetry.enabled:
         instrument(app, tracer_provider)  # the server span wraps everything above
+    cors = cors_options(the_engine)
+    if cors["allow_origins"]:
+        # Outermost: a browser's preflight is answered here (no key, no log line), and every
+        # answer, errors included, carries the CORS headers a page needs to read it.
+        app.add_middleware(CORSMiddleware, **cors)
     return app
+
+
+def cors_options(engine: Engine) -> dict[str, Any]:
+    """Starlette's `CORSMiddleware` options from vLLM's CORS flags as the engine's namespace
+    holds them, as vLLM's own `build_app` applies them. vLLM 0.32's defaults allow no
+    origin (then no middleware is installed: no CORS headers, as `vllm serve`), and every
+    method and header, without credentials, once origins are given."""
+    args = getattr(engine, "args", None)
+    return {
+        "allow_origins": list(getattr(args, "allowed_origins", None) or []),
+        "allow_credentials": bool(getattr(args, "allow_credentials", False)),
+        "allow_methods": list(getattr(args, "allowed_methods", None) or ["*"]),
+        "allow_headers": list(getattr(args, "allowed_headers", None) or ["*"]),
+    }

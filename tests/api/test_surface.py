@@ -239,3 +239,39 @@ def test_the_openapi_document_gives_each_generating_body_vllms_schema(
         body = operations["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert model in json.dumps(body), (path, body)
     assert "messages" in document["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+
+
+def test_cors_is_vllms_flags(tmp_path: Path) -> None:
+    """`--allowed-origins` (vLLM's flag) lets a browser page call sluice: its preflight is
+    answered without a key, and answers, errors included, carry the headers the page needs
+    to read them. Without the flag (vLLM's default) no CORS header is sent."""
+    page = "https://app.example"
+    preflight_headers = {
+        "Origin": page,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    engine = FakeEngine(cli_args=("--max-model-len", "512", "--allowed-origins", f'["{page}"]'))
+    settings = gateway_settings(tmp_path, {"plain": {}})
+    with app_client(engine, settings) as client:
+        preflight = client.options("/v1/chat/completions", headers=preflight_headers)
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == page
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+        refused = client.post("/v1/chat/completions", json=chat_body(), headers={"Origin": page})
+        assert_error(refused, 401, code="invalid_api_key")
+        assert refused.headers["access-control-allow-origin"] == page
+        served = client.post(
+            "/v1/chat/completions",
+            json=chat_body(max_tokens=2, stream=True),
+            headers={**auth("plain"), "Origin": page},
+        )
+        assert served.status_code == 200 and served.text.rstrip().endswith("data: [DONE]")
+        assert served.headers["access-control-allow-origin"] == page
+        other = client.get(
+            "/v1/models", headers={**auth("plain"), "Origin": "https://evil.example"}
+        )
+        assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+    with app_client(FakeEngine(), settings) as client:
+        plain = client.get("/v1/models", headers={**auth("plain"), "Origin": page})
+        assert "access-control-allow-origin" not in plain.headers

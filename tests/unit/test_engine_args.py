@@ -90,7 +90,6 @@ def test_vllm_refusals_are_one_sentence(cli_args: list[str], words: str) -> None
     [
         (["--api-key", "secret"], "api_key"),
         (["--ssl-keyfile", "k.pem"], "ssl_keyfile"),
-        (["--allowed-origins", '["*"]'], "allowed_origins"),
         (["--api-server-count", "2"], "api_server_count"),
         (["--root-path", "/v"], "root_path"),
     ],

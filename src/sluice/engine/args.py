@@ -10,7 +10,9 @@ priority scheduler, prompt-token details, SSE keep-alive comments every 15 s), t
 section, command-line flags.
 
 Refused with a sentence: the options of vLLM's own HTTP server, which sluice replaces (TLS,
-CORS, vLLM's API key, uvicorn, several API server processes, ...). Source of the option
+vLLM's API key, uvicorn, several API server processes, ...). vLLM's CORS options
+(`--allowed-origins`, `--allowed-methods`, `--allowed-headers`, `--allow-credentials`) are
+taken, with vLLM's defaults, and applied by the app (app.py, `cors_options`). Source of the option
 names: vllm/entrypoints/launchers/cli_args.py (`FrontendArgs`, `make_arg_parser`).
 """
 
@@ -29,10 +31,6 @@ SSE_KEEP_ALIVE_S = 15
 # vLLM HTTP-server options sluice does not take, each with what to do instead.
 SERVER_ONLY: dict[str, str] = {
     "api_key": "sluice has its own API keys: 'sluice keys create NAME' or a keys file",
-    "allowed_origins": "sluice serves no CORS headers; put a proxy in front for browsers",
-    "allowed_methods": "sluice serves no CORS headers; put a proxy in front for browsers",
-    "allowed_headers": "sluice serves no CORS headers; put a proxy in front for browsers",
-    "allow_credentials": "sluice serves no CORS headers; put a proxy in front for browsers",
     "ssl_keyfile": "terminate TLS in front of sluice (ingress, load balancer or proxy)",
     "ssl_certfile": "terminate TLS in front of sluice (ingress, load balancer or proxy)",
     "ssl_ca_certs": "terminate TLS in front of sluice (ingress, load balancer or proxy)",
