@@ -148,6 +148,33 @@ async def test_an_outage_does_not_hand_a_key_a_fresh_budget(
     assert await shared(redis_server) == (4 * USED, 0)
 
 
+async def test_what_an_outage_served_counts_once_in_the_next_outage(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    """An outage before the key's first reservation through Redis: what the fallback served
+    reaches Redis with the backlog, so the fallback must forget it when Redis is back, or the
+    next outage counts it twice (its seed, Redis's figure, already includes it)."""
+    gateway = make_gateway("open")
+    team = principal(budget_tokens=7 * USED)
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        for _ in range(2):
+            await serve(gateway, team)  # from the fallback, knowing nothing of the budget
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    await serve(gateway, team)  # through Redis, after the backlog: 3 served
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        for _ in range(4):
+            await serve(gateway, team)  # 4 more fit the budget of 7
+        with pytest.raises(QuotaExceeded):
+            await serve(gateway, team)
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    await gateway.send_pending()
+    assert await shared(redis_server) == (7 * USED, 0)
+
+
 async def test_a_settlement_whose_task_is_cancelled_is_kept_and_sent_at_shutdown(
     make_gateway: GatewayFactory, redis_server: RedisServer
 ) -> None:

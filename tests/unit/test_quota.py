@@ -479,6 +479,23 @@ class QuotaContract:
         plain = await quota.reserve(Limits(rpm=5), demand(), rid())
         assert plain.budget_left == BudgetLeft(None, None)
 
+    @pytest.mark.parametrize(("budget", "price"), [(1.0, 0.1), (0.3, 0.1), (10.0, 0.7)])
+    async def test_a_usd_budget_serves_exactly_what_it_pays_for(
+        self, quota: QuotaStore, clock: FakeClock, budget: float, price: float
+    ) -> None:
+        """Float sums of spend must not cost a request: a $1 budget at $0.10 a request
+        serves 10 (0.1 * 9 left 0.09999999999999998, which refused the tenth)."""
+        limits = Limits(budget_usd=budget)
+        served = 0
+        for _ in range(100):
+            try:
+                grant = await quota.reserve(limits, demand(tokens=1, usd=price), rid())
+            except QuotaExceeded:
+                break
+            await quota.settle(grant, tokens=1, usd=price)
+            served += 1
+        assert served == int(budget / price + 1e-9)  # 10, 3 and 14 requests
+
 
 class TestLocalQuota(QuotaContract):
     @pytest.fixture

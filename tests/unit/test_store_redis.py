@@ -114,6 +114,33 @@ async def test_replicas_share_one_budget(
         assert (usage.windows[2].tokens, usage.windows[2].usd) == (100, 1.0)
 
 
+async def test_replicas_whose_clocks_differ_still_share_one_rate_limit(
+    redis_server: RedisServer,
+) -> None:
+    """Each replica stamps the buckets with its own clock: one 2 s behind must not move a
+    bucket's stamp back, else every alternation between them refilled 2 s of the limit
+    (600 of 600 requests were admitted here at 60 per minute)."""
+    ahead, behind = FakeClock(), FakeClock()
+    one = RedisQuota(RedisStore(redis_server.url, TIMEOUT_S), clock=ahead)
+    two = RedisQuota(RedisStore(redis_server.url, TIMEOUT_S), clock=behind)
+    start = ahead.now
+    admitted = 0
+    try:
+        for step in range(600):  # 60 s, a request every 0.1 s, alternating replicas
+            ahead.now = start + step * 0.1
+            behind.now = ahead.now - 2.0
+            quota = one if step % 2 == 0 else two
+            try:
+                await quota.reserve(Limits(rpm=60, tpm=600), demand(tokens=1), rid())
+                admitted += 1
+            except RateLimitExceeded:
+                pass
+    finally:
+        await one.close()
+        await two.close()
+    assert 119 <= admitted <= 122  # the first minute's 60 plus 60 refilled over 60 s
+
+
 # -- replays: each reservation id counts once ----------------------------------------------
 
 

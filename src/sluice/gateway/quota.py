@@ -203,6 +203,14 @@ def wait_for(level: float, wanted: float, capacity: int) -> float:
 # -- calendar windows ----------------------------------------------------------------------
 
 
+def usd_slack(budget: float) -> float:
+    """How far past a USD budget's exact left-over a request may reach: the rounding of
+    the float sums spend is kept in (a $1 budget spent $0.10 at a time has
+    0.09999999999999998 left before its tenth request, which must be served). A nano-dollar
+    plus 10^-12 of the budget; the Redis script uses the same figures."""
+    return 1e-9 + budget * 1e-12
+
+
 def window_bounds(window: Window, now: float) -> tuple[float, float]:
     """Start and end (epoch seconds, UTC) of the calendar window holding `now`."""
     if window == "hour":

@@ -304,10 +304,14 @@ class Gateway:
         reservations included: on the safe side), so an outage does not hand every replica
         a fresh budget. A key this process never reserved through the store starts from
         zero (nothing is known here)."""
-        left = self._budget_left.get(key)
-        if left is None or key in self._seeded:
+        if key in self._seeded:
             return
+        # Marked seeded even when nothing is known: what the outage records locally must be
+        # forgotten once the store is back (its own figures then include it).
         self._seeded.add(key)
+        left = self._budget_left.get(key)
+        if left is None:
+            return
         now = self.clock()
         if limits.budget_tokens is not None and left.tokens is not None:
             used = max(0, int(limits.budget_tokens - left.tokens))

@@ -38,6 +38,7 @@ from sluice.gateway.quota import (
     bucket_at,
     closes_at,
     spend_field,
+    usd_slack,
     view,
     wait_for,
     wall_clock,
@@ -274,7 +275,7 @@ class LocalQuota:
             spent = self.ledger.spent(demand.key, spend_field(window, now))[part]
             left = budget - spent - reserved[part]
             need = (demand.tokens, demand.usd)[part]
-            if need > left:
+            if need > left + usd_slack(budget) * part:
                 end = window_bounds(window, now)[1]
                 return Refusal(kind, end - now, req_view, tok_view, need, max(0, left))
         return None

@@ -4,7 +4,9 @@ Each check-and-reserve is one Lua script (`RESERVE`), so replicas sharing one Re
 one limit and one budget; settlement is another (`SETTLE`). The scripts follow quota.py's
 functions line by line. Every key of one API key shares a hash tag (`{name}`), so the
 scripts also run on Redis Cluster. Time comes from the caller (NTP-synced replicas), which
-keeps tests on an injected clock.
+keeps tests on an injected clock; a bucket's stamp never moves back, so replicas whose clocks
+differ by seconds still share one rate (a replica behind refills nothing until its clock
+passes the stamp).
 
 Reservation ids make both scripts safe to run late or twice. A call that timed out on the
 client may still run when a stalled Redis resumes; the gateway then no longer waits for it
@@ -92,15 +94,19 @@ for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   redis.call('HDEL', KEYS[2], rid)
   redis.call('ZREM', KEYS[3], rid)
 end
+-- A bucket's stamp never goes back: a replica whose clock is behind another's refills
+-- nothing and keeps the later stamp (else each alternation would refill the skew again).
 local function level(name, cap)
   local l = tonumber(redis.call('HGET', KEYS[1], name .. 'l'))
-  if l == nil then return cap end
-  local t = tonumber(redis.call('HGET', KEYS[1], name .. 't'))
-  return math.min(cap, l + math.max(0, now - t) * cap / 60)
+  if l == nil then return cap, ARGV[1] end
+  local stamp = redis.call('HGET', KEYS[1], name .. 't')
+  local t = tonumber(stamp)
+  if t < now then stamp = ARGV[1] end
+  return math.min(cap, l + math.max(0, now - t) * cap / 60), stamp
 end
-local rq, tk = -1, -1
-if rpm > 0 then rq = level('r', rpm) end
-if tpm > 0 then tk = level('k', tpm) end
+local rq, tk, rstamp, kstamp = -1, -1, ARGV[1], ARGV[1]
+if rpm > 0 then rq, rstamp = level('r', rpm) end
+if tpm > 0 then tk, kstamp = level('k', tpm) end
 local ltok, lusd = 'none', 'none'
 local function reply(ok, kind, retry, n, h)
   return {ok, kind, tostring(retry), tostring(rq), tostring(tk), tostring(n), tostring(h),
@@ -131,17 +137,18 @@ if btok >= 0 or busd >= 0 then
   end
   if busd >= 0 then
     local left = busd - tonumber(redis.call('HGET', KEYS[4], ARGV[9] .. ':u') or '0') - ru
-    if usd > left then return reply(0, 'budget_usd', 0, usd, left) end
+    -- within float rounding of the sums (quota.py's usd_slack)
+    if usd > left + 1e-9 + busd * 1e-12 then return reply(0, 'budget_usd', 0, usd, left) end
     lusd = left - usd
   end
 end
 if rpm > 0 then
   rq = rq - 1
-  redis.call('HSET', KEYS[1], 'rl', tostring(rq), 'rt', ARGV[1])
+  redis.call('HSET', KEYS[1], 'rl', tostring(rq), 'rt', rstamp)
 end
 if tpm > 0 then
   tk = tk - need
-  redis.call('HSET', KEYS[1], 'kl', tostring(tk), 'kt', ARGV[1])
+  redis.call('HSET', KEYS[1], 'kl', tostring(tk), 'kt', kstamp)
 end
 if rpm > 0 or tpm > 0 then redis.call('EXPIRE', KEYS[1], 120) end
 redis.call('HSET', KEYS[2], ARGV[10], ARGV[4] .. ' ' .. ARGV[5])
@@ -160,9 +167,11 @@ redis.call('ZADD', KEYS[3], ARGV[7], ARGV[4])
 if held == 1 and tpm > 0 then
   local l = tonumber(redis.call('HGET', KEYS[1], 'kl'))
   if l ~= nil then
-    local t = tonumber(redis.call('HGET', KEYS[1], 'kt'))
+    local stamp = redis.call('HGET', KEYS[1], 'kt')
+    local t = tonumber(stamp)
     l = math.min(tpm, math.min(tpm, l + math.max(0, now - t) * tpm / 60) + refund)
-    redis.call('HSET', KEYS[1], 'kl', tostring(l), 'kt', ARGV[1])
+    if t < now then stamp = ARGV[1] end  -- never back (RESERVE's `level`)
+    redis.call('HSET', KEYS[1], 'kl', tostring(l), 'kt', stamp)
   end
 end
 local spent = {1}
