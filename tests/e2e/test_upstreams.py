@@ -91,13 +91,13 @@ def cluster(logs: Path) -> Iterator[dict[str, SluiceProcess]]:
             {
                 "name": "nowhere",
                 "base_url": f"http://127.0.0.1:{free_port()}/v1",
-                "models": {"ghost": "synthetic"},
+                "models": {"ghost": "synthetic", "lost": "synthetic"},
                 "health_check_interval_s": None,
             },
         ],
         "routing": {
             "aliases": {"fast": "pool"},
-            "fallbacks": {"primary": ["secondary"]},
+            "fallbacks": {"primary": ["secondary"], "lost": ["synthetic"]},
             "static_fallback": {"ghost": GHOST_MESSAGE},
             "breaker_failures": 2,
             "breaker_recovery_s": 1,
@@ -394,11 +394,34 @@ def test_the_trace_continues_in_the_upstream(cluster: dict[str, SluiceProcess]) 
     assert (front_line["backend"], front_line["attempt"], front_line["model"]) == ("a", 1, "solo")
 
 
+def test_every_answer_says_which_backend_and_attempt_gave_it(
+    cluster: dict[str, SluiceProcess],
+) -> None:
+    """`x-sluice-backend`, `x-sluice-model` and `x-sluice-attempt` on the engine's answers
+    too: first try, and after a chain's upstream failed (the engine is the fallback)."""
+    client = openai.OpenAI(base_url=cluster["front"].api, api_key=SECRET, max_retries=0)
+    direct = client.chat.completions.with_raw_response.create(**_chat("synthetic"))  # type: ignore[arg-type]
+    assert (direct.headers["x-sluice-backend"], direct.headers["x-sluice-attempt"]) == (
+        "engine",
+        "1",
+    )
+    rescued = client.chat.completions.with_raw_response.create(**_chat("lost"))  # type: ignore[arg-type]
+    assert rescued.headers["x-sluice-backend"] == "engine"
+    assert rescued.headers["x-sluice-model"] == "synthetic"
+    assert int(rescued.headers["x-sluice-attempt"]) >= 2  # after the unreachable upstream
+    upstream = client.chat.completions.with_raw_response.create(**_chat("solo"))  # type: ignore[arg-type]
+    assert (upstream.headers["x-sluice-backend"], upstream.headers["x-sluice-attempt"]) == (
+        "a",
+        "1",
+    )
+
+
 def test_the_static_fallback_answers_when_nothing_can(cluster: dict[str, SluiceProcess]) -> None:
     front = cluster["front"]
     client = openai.OpenAI(base_url=front.api, api_key=SECRET, max_retries=0)
     raw = client.chat.completions.with_raw_response.create(**_chat("ghost"))  # type: ignore[arg-type]
     assert raw.headers["x-sluice-fallback"] == "static"
+    assert raw.headers["x-sluice-backend"] == "static"
     assert raw.parse().choices[0].message.content == GHOST_MESSAGE
     chunks = list(client.chat.completions.create(**_chat("ghost", stream=True)))  # type: ignore[arg-type]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == GHOST_MESSAGE

@@ -265,15 +265,18 @@ class Generation:
         (`static_fallback`: the chain's static message may answer when all failed)."""
         self.allowed.update(chain)
         index = 0
+        attempts = 0  # made so far in this chain, on the engine and upstreams
         while True:
             model = chain[index]
             if self.backends.is_local(model):
+                response_headers(self.request.scope)["x-sluice-attempt"] = str(attempts + 1)
                 try:
                     return await local({**raw, "model": model})
                 except ServiceUnavailable as exc:  # loading, overloaded: the next model
                     if isinstance(exc, Draining) or index + 1 >= len(chain):
                         raise
                     index += 1
+                    attempts += 1
                     continue
             try:
                 return await self._upstream(
@@ -281,6 +284,7 @@ class Generation:
                 )
             except LocalHandoff as handoff:
                 index += handoff.index
+                attempts += handoff.attempts
 
     def _caps(self, raw: dict[str, Any], operation: str) -> tuple[UpstreamShape, str | None, int]:
         """The body's fields sluice reads, checked against the key's and the server's caps:
@@ -464,11 +468,13 @@ class Generation:
         record = record_of(self.request.scope)
         if self.serves(model):
             headers = response_headers(self.request.scope)
-            headers.pop("x-sluice-attempt", None)  # an earlier try of a cascade's
+            # the attempt the chain reached the engine at (`_serve_chain`), else the first
+            attempt = headers.setdefault("x-sluice-attempt", "1")
             headers.update({"x-sluice-backend": LOCAL, "x-sluice-model": model})
             if record is not None:
                 record.model = model  # a metric label: only ids this server serves (bounded)
                 record.backend = LOCAL
+                record.attempt = int(attempt)
         exchange = Exchange.open(
             principal=self.principal,
             gateway=self.gateway,

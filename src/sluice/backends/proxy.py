@@ -189,11 +189,13 @@ class Answer:
 
 
 class LocalHandoff(Exception):
-    """The chain reached a model of the in-process engine at `index`."""
+    """The chain reached a model of the in-process engine at `index`, after `attempts`
+    attempts on upstreams."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, attempts: int = 0) -> None:
         super().__init__(index)
         self.index = index
+        self.attempts = attempts
 
 
 class _Broken(Exception):
@@ -314,7 +316,7 @@ class UpstreamCall:
         attempt = 0
         for index, model in enumerate(self.chain):
             if self.backends.is_local(model):
-                raise LocalHandoff(index)
+                raise LocalHandoff(index, attempt)
             retrying = AsyncRetrying(
                 retry=retry_if_exception_type(UpstreamFailure),
                 stop=self._stop_retrying,
@@ -550,7 +552,9 @@ class UpstreamCall:
         created = int(time.time())
         ident = f"fallback-{uuid.uuid4().hex}"
         chat = self.operation == "chat"
-        self.response_headers.update({"x-sluice-fallback": "static", "x-sluice-model": model})
+        self.response_headers.update(
+            {"x-sluice-fallback": "static", "x-sluice-backend": "static", "x-sluice-model": model}
+        )
         headers = self.headers
         if chat:
             choice: dict[str, Any] = {
