@@ -8,10 +8,11 @@ them when it resumes). A request uses 10 prompt and 5 output tokens (15 in all).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Literal
 
 import pytest
@@ -52,6 +53,17 @@ async def make_gateway(redis_server: RedisServer) -> AsyncIterator[GatewayFactor
     yield make
     for gateway in made:
         await gateway.close()
+
+
+@contextlib.contextmanager
+def frozen(redis_server: RedisServer) -> Iterator[None]:
+    """Redis stopped (SIGSTOP) for the block: calls time out on the client while Redis holds
+    them, and run when it resumes at the block's end."""
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
 
 
 def principal(**policy: int) -> Principal:
@@ -118,11 +130,8 @@ async def test_a_settlement_that_failed_mid_request_is_sent_once(
     team = principal(budget_tokens=1000)
     ticket = await gateway.reserve(team, "m", prompt_tokens=PROMPT, max_output_tokens=OUTPUT)
     gateway.on_tokens(ticket, OUTPUT)
-    os.kill(redis_server.pid, signal.SIGSTOP)  # the settlement times out, Redis keeps it
-    try:
+    with frozen(redis_server):  # the settlement times out, Redis keeps it
         await gateway.settle(ticket)
-    finally:
-        os.kill(redis_server.pid, signal.SIGCONT)
     assert len(gateway.pending) == 1
     await gateway.send_pending()  # resent: the store must not count it twice
     assert await shared(redis_server) == (USED, 0)
@@ -137,13 +146,10 @@ async def test_an_outage_does_not_hand_a_key_a_fresh_budget(
     team = principal(budget_tokens=4 * USED)
     for _ in range(3):
         await serve(gateway, team)
-    os.kill(redis_server.pid, signal.SIGSTOP)
-    try:
+    with frozen(redis_server):
         await serve(gateway, team)  # the budget's last request, from the fallback
         with pytest.raises(QuotaExceeded):
             await serve(gateway, team)
-    finally:
-        os.kill(redis_server.pid, signal.SIGCONT)
     await gateway.send_pending()
     assert await shared(redis_server) == (4 * USED, 0)
 
@@ -156,21 +162,15 @@ async def test_what_an_outage_served_counts_once_in_the_next_outage(
     next outage counts it twice (its seed, Redis's figure, already includes it)."""
     gateway = make_gateway("open")
     team = principal(budget_tokens=7 * USED)
-    os.kill(redis_server.pid, signal.SIGSTOP)
-    try:
+    with frozen(redis_server):
         for _ in range(2):
             await serve(gateway, team)  # from the fallback, knowing nothing of the budget
-    finally:
-        os.kill(redis_server.pid, signal.SIGCONT)
     await serve(gateway, team)  # through Redis, after the backlog: 3 served
-    os.kill(redis_server.pid, signal.SIGSTOP)
-    try:
+    with frozen(redis_server):
         for _ in range(4):
             await serve(gateway, team)  # 4 more fit the budget of 7
         with pytest.raises(QuotaExceeded):
             await serve(gateway, team)
-    finally:
-        os.kill(redis_server.pid, signal.SIGCONT)
     await gateway.send_pending()
     assert await shared(redis_server) == (7 * USED, 0)
 
@@ -186,16 +186,13 @@ async def test_a_settlement_whose_task_is_cancelled_is_kept_and_sent_at_shutdown
     second = await gateway.reserve(team, "m", prompt_tokens=PROMPT, max_output_tokens=OUTPUT)
     for ticket in (first, second):
         gateway.on_tokens(ticket, OUTPUT)
-    os.kill(redis_server.pid, signal.SIGSTOP)
-    try:
+    with frozen(redis_server):
         settling = asyncio.create_task(gateway.settle(first))
         await asyncio.sleep(0.05)
         settling.cancel()
         with pytest.raises(asyncio.CancelledError):
             await settling
         gateway.settle_later(second)  # an owner that can no longer wait
-    finally:
-        os.kill(redis_server.pid, signal.SIGCONT)
     assert len(gateway.pending) == 2
     await gateway.close()
     assert await shared(redis_server) == (2 * USED, 0)
@@ -208,15 +205,13 @@ async def test_a_reservation_redis_runs_after_the_gateway_gave_up_is_not_left_be
     gateway = make_gateway(failure)
     team = principal(budget_tokens=1000, tpm=1000)
     await serve(gateway, team)  # connected
-    os.kill(redis_server.pid, signal.SIGSTOP)
-    try:
+    with frozen(redis_server):
         if failure == "open":
             await serve(gateway, team)  # reserve times out: served from the local fallback
         else:
             with pytest.raises(StoreFailure):
                 await gateway.reserve(team, "m", prompt_tokens=PROMPT, max_output_tokens=OUTPUT)
-    finally:
-        os.kill(redis_server.pid, signal.SIGCONT)  # Redis now runs the stalled reservation
+    # (Redis has now run the stalled reservation)
     await gateway.send_pending()
     spent = 2 * USED if failure == "open" else USED
     assert await shared(redis_server) == (spent, 0)
@@ -232,8 +227,7 @@ async def test_a_request_cancelled_while_redis_holds_its_reservation_leaves_noth
     gateway = make_gateway("closed")
     team = principal(budget_tokens=1000, max_concurrent=1)
     await serve(gateway, team)  # connected
-    os.kill(redis_server.pid, signal.SIGSTOP)
-    try:
+    with frozen(redis_server):
         waiting = asyncio.create_task(
             gateway.reserve(team, "m", prompt_tokens=PROMPT, max_output_tokens=OUTPUT)
         )
@@ -241,8 +235,6 @@ async def test_a_request_cancelled_while_redis_holds_its_reservation_leaves_noth
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-    finally:
-        os.kill(redis_server.pid, signal.SIGCONT)
     await asyncio.sleep(0.2)  # Redis runs the stalled reservation now
     await gateway.send_pending()
     assert await shared(redis_server) == (USED, 0)
