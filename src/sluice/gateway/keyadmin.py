@@ -67,26 +67,25 @@ class KeyAdmin:
     ) -> None:
         audit(self.actor, action, name, before, after)
 
-    def _not_in_file(self, name: str, what: str) -> None:
-        if name in self.keys.file_names():
-            raise Conflict(
-                f"The key '{name}' is defined in the keys file; {what} it there.", param="name"
-            )
+    def _in_file(self, name: str, what: str) -> Conflict | None:
+        """The 409 for a change to a key the keys file defines, or None."""
+        if name not in self.keys.file_names():
+            return None
+        return Conflict(
+            f"The key '{name}' is defined in the keys file; {what} it there.", param="name"
+        )
 
     def _missing(self, name: str, what: str) -> SluiceError:
         """The error for a change the store found no live key for: `Conflict` when the name
         is the keys file's (the store is tried first: a stored key that shares its name with
         a file key added later must stay manageable), else `NotFound`."""
-        try:
-            self._not_in_file(name, what)
-        except Conflict as exc:
-            return exc
-        return NotFound(f"No live key named '{name}'.", param="name")
+        return self._in_file(name, what) or NotFound(f"No live key named '{name}'.", param="name")
 
     async def create(self, policy: KeyPolicy) -> CreatedKey:
         """Store a new key with `policy`: `Conflict` for a taken name, `InvalidRequest` for a
         policy that has already expired (the key could never be used)."""
-        self._not_in_file(policy.name, "change")
+        if conflict := self._in_file(policy.name, "change"):
+            raise conflict
         if policy.expired(time.time()):
             raise InvalidRequest(
                 "expires_at is in the past: the key would never work.", param="expires_at"
