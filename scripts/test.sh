@@ -32,4 +32,5 @@ step "ruff"
 step "mypy"
 .venv/bin/mypy
 step "pytest"
-exec .venv/bin/pytest "$@"
+# the slowest tests at the end of the report: where the run's time goes
+exec .venv/bin/pytest --durations=25 "$@"

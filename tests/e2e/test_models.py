@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -80,22 +81,48 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
     return {**env, "HF_HOME": str(home), **extra}
 
 
+# Starts that must fail: case → (arguments, extra environment). Each is a whole `sluice
+# serve` process that imports vLLM (about 20 s of one core here) before it fails, so the
+# module runs them two at a time (the machine's two cores), once.
+REFUSED_STARTS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "not-cached": (["someone/not-cached"], {"HF_HUB_OFFLINE": "1"}),
+    # a hub that refuses connections: fails fast, not after minutes of retries
+    "hub-down": (["someone/not-cached"], {"HF_ENDPOINT": "http://127.0.0.1:9"}),
+    "not-an-id": (["not/a/valid/id"], {"HF_HUB_OFFLINE": "1"}),
+    "no-revision": ([HUB_ID, "--revision", "f" * 40], {"HF_HUB_OFFLINE": "1"}),
+    "no-folder": (["./no-such-folder"], {}),
+    "bad-option": ([HUB_ID, "--max-model-len", "lots"], {"HF_HUB_OFFLINE": "1"}),
+    "server-option": ([HUB_ID, "--api-key", "x"], {"HF_HUB_OFFLINE": "1"}),
+}
+
+
+@pytest.fixture(scope="module")
+def refused_starts(hf_home: tuple[Path, str]) -> dict[str, tuple[int, str, float]]:
+    """`REFUSED_STARTS` run: case → (exit status, stderr, seconds)."""
+    home, _ = hf_home
+
+    def run(case: str) -> tuple[int, str, float]:
+        args, extra = REFUSED_STARTS[case]
+        return sluice_serve(*args, env=_env(home, **extra))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(REFUSED_STARTS, pool.map(run, REFUSED_STARTS), strict=True))
+
+
 @pytest.mark.parametrize(
-    ("args", "extra", "words"),
+    ("case", "words"),
     [
-        (["someone/not-cached"], {"HF_HUB_OFFLINE": "1"}, "is not in the Hugging Face cache"),
-        # a hub that refuses connections: fails fast, not after minutes of retries
-        (["someone/not-cached"], {"HF_ENDPOINT": "http://127.0.0.1:9"}, "could not be reached"),
-        (["not/a/valid/id"], {"HF_HUB_OFFLINE": "1"}, "is neither an existing folder"),
-        ([HUB_ID, "--revision", "f" * 40], {"HF_HUB_OFFLINE": "1"}, "is not in the Hugging"),
-        (["./no-such-folder"], {}, "does not exist"),
+        ("not-cached", "is not in the Hugging Face cache"),
+        ("hub-down", "could not be reached"),
+        ("not-an-id", "is neither an existing folder"),
+        ("no-revision", "is not in the Hugging"),
+        ("no-folder", "does not exist"),
     ],
 )
 def test_models_that_cannot_be_had_are_one_sentence(
-    hf_home: tuple[Path, str], args: list[str], extra: dict[str, str], words: str
+    refused_starts: dict[str, tuple[int, str, float]], case: str, words: str
 ) -> None:
-    home, _ = hf_home
-    status, stderr, seconds = sluice_serve(*args, env=_env(home, **extra))
+    status, stderr, seconds = refused_starts[case]
     assert status == 1, stderr
     lines = [line for line in stderr.splitlines() if line.startswith("sluice: ")]
     assert len(lines) == 1, stderr
@@ -104,13 +131,12 @@ def test_models_that_cannot_be_had_are_one_sentence(
     assert seconds < 60
 
 
-def test_vllm_options_are_validated_by_vllm(hf_home: tuple[Path, str]) -> None:
-    home, _ = hf_home
-    status, stderr, _ = sluice_serve(
-        HUB_ID, "--max-model-len", "lots", env=_env(home, HF_HUB_OFFLINE="1")
-    )
+def test_vllm_options_are_validated_by_vllm(
+    refused_starts: dict[str, tuple[int, str, float]],
+) -> None:
+    status, stderr, _ = refused_starts["bad-option"]
     assert status == 2
     assert "max-model-len" in stderr
-    status, stderr, _ = sluice_serve(HUB_ID, "--api-key", "x", env=_env(home, HF_HUB_OFFLINE="1"))
+    status, stderr, _ = refused_starts["server-option"]
     assert status == 2
     assert "sluice keys" in stderr
