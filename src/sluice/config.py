@@ -63,6 +63,9 @@ class LimitSettings(BaseModel):
     max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens a request may ask")
     max_n: int = Field(8, ge=1, description="largest n a request may ask")
     max_prompts: int = Field(16, ge=1, description="largest list of prompts in one completion")
+    max_embedding_inputs: int = Field(
+        2048, ge=1, description="largest list of inputs in one embeddings request (OpenAI's)"
+    )
     request_timeout_s: float = Field(600.0, gt=0, description="per-request time limit, seconds")
     headers_timeout_s: float = Field(
         10.0, gt=0, description="seconds to receive a request's headers; then 408 and close"

@@ -216,7 +216,7 @@ def test_an_answer_that_cannot_be_serialised_still_closes_its_request(
     original = chat_class.create_chat_completion
 
     class Unserialisable:
-        def model_dump_json(self) -> str:
+        def model_dump_json(self, **options: Any) -> str:
             raise TypeError("unable to serialize")
 
     async def broken(self: Any, *args: Any, **kwargs: Any) -> Any:

@@ -7,11 +7,19 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import app_client, assert_error, assert_settled, chat_body, tokens
+from tests.api.conftest import (
+    app_client,
+    assert_error,
+    assert_settled,
+    chat_body,
+    make_settings,
+    tokens,
+)
 from tests.api.test_gateway import ADMIN, auth, gateway_settings
 from tests.fake_engine import MODEL_ID, FakeEngine
 
@@ -275,3 +283,62 @@ def test_cors_is_vllms_flags(tmp_path: Path) -> None:
     with app_client(FakeEngine(), settings) as client:
         plain = client.get("/v1/models", headers={**auth("plain"), "Origin": page})
         assert "access-control-allow-origin" not in plain.headers
+
+
+def test_a_model_name_that_is_not_ascii_is_served() -> None:
+    """A served name (or LoRA name) outside Latin-1 is served; `x-sluice-model` carries it
+    percent-encoded (helper audit: every request to such a name was a 500)."""
+    engine = FakeEngine(cli_args=("--served-model-name", MODEL_ID, "модель"))
+    with app_client(engine, make_settings()) as client:
+        for stream in (False, True):
+            body = chat_body(model="модель", max_tokens=2, stream=stream)
+            response = client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            assert unquote(response.headers["x-sluice-model"]) == "модель"
+        assert_settled(client, engine)
+
+
+def test_models_with_a_trailing_slash_is_the_listing(client: TestClient) -> None:
+    listed = client.get("/v1/models/")
+    assert listed.status_code == 200
+    assert [m["id"] for m in listed.json()["data"]] == [MODEL_ID]
+
+
+@pytest.mark.parametrize("field", ["background", "service_tier", "truncation"])
+def test_responses_fields_openai_makes_nullable_accept_null(
+    client: TestClient, engine: FakeEngine, field: str
+) -> None:
+    """OpenAI's description lets these be null; vLLM refused `service_tier: null` and failed
+    `background`/`truncation` null after the engine ran (a 400 for spent tokens)."""
+    body = {"model": MODEL_ID, "input": "hi", "max_output_tokens": 2, field: None}
+    response = client.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+
+
+def test_a_whole_response_uses_the_json_field_names(client: TestClient) -> None:
+    """`text.format.schema`, not pydantic's `schema_` (vLLM's route dumps by alias)."""
+    schema = {"type": "object", "properties": {}}
+    body = {
+        "model": MODEL_ID,
+        "input": "hi",
+        "max_output_tokens": 2,
+        "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}},
+    }
+    response = client.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["text"]["format"]["schema"] == schema
+    assert "schema_" not in response.text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("n", [0, -1])
+def test_n_below_one_is_refused_whatever_the_temperature(
+    client: TestClient, engine: FakeEngine, path: str, n: int
+) -> None:
+    """vLLM refuses n < 1; greedy sampling must not route it past that check (it hung until
+    the time limit: the fan-out made no sequence)."""
+    body = chat_body() if path == "/v1/chat/completions" else {"model": MODEL_ID, "prompt": "hi"}
+    for stream in (False, True):
+        response = client.post(path, json={**body, "n": n, "temperature": 0, "stream": stream})
+        assert_error(response, 400, param="n")
+    assert engine.requests == []

@@ -100,6 +100,17 @@ def test_base64_embeddings(embedding_server: SluiceProcess) -> None:
     assert raw == pytest.approx(plain.data[0].embedding, abs=1e-6)
 
 
+def test_embeddings_take_openais_input_lists(embedding_server: SluiceProcess) -> None:
+    """40 inputs are embedded (the completions prompt cap of 16 refused 17); past OpenAI's
+    2,048 a 400 naming `input`."""
+    client = openai.OpenAI(base_url=embedding_server.api, api_key=SECRET, max_retries=0)
+    many = client.embeddings.create(model=MODEL, input=[f"doc {i}" for i in range(40)])
+    assert [item.index for item in many.data] == list(range(40))
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model=MODEL, input=["x"] * 2049)
+    assert refused.value.body["param"] == "input"  # type: ignore[index]
+
+
 def test_the_gateway_applies_to_embeddings(embedding_server: SluiceProcess) -> None:
     refused = openai.OpenAI(base_url=embedding_server.api, api_key=SECRET + "x", max_retries=0)
     with pytest.raises(openai.PermissionDeniedError):

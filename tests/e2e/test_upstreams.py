@@ -400,16 +400,16 @@ def test_every_answer_says_which_backend_and_attempt_gave_it(
     """`x-sluice-backend`, `x-sluice-model` and `x-sluice-attempt` on the engine's answers
     too: first try, and after a chain's upstream failed (the engine is the fallback)."""
     client = openai.OpenAI(base_url=cluster["front"].api, api_key=SECRET, max_retries=0)
-    direct = client.chat.completions.with_raw_response.create(**_chat("synthetic"))  # type: ignore[arg-type]
+    direct = client.chat.completions.with_raw_response.create(**_chat("synthetic", max_tokens=4))  # type: ignore[arg-type]
     assert (direct.headers["x-sluice-backend"], direct.headers["x-sluice-attempt"]) == (
         "engine",
         "1",
     )
-    rescued = client.chat.completions.with_raw_response.create(**_chat("lost"))  # type: ignore[arg-type]
+    rescued = client.chat.completions.with_raw_response.create(**_chat("lost", max_tokens=4))  # type: ignore[arg-type]
     assert rescued.headers["x-sluice-backend"] == "engine"
     assert rescued.headers["x-sluice-model"] == "synthetic"
     assert int(rescued.headers["x-sluice-attempt"]) >= 2  # after the unreachable upstream
-    upstream = client.chat.completions.with_raw_response.create(**_chat("solo"))  # type: ignore[arg-type]
+    upstream = client.chat.completions.with_raw_response.create(**_chat("solo", max_tokens=4))  # type: ignore[arg-type]
     assert (upstream.headers["x-sluice-backend"], upstream.headers["x-sluice-attempt"]) == (
         "a",
         "1",
@@ -543,6 +543,70 @@ def test_a_cascade_escalates_when_its_signal_fires(cluster: dict[str, SluiceProc
     as_read = _post(front, _chat("smart", max_tokens=30, stop=[" nine"], stream="false"))
     assert as_read.headers["content-type"].startswith("application/json")
     assert as_read.json()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_bodies_no_server_takes_are_refused_before_any_upstream(
+    cluster: dict[str, SluiceProcess],
+) -> None:
+    """Refused as the engine's endpoints refuse them, never sent on (vLLM answers such a body
+    with a 500, which counted against the upstream's breaker): an integer past 64 bits
+    anywhere, `stream` on embeddings."""
+    front = cluster["front"]
+    before = _metric(front, "sluice_upstream_attempts_total", backend="a")
+    for body, param in [
+        (_chat("solo", max_tokens=2, top_k=2**64), "top_k"),
+        (_chat("solo", max_tokens=2, seed=-(2**63) - 1), "seed"),
+        (
+            _chat(
+                "solo",
+                max_tokens=2,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "n", "schema": {"type": "integer", "maximum": 10**23}},
+                },
+            ),
+            "response_format.json_schema.schema.maximum",
+        ),
+    ]:
+        refused = _post(front, body)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == param
+    streamed = httpx.post(
+        f"{front.api}/embeddings",
+        json={"model": "solo", "input": "x", "stream": True},
+        headers=auth(),
+        timeout=30,
+    )
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
+    assert _metric(front, "sluice_upstream_attempts_total", backend="a") == before
+    assert _readyz(front)["backends"]["a"]["breaker"] == "closed"
+
+
+def test_a_client_that_leaves_during_a_cascade_try_is_a_499(
+    cluster: dict[str, SluiceProcess],
+) -> None:
+    """The first try of `smart` (200 tokens at 50/s: 4 s) is cut by the client after 1 s:
+    the request's log line says 499 `client_closed_request` (a try cut short was read as
+    JSON and logged as a 400)."""
+    front = cluster["front"]
+    request_id = f"cascade-leaves-{time.monotonic_ns()}"
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{front.api}/chat/completions",
+            json=_chat("smart", max_tokens=200),
+            headers={**auth(), "x-request-id": request_id},
+            timeout=1.0,
+        )
+    found: dict[str, Any] | None = None
+    for _ in range(100):
+        for text in front.log_path.read_text().splitlines():
+            if request_id in text and '"sluice.request"' in text:
+                found = json.loads(text)
+        if found is not None:
+            break
+        time.sleep(0.1)
+    assert found is not None, f"no log line for {request_id}"
+    assert found["status"] == 499, found
 
 
 def test_a_stalled_upstream_times_out_to_the_fallback_and_is_marked_down(

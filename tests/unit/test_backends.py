@@ -24,6 +24,7 @@ from sluice.api.generation import Generation, UpstreamShape
 from sluice.api.sse import ClientDisconnected
 from sluice.backends import proxy
 from sluice.backends.proxy import (
+    MEDIA_PART_TOKENS,
     RETRY_BUDGET_FLOOR,
     Answer,
     LocalHandoff,
@@ -77,7 +78,8 @@ class Servers:
         for name in ("x", "y"):
             app = web.Application()
             app.router.add_route("*", "/{tail:.*}", self._dispatch(name))
-            runner = web.AppRunner(app)
+            # a handler still running at the end (a hung upstream) is cancelled at once
+            runner = web.AppRunner(app, shutdown_timeout=0.1)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
@@ -179,7 +181,8 @@ def failing(status: int, times: int) -> Handler:
 
 
 async def test_a_failed_attempt_is_retried_and_the_answer_says_which(servers: Servers) -> None:
-    backends = backends_with(servers, {"x": failing(503, 1), "y": failing(503, 1)})
+    backends = backends_with(servers, {"x": failing(503, 1)})
+    backends.by_model["m"] = [backends.upstreams[0]]  # the retry goes back to x
     upstream_call = call(backends)
     answer = await upstream_call.open()
     assert isinstance(answer, Answer)
@@ -238,13 +241,44 @@ async def test_a_refusal_is_the_clients_error_and_is_not_retried(servers: Server
     assert all(u.state == "closed" and u.breaker.failure_count == 0 for u in backends.upstreams)
 
 
-async def test_sluices_own_credentials_refused_is_a_bad_gateway(servers: Servers) -> None:
-    async def deny(request: web.Request) -> web.StreamResponse:
-        return web.json_response({"error": {"message": "bad key"}}, status=401)
+async def test_an_error_body_under_a_200_is_judged_as_its_error(servers: Servers) -> None:
+    """Some servers answer errors with status 200: a body with `error` and no answer in it
+    is a failure (fails over) or, with a 4xx `code`, the client's error; not a success."""
 
+    async def failed(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": {"message": "engine died"}})
+
+    async def refused(request: web.Request) -> web.StreamResponse:
+        error = {"message": "bad top_p", "code": 400, "param": "top_p"}
+        return web.json_response({"error": error})
+
+    backends = backends_with(servers, {"x": failed, "y": ok})
+    answer = await call(backends, chain=("m",)).open()
+    assert isinstance(answer, Answer) and answer.upstream.name == "y"
+    with pytest.raises(InvalidRequest) as raised:
+        await call(backends_with(servers, {"x": refused, "y": refused})).open()
+    assert (raised.value.message, raised.value.param) == ("bad top_p", "top_p")
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 409, 408])
+async def test_an_upstream_refusing_sluice_itself_fails_over(servers: Servers, status: int) -> None:
+    """401/403 (sluice's credentials), 404 (its mapping or route), 409 and 408 are the
+    upstream's trouble, not the body's: the sibling upstream answers; when none can, a 502
+    (a 504 `upstream_timeout` for 408), and the failures count for the breaker."""
+
+    async def deny(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": {"message": "not here"}}, status=status)
+
+    backends = backends_with(servers, {"x": deny, "y": ok})
+    answer = await call(backends, chain=("m",)).open()
+    assert isinstance(answer, Answer) and answer.upstream.name == "y"
+
+    backends = backends_with(servers, {"x": deny, "y": deny})
     with pytest.raises(UpstreamError) as raised:
-        await call(backends_with(servers, {"x": deny, "y": deny})).open()
-    assert raised.value.status is None  # the table's 502
+        await call(backends).open()
+    assert raised.value.status == (504 if status == 408 else None)  # None: the table's 502
+    assert "not here" in raised.value.message
+    assert sum(u.breaker.failure_count for u in backends.upstreams) >= 2
 
 
 async def test_failures_open_the_breaker_then_a_single_probe_closes_it(
@@ -321,19 +355,41 @@ def test_the_registry_refuses_names_nothing_serves_and_overlaps() -> None:
 def test_least_outstanding_picks_the_idler_available_upstream() -> None:
     backends = backends_with(None, {})
     x, y = backends.by_model["m"]
-    assert backends.pick("m") is x  # a tie goes to the first listed
+    assert {backends.pick("m") for _ in range(200)} == {x, y}  # a tie: either, at random
     x.begin()
     assert backends.pick("m") is y
     y.begin()
     y.begin()
     assert backends.pick("m") is x
+    assert backends.pick("m", tried=[x]) is y  # a retry tries another upstream first
     x.healthy = False
     assert backends.pick("m") is y
+    assert backends.pick("m", tried=[y]) is y  # ... or the same one, if it is the only one
+
+
+async def test_a_retry_goes_to_another_upstream(servers: Servers) -> None:
+    """An upstream that failed is not the retry's pick while another one serves the model
+    (helper audit: with both idle, the retry went back to the failed one)."""
+    backends = backends_with(servers, {"x": failing(502, 99), "y": ok})
+    for _ in range(10):
+        upstream_call = call(backends, chain=("m",))  # no fallback: only a retry can rescue
+        answer = await upstream_call.open()
+        assert isinstance(answer, Answer) and answer.upstream.name == "y"
+        await upstream_call.close()
 
 
 def test_prompt_estimate_and_usage_shapes() -> None:
     assert estimate_prompt_tokens({"messages": [{"role": "user", "content": "a" * 400}]}) > 100
     assert estimate_prompt_tokens({"prompt": [1, 2, 3]}) == 3
+    # an image counts as one image, not as its data URL's megabyte of base64
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 10**6}}
+    with_image = {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}]
+    }
+    assert MEDIA_PART_TOKENS <= estimate_prompt_tokens(with_image) < MEDIA_PART_TOKENS + 50
+    part = {"type": "input_image", "image_url": "data:image/png;base64," + "A" * 10**6}
+    responses = {"input": [{"role": "user", "content": [part]}]}
+    assert MEDIA_PART_TOKENS <= estimate_prompt_tokens(responses) < MEDIA_PART_TOKENS + 50
     assert usage_of({"usage": {"prompt_tokens": 3, "completion_tokens": 2}}) == (3, 2)
     assert usage_of({"response": {"usage": {"input_tokens": 5, "output_tokens": 4}}}) == (5, 4)
     assert usage_of({"usage": {"prompt_tokens": 7, "total_tokens": 7}}) == (7, 0)  # embeddings
@@ -640,6 +696,66 @@ async def test_a_stream_that_breaks_after_its_first_event_ends_in_an_upstream_er
     assert raised.value.code == "upstream_error"
     assert upstream_call.error is raised.value
     assert answer.upstream.breaker.failure_count == 1
+
+
+async def test_an_event_cut_before_its_blank_line_is_not_relayed(servers: Servers) -> None:
+    """A connection cut mid-event (WHATWG: an incomplete event is not dispatched): a cut
+    first event is a failed attempt (the fallback answers); a cut later one never reaches the
+    client as a whole frame, the stream ends in the upstream error."""
+    cut = b'data: {"choices":[{"index":0,"delta":{"content":"wor'
+    backends = backends_with(servers, {"x": sse_raw(cut), "y": sse_handler([FIRST, "[DONE]"])})
+    backends.by_model["m"] = [backends.upstreams[0]]
+    answer = await call(backends, stream=True).open()
+    assert isinstance(answer, Answer) and (answer.model, answer.upstream.name) == ("fb", "y")
+
+    upstream_call, answer = await open_stream(servers, sse_raw(f"data: {FIRST}\n\n".encode(), cut))
+    frames: list[str] = []
+
+    async def collect() -> None:
+        async for frame in upstream_call.frames(answer):
+            frames.append(frame)
+
+    with pytest.raises(UpstreamError):
+        await collect()
+    assert frames == [f"data: {FIRST}\n\n"]
+    # a bare [DONE] needs no blank line: nothing in it can be cut
+    upstream_call, answer = await open_stream(
+        servers, sse_raw(f"data: {FIRST}\n\n".encode(), b"data: [DONE]\n")
+    )
+    assert await relayed(upstream_call, answer) == [f"data: {FIRST}\n\n", "data: [DONE]\n\n"]
+
+
+@pytest.mark.parametrize("ends", [True, False], ids=["completed", "cut"])
+async def test_a_responses_stream_ends_with_its_terminal_event(
+    servers: Servers, ends: bool
+) -> None:
+    """The Responses API has no [DONE]: its stream is whole at `response.completed` (or
+    `.failed`/`.incomplete`); one that ends before is cut (an error event, a failure)."""
+    created = b'event: response.created\ndata: {"type":"response.created"}\n\n'
+    delta = (
+        b"event: response.output_text.delta\n"
+        b'data: {"type":"response.output_text.delta","delta":"response.completed"}\n\n'
+    )
+    usage = b'{"input_tokens":3,"output_tokens":1,"total_tokens":4}'
+    completed = (
+        b"event: response.completed\n"
+        b'data: {"type":"response.completed","response":{"usage":' + usage + b"}}\n\n"
+    )
+    parts = (created, delta, completed) if ends else (created, delta)
+    backends = backends_with(servers, {"x": sse_raw(*parts)})
+    backends.by_model["m"] = [backends.upstreams[0]]
+    upstream_call = call(backends, stream=True)
+    upstream_call.operation = "generate_content"
+    answer = await upstream_call.open()
+    assert isinstance(answer, Answer)
+    if ends:
+        frames = await relayed(upstream_call, answer)
+        assert len(frames) == 3 and frames[-1].startswith("event: response.completed")
+        assert answer.upstream.breaker.failure_count == 0
+    else:
+        with pytest.raises(UpstreamError):
+            await relayed(upstream_call, answer)
+        assert answer.upstream.breaker.failure_count == 1
 
 
 async def test_a_line_longer_than_the_limit_breaks_the_stream(

@@ -10,7 +10,7 @@ from sluice.gateway.auth import OPEN, Principal
 from sluice.gateway.guards import check_allowed, check_max_tokens, check_n
 from sluice.gateway.keys import KeyPolicy
 
-LIMITS = LimitSettings(max_tokens_cap=100, max_n=4, max_prompts=3)
+LIMITS = LimitSettings(max_tokens_cap=100, max_n=4, max_prompts=3, max_embedding_inputs=5)
 
 
 def key(**policy: object) -> Principal:
@@ -64,3 +64,13 @@ def test_check_n_too_many_prompts() -> None:
     with pytest.raises(InvalidRequest) as caught:
         check_n(1, 4, LIMITS)
     assert caught.value.param == "prompt"
+
+
+def test_embedding_inputs_have_their_own_cap() -> None:
+    """An embeddings `input` list is capped by `max_embedding_inputs` (OpenAI's 2,048 by
+    default), not the completions prompt cap, and the error names `input`."""
+    check_n(None, 5, LIMITS, embeddings=True)
+    with pytest.raises(InvalidRequest) as caught:
+        check_n(None, 6, LIMITS, embeddings=True)
+    assert caught.value.param == "input"
+    assert LimitSettings().max_embedding_inputs == 2048

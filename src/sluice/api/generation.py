@@ -26,6 +26,7 @@ import email.message
 import functools
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -71,6 +72,7 @@ from sluice.errors import (
     CLIENT_PARAMS,
     Draining,
     InvalidRequest,
+    RequestTimedOut,
     ServiceUnavailable,
     SluiceError,
     from_exception,
@@ -144,6 +146,36 @@ class UpstreamShape(BaseModel):
             if name in raw:
                 body[name] = getattr(self, name)
         return body
+
+
+# What an integer out of 64 bits looks like in a body: 19 digits or more (2**63 has 19).
+LONG_INTEGER = re.compile(rb"\d{19}")
+INT_RANGE = (-(2**63), 2**64 - 1)  # what any OpenAI-compatible server's fields take
+
+
+def check_integers(body: Any) -> None:
+    """Raise a 400 naming the field (`top_k`, `response_format.json_schema.schema.maximum`)
+    for an integer anywhere in `body` outside `INT_RANGE`: no server takes one (vLLM's
+    answers 500), so an upstream body with one is refused as the engine's path refuses it.
+    Iterative: a body nested as deep as the parser allows is walked too."""
+    pending: list[tuple[Any, str]] = [(body, "")]
+    while pending:
+        node, path = pending.pop()
+        if isinstance(node, dict):
+            pending.extend((v, f"{path}.{k}" if path else str(k)) for k, v in node.items())
+        elif isinstance(node, list):
+            pending.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+        elif (
+            isinstance(node, int)
+            and not isinstance(node, bool)
+            and not INT_RANGE[0] <= node <= INT_RANGE[1]
+        ):
+            raise InvalidRequest(
+                f"{path} is {node}, outside the 64-bit integers every field takes "
+                "(-2**63 to 2**64-1).",
+                param=path or None,
+                code="invalid_value",
+            )
 
 
 async def read_json(request: Request) -> Any:
@@ -234,6 +266,15 @@ class Generation:
         if not isinstance(name, str) or name in backends.local_names or not backends.serves(name):
             return await local(raw)
         check_allowed(name, self.principal)
+        if LONG_INTEGER.search(await self.request.body()):  # cached: no second read
+            check_integers(raw)
+        if operation == "embeddings" and "stream" in raw:
+            # as the engine's endpoint refuses it: an embedding is never streamed
+            raise InvalidRequest(
+                "Unrecognized request argument supplied: stream",
+                param="stream",
+                code="unknown_parameter",
+            )
         routing = self.settings.routing
         if name in routing.cascades:
             return await self._cascade(name, raw, operation, local)
@@ -291,7 +332,10 @@ class Generation:
         `(shape, the max_tokens parameter it named, max_tokens or the cap)`."""
         shape: UpstreamShape = parse_body(UpstreamShape, raw)
         limits = self.settings.limits
-        named = next((p for p in MAX_TOKENS_PARAMS[operation] if getattr(shape, p)), None)
+        # Both `max_tokens` and `max_completion_tokens` given: the larger counts (an
+        # upstream may honour either), so no cap or reservation can be passed by the other.
+        given = [p for p in MAX_TOKENS_PARAMS[operation] if getattr(shape, p) is not None]
+        named = max(given, key=lambda p: getattr(shape, p), default=None)
         requested = getattr(shape, named) if named is not None else None
         check_max_tokens(requested, named or "max_tokens", self.principal, limits)
         check_n(shape.n, shape.prompts(operation), limits)
@@ -304,6 +348,8 @@ class Generation:
     def _route(self, name: str, raw: dict[str, Any], operation: str) -> tuple[str, ...]:
         """The models of a routing alias that fit this request, cheapest first."""
         _, _, max_tokens = self._caps(raw, operation)
+        if operation == "embeddings":
+            max_tokens = 0  # an embedding generates nothing: only its input must fit
         return self.backends.router.choose(
             name,
             self.settings.routing.routes[name],
@@ -348,8 +394,12 @@ class Generation:
             except SluiceError as exc:
                 if spec_for(exc).status < 500 and not isinstance(exc, UpstreamRateLimited):
                     raise  # the request's own fault: the next model would refuse it too
+                if isinstance(exc, RequestTimedOut | Draining):
+                    raise  # the request's own time is up (or the server's): no next try
                 logger.warning("cascade %s: %s failed (%s); escalating", name, model, exc)
                 continue
+            if response.status_code != 200:  # the client left (a 499 nobody reads)
+                return response
             if isinstance(response, OwnedResponse):
                 await response.close_owner()  # judged here, not sent
             answer = json.loads(bytes(response.body))
@@ -464,7 +514,7 @@ class Generation:
             check_allowed(model, self.principal)
         limits = self.settings.limits
         check_max_tokens(shape.max_tokens, shape.max_tokens_param, self.principal, limits)
-        check_n(shape.n, shape.prompts, limits)
+        check_n(shape.n, shape.prompts, limits, embeddings=operation == "embeddings")
         record = record_of(self.request.scope)
         if self.serves(model):
             headers = response_headers(self.request.scope)
@@ -518,7 +568,8 @@ class Generation:
             result.headers.update(exchange.headers)
             return result
         try:
-            content = result.model_dump_json()
+            # JSON names, as vLLM's routes write a response (`schema`, not `schema_`)
+            content = result.model_dump_json(by_alias=operation == "generate_content")
         except BaseException as exc:  # nothing else would close the exchange
             await exchange.close(exc)
             raise

@@ -12,6 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from urllib.parse import quote
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -74,6 +75,19 @@ def text_error(body: bytes) -> InvalidRequest | None:
     except (ValueError, RecursionError):
         return None  # not JSON, or nested too deeply: the route reports that
     return None
+
+
+# Printable ASCII: kept as it is in a header value; anything else is percent-encoded.
+HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F))
+
+
+def header_value(value: str) -> bytes:
+    """`value` as an HTTP header value: printable ASCII as it is, any other character
+    (a served model or LoRA name in Cyrillic, a control character) percent-encoded as UTF-8
+    (RFC 3986), so that no name can fail to encode or split a header (RFC 9110 §5.5)."""
+    if value.isascii() and value.isprintable():
+        return value.encode("ascii")
+    return quote(value, safe=HEADER_SAFE).encode("ascii")
 
 
 class BodyLimitMiddleware:
@@ -189,7 +203,7 @@ class RequestMiddleware:
                 message["headers"] = [
                     *message.get("headers", ()),
                     id_header,
-                    *((k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()),
+                    *((k.encode("latin-1"), header_value(v)) for k, v in extra.items()),
                 ]
             await send(message)
 

@@ -38,7 +38,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
 from vllm.entrypoints.openai.completion.protocol import (
     CompletionRequest as VllmCompletionRequest,
 )
-from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+from vllm.entrypoints.openai.responses.protocol import ResponsesRequest as VllmResponsesRequest
 from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 from vllm.exceptions import VLLMError
@@ -55,7 +55,7 @@ def _greedy_fan_out(
     """`build(request)`, except that `n > 1` with greedy sampling gets params for one choice
     with `n` set afterwards (vLLM's constructor refuses the combination)."""
     n = request.n or 1
-    if n == 1:
+    if n <= 1:  # vLLM's own check refuses n < 1
         return build(request)
     params = build(request.model_copy(update={"n": 1}))
     if params.temperature >= GREEDY_TEMPERATURE:
@@ -106,6 +106,28 @@ class CompletionRequest(VllmCompletionRequest):  # type: ignore[misc]
                 request, max_tokens, default_sampling_params
             ),
         )
+
+
+# Responses fields OpenAI's API description marks nullable that vLLM cannot take as null:
+# its request model refuses `service_tier: null`; its response model refuses `background`
+# and `truncation` null (after the engine ran). A null reads as the field left out.
+RESPONSES_NULL_IS_DEFAULT = ("background", "service_tier", "truncation")
+
+
+class ResponsesRequest(VllmResponsesRequest):  # type: ignore[misc]
+    """`POST /v1/responses`: vLLM's model; `null` in `RESPONSES_NULL_IS_DEFAULT` is the
+    field's default (OpenAI: `background`, `service_tier` and `truncation` are nullable)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(
+            data.get(name, False) is None for name in RESPONSES_NULL_IS_DEFAULT
+        ):
+            return {
+                k: v for k, v in data.items() if not (k in RESPONSES_NULL_IS_DEFAULT and v is None)
+            }
+        return data
 
 
 def _guard(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:

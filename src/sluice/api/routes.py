@@ -216,7 +216,10 @@ async def list_models(request: Request, principal: PrincipalDep) -> dict[str, An
 async def retrieve_model(
     model_id: str, request: Request, principal: PrincipalDep
 ) -> dict[str, Any]:
-    for card in await _models(request, principal):
+    cards = await _models(request, principal)
+    if not model_id:  # `/v1/models/`: the listing, as vLLM's trailing-slash redirect gives
+        return {"object": "list", "data": cards}
+    for card in cards:
         if card["id"] == model_id:
             return card
     raise ModelNotFound(

@@ -131,16 +131,37 @@ class RetryBudget:
         return True
 
 
+# An image or audio part of a message counts this many tokens, whatever its bytes: its data
+# URL's base64 is no measure of what a model reads (OpenAI bills a high-detail 1024x1024
+# image at 765 tokens, a 2048x2048 one at 1,105; a 1 MB data URL would be ~330k "tokens").
+MEDIA_PART_TOKENS = 1105
+MEDIA_PARTS = frozenset({"image_url", "input_image", "input_audio", "audio_url", "video_url"})
+
+
+def _without_media(node: Any, media: list[int]) -> Any:
+    """`node` with every media part (`MEDIA_PARTS`) left out, one entry in `media` each."""
+    if isinstance(node, list):
+        return [_without_media(item, media) for item in node]
+    if isinstance(node, dict):
+        if node.get("type") in MEDIA_PARTS:
+            media.append(1)
+            return None
+        return {key: _without_media(value, media) for key, value in node.items()}
+    return node
+
+
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     """Prompt tokens of a body, estimated from its text (`CHARS_PER_TOKEN`): chat messages
-    (plus `TOKENS_PER_MESSAGE` each), `prompt`, `input`, `instructions`; token-id lists
-    count one per id. Only the reservation uses it; settlement uses the upstream's usage."""
+    (plus `TOKENS_PER_MESSAGE` each, and `MEDIA_PART_TOKENS` per image or audio part),
+    `prompt`, `input`, `instructions`; token-id lists count one per id. Only the reservation
+    uses it; settlement uses the upstream's usage."""
     chars = 0
     tokens = 0
+    media: list[int] = []
     messages = body.get("messages")
     if isinstance(messages, list):
         tokens += TOKENS_PER_MESSAGE * len(messages)
-        chars += len(json.dumps(messages, ensure_ascii=False))
+        chars += len(json.dumps(_without_media(messages, media), ensure_ascii=False))
     for field in ("prompt", "input", "instructions"):
         value = body.get(field)
         if isinstance(value, str):
@@ -149,8 +170,10 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
             flat = [x for item in value for x in (item if isinstance(item, list) else [item])]
             tokens += sum(1 for x in flat if isinstance(x, int))
             texts = [x for x in flat if not isinstance(x, int)]
-            chars += sum(len(json.dumps(x, ensure_ascii=False)) for x in texts)
-    return tokens + math.ceil(chars / CHARS_PER_TOKEN)
+            chars += sum(
+                len(json.dumps(_without_media(x, media), ensure_ascii=False)) for x in texts
+            )
+    return tokens + MEDIA_PART_TOKENS * len(media) + math.ceil(chars / CHARS_PER_TOKEN)
 
 
 def usage_of(obj: Any) -> tuple[int, int] | None:
@@ -281,7 +304,7 @@ class UpstreamCall:
         # an attempt cancelled before it answered, counted when the call closes
         self._unanswered: tuple[Upstream, str, int] | None = None
         self.last_failure: UpstreamFailure | None = None  # of any attempt, the latest
-        self._done = False  # the stream's `[DONE]` arrived
+        self._done = False  # the stream's end arrived: `[DONE]`, or a response's last event
         self._failure_counted = False  # a cut stream counted its attempt's failure already
 
     # -- the exchange interface SSEResponse uses -----------------------------------------------
@@ -314,6 +337,7 @@ class UpstreamCall:
         """Run the attempts (module docstring): the first answer, the static fallback, or
         raise the error to answer with. `LocalHandoff` when the chain reaches the engine."""
         attempt = 0
+        tried: list[Upstream] = []  # a retry goes to another upstream first
         for index, model in enumerate(self.chain):
             if self.backends.is_local(model):
                 raise LocalHandoff(index, attempt)
@@ -333,9 +357,10 @@ class UpstreamCall:
             with contextlib.suppress(UpstreamFailure, _Unavailable):
                 async for trial in retrying:
                     with trial:
-                        upstream = self.backends.pick(model)
+                        upstream = self.backends.pick(model, tried)
                         if upstream is None:
                             raise _Unavailable(model)
+                        tried.append(upstream)
                         attempt += 1
                         answer = await self._attempt(upstream, model, attempt)
                         self._answered(answer)
@@ -435,6 +460,11 @@ class UpstreamCall:
                     parsed = None
                 if not isinstance(parsed, dict):
                     raise UpstreamFailure(name, "bad_answer", "its 200 is not a JSON object")
+                error = parsed.get("error")
+                if error is not None and not any(k in parsed for k in ANSWER_KEYS):
+                    # an error body under a 200 (some servers do): judged as its error is
+                    error = error if isinstance(error, dict) else {"message": str(error)}
+                    self._check_status(name, _status_of_error(error), b"", {}, {"error": error})
                 self.usage = usage_of(parsed)
                 if self.usage is None:  # settled from estimates (`_used`)
                     self.output_tokens = estimate_output_tokens(parsed)
@@ -537,6 +567,11 @@ class UpstreamCall:
             return ServiceUnavailable(message, retry_after_s=failure.retry_after_s or 1)
         if failure.reason == "timeout":
             return UpstreamError(message, status=504, code="upstream_timeout")
+        if failure.reason == "status_4xx":
+            logger.warning("backend %s refused sluice's request: %s", failure.backend, message)
+            return UpstreamError(
+                f"The upstream backend refused the request ({failure.status}): {failure.message}"
+            )
         return UpstreamError(message)
 
     def _static(self, message: str, failure: UpstreamFailure | None) -> Response:
@@ -619,6 +654,8 @@ class UpstreamCall:
                 if self.error is None:
                     raise _Broken("stream_cut", "the stream ended without its [DONE]")
                 yield "data: [DONE]\n\n"  # after an error event, as vLLM ends its streams
+            elif self.operation == "generate_content" and not self._done and self.error is None:
+                raise _Broken("stream_cut", "the stream ended before its response.completed")
         except TimeoutError as exc:
             raise self._cut(answer, "timeout", f"no event within {limit_s} s") from exc
         except aiohttp.ClientError as exc:
@@ -659,6 +696,8 @@ class UpstreamCall:
                 upstream = self.answer.upstream
                 upstream.failed(UpstreamFailure(upstream.name, "status_5xx", self.error.message))
             return "data: " + json.dumps(error_body(self.error)) + "\n\n"
+        if self.operation == "generate_content" and _ends_response(data):
+            self._done = True  # relayed, then nothing more is read
         if _has_output(data):
             self.output_tokens += 1
             if self.record is not None:
@@ -757,9 +796,9 @@ class UpstreamCall:
 
 
 def _refusal(backend: str, status: int, body: dict[str, Any] | None) -> SluiceError:
-    """An upstream's 4xx as the client's error: its message, and its status where it is the
-    request's fault (400 and 422 as 400, 413); sluice's own credentials or mapping refused
-    (401, 403, 404 and the rest) are a 502."""
+    """An upstream's 4xx that is not a failure (`failure_of_status`) as the client's error:
+    its message, and its status where it is the request's fault (400 and 422 as 400, 413);
+    any other is a 502."""
     error = (body or {}).get("error")
     error = error if isinstance(error, dict) else {}
     message = message_of(body) or f"HTTP {status}"
@@ -800,6 +839,10 @@ def _error_of_event(data: str) -> dict[str, Any] | None:
     if isinstance(error, dict):
         return error
     return {"message": str(error)}
+
+
+# The keys of an answer: a body holding one of them is an answer, even with an `error` key.
+ANSWER_KEYS = ("choices", "data", "output", "id")
 
 
 def _status_of_error(error: dict[str, Any]) -> int:
@@ -854,12 +897,31 @@ def estimate_output_tokens(answer: dict[str, Any]) -> int:
     return math.ceil(chars / CHARS_PER_TOKEN)
 
 
+RESPONSE_ENDS = ("response.completed", "response.failed", "response.incomplete")
+
+
+def _ends_response(data: str) -> bool:
+    """Whether an event's data is one of the Responses API's terminal events (OpenAI's
+    reference: a response stream ends with `response.completed`, `.failed` or `.incomplete`;
+    it has no `[DONE]`)."""
+    if not any(kind in data for kind in RESPONSE_ENDS):
+        return False
+    obj = json.loads(data)
+    return isinstance(obj, dict) and obj.get("type") in RESPONSE_ENDS
+
+
 COMMENT = ":"  # what `_next_event(until_comment=True)` returns for a comment line
+DONE_EVENT = "data: [DONE]"
 
 
 async def _next_event(lines: AsyncIterator[str], until_comment: bool = False) -> str | None:
     """The next SSE event (its lines, comments dropped), or None at the end; with
-    `until_comment`, `COMMENT` for a comment that comes before the event's first line."""
+    `until_comment`, `COMMENT` for a comment that comes before the event's first line.
+
+    An event the stream ends in before its blank line is not one: WHATWG's event-stream
+    parsing discards it ("the incomplete event is not dispatched"), as the OpenAI SDK does; a
+    connection cut mid-event must not reach the client as a whole event. Only a bare
+    `data: [DONE]` is taken without its blank line (it carries nothing that can be cut)."""
     parts: list[str] = []
     size = 0
     async for line in lines:
@@ -873,7 +935,7 @@ async def _next_event(lines: AsyncIterator[str], until_comment: bool = False) ->
                 return COMMENT
         elif parts:
             return "\n".join(parts)
-    return "\n".join(parts) if parts else None
+    return DONE_EVENT if parts == [DONE_EVENT] else None
 
 
 # SSE's line ends: CRLF, LF or a lone CR (WHATWG HTML, "Parsing an event stream").

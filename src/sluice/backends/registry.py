@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from sluice.backends.router import LatencyWindow, ModelRouter
@@ -134,13 +135,18 @@ class Backends:
         if record.status == 200 and record.model is not None and record.ttft_s is not None:
             self.latency.observe(record.model, record.ttft_s)
 
-    def pick(self, model: str) -> Upstream | None:
-        """The available upstream serving `model` with the fewest requests in flight."""
-        best: Upstream | None = None
-        for upstream in self.by_model.get(model, ()):
-            if upstream.available() and (best is None or upstream.outstanding < best.outstanding):
-                best = upstream
-        return best
+    def pick(self, model: str, tried: Collection[Upstream] = ()) -> Upstream | None:
+        """The available upstream serving `model` with the fewest requests in flight, one not
+        in `tried` if there is one (a retry goes to another host first, as Envoy's
+        `previous_hosts` retry predicate and LiteLLM's retries do); ties are broken at random,
+        so that requests one at a time spread too. None if no upstream is available."""
+        candidates = [u for u in self.by_model.get(model, ()) if u.available()]
+        fresh = [u for u in candidates if u not in tried]
+        candidates = fresh or candidates
+        if not candidates:
+            return None
+        least = min(u.outstanding for u in candidates)
+        return random.choice([u for u in candidates if u.outstanding == least])
 
     def client_names(self) -> list[tuple[str, str]]:
         """`(name, owner)` of every upstream model and client-side alias, for /v1/models."""

@@ -38,9 +38,11 @@ BREAKER_STATES = {STATE_CLOSED: 0, STATE_OPEN: 1, STATE_HALF_OPEN: 2}
 class UpstreamFailure(Exception):
     """An attempt on an upstream failed in a way another backend (or a later retry) may not.
 
-    `reason` is bounded (a metric label): `connect`, `timeout`, `status_5xx`, `status_429`,
-    `status_503`, `stream_cut`, `bad_answer` (a 200 that is not JSON or SSE, or broken
-    event data). `status`, `body` and `retry_after_s` are the upstream's
+    `reason` is bounded (a metric label): `connect`, `timeout` (also the upstream's own 408),
+    `status_5xx`, `status_429`, `status_503`, `status_4xx` (401, 403, 404, 409: sluice's
+    credentials, its model mapping or the upstream's state refused, not the request),
+    `stream_cut`, `bad_answer` (a 200 that is not JSON or SSE, or broken event data).
+    `status`, `body` and `retry_after_s` are the upstream's
     answer, where there was one."""
 
     def __init__(
@@ -62,6 +64,7 @@ class UpstreamFailure(Exception):
         self.retry_after_s = retry_after_s
 
 
+UPSTREAM_4XX = frozenset({401, 403, 404, 409})  # the upstream's or sluice's fault, not the body's
 MAX_RETRY_AFTER_S = 86_400.0  # an upstream's Retry-After passed on; past a day, dropped
 MAX_LISTING_BYTES = 1 << 20  # of a health check's `GET /models` answer read
 
@@ -69,11 +72,25 @@ MAX_LISTING_BYTES = 1 << 20  # of a health check's `GET /models` answer read
 def failure_of_status(
     backend: str, status: int, body: dict[str, Any] | None, headers: Mapping[str, str]
 ) -> UpstreamFailure | None:
-    """The failure an upstream's error status is (429, 5xx), or None for a 4xx (the
-    request's own fault, not retried)."""
-    if status != 429 and status < 500:
+    """The failure an upstream's error status is, or None for the request's own fault (400,
+    413, 422 and the other 4xx: not retried, the client's error).
+
+    Failures, retried and failed over like a dead upstream: 429 and 5xx; 408 (the upstream
+    or its load balancer timed the request out: `timeout`); 401 and 403 (sluice's own
+    credentials refused), 404 (sluice's model mapping or route is not served there) and 409
+    (the upstream's state): `status_4xx`, since another upstream may well serve the same
+    body. The OpenAI SDK retries 408, 409, 429 and 5xx; LiteLLM's router cools a deployment
+    down on 401, 404, 408, 429 and 5xx."""
+    if status in UPSTREAM_4XX:
+        reason = "status_4xx"
+    elif status == 408:
+        reason = "timeout"
+    elif status == 429:
+        reason = "status_429"
+    elif status >= 500:
+        reason = "status_503" if status == 503 else "status_5xx"
+    else:
         return None
-    reason = "status_429" if status == 429 else "status_503" if status == 503 else "status_5xx"
     retry_after: float | None = None
     with contextlib.suppress(TypeError, ValueError):
         retry_after = float(headers.get("retry-after", ""))

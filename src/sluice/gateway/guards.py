@@ -45,13 +45,18 @@ def check_max_tokens(
         )
 
 
-def check_n(n: int | None, prompts: int, limits: LimitSettings) -> None:
-    """Refuse `n` or a prompt list above the configured caps."""
+def check_n(
+    n: int | None, prompts: int, limits: LimitSettings, *, embeddings: bool = False
+) -> None:
+    """Refuse `n` or a prompt list above the configured caps: `max_prompts` for completions'
+    `prompt`, `max_embedding_inputs` (OpenAI's 2,048 by default) for embeddings' `input`."""
     if n is not None and n > limits.max_n:
         raise InvalidRequest(f"n={n} is more than this server allows ({limits.max_n}).", param="n")
-    if prompts > limits.max_prompts:
+    cap, param = (
+        (limits.max_embedding_inputs, "input") if embeddings else (limits.max_prompts, "prompt")
+    )
+    if prompts > cap:
         raise InvalidRequest(
-            f"{prompts} prompts in one request is more than this server allows "
-            f"({limits.max_prompts}).",
-            param="prompt",
+            f"{prompts} {param}s in one request is more than this server allows ({cap}).",
+            param=param,
         )

@@ -246,7 +246,8 @@ class Metrics:
             "sluice_upstream_attempts",
             "Requests sent to upstream backends, by backend, model, attempt (1 = first) and "
             "outcome, one per attempt (ok, client_closed, error, refused, or the failure: "
-            "connect, timeout, status_5xx, status_429, status_503, stream_cut, bad_answer).",
+            "connect, timeout, status_5xx, status_429, status_503, status_4xx, stream_cut, "
+            "bad_answer).",
             ["backend", "model", "attempt", "outcome"],
             registry=r,
         )
