@@ -73,6 +73,50 @@ def test_synthetic_stream_honours_stop_and_reports_usage() -> None:
     assert chunks[-1]["usage"]["completion_tokens"] <= 10
 
 
+def test_synthetic_echo_with_logprobs_covers_the_prompt() -> None:
+    """Prompt logprobs (completions' `echo` with `logprobs`, vLLM's `prompt_logprobs`): one
+    entry per prompt token, the first null, as OpenAI and vLLM answer (it was a 500)."""
+    app = create_app(synthetic_settings(synthetic_tokens_per_s=1000))
+    with TestClient(app) as client:
+        wait_ready(client)
+        prompt = "one two three four"
+        count = client.post("/tokenize", json={"model": "synthetic", "prompt": prompt})
+        tokens = count.json()["count"]
+        for stream in (False, True):
+            response = client.post(
+                "/v1/completions",
+                json={
+                    "model": "synthetic",
+                    "prompt": prompt,
+                    "max_tokens": 3,
+                    "echo": True,
+                    "logprobs": 2,
+                    "stream": stream,
+                },
+            )
+            assert response.status_code == 200, response.text
+            if stream:
+                first = sse_json(response.text)[0]["choices"][0]
+            else:
+                first = response.json()["choices"][0]
+            assert first["text"].startswith(prompt)
+            logprobs = first["logprobs"]["token_logprobs"]
+            assert logprobs[0] is None
+            assert len(logprobs) >= tokens
+            assert all(isinstance(x, float) for x in logprobs[1:tokens])
+        chat = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "synthetic",
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 2,
+                "prompt_logprobs": 1,
+            },
+        )
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["prompt_logprobs"][0] is None
+
+
 async def _engine(tokens_per_s: float, max_num_seqs: int | None = None) -> SyntheticEngine:
     from sluice.engine.args import engine_namespace
 

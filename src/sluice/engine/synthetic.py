@@ -157,10 +157,15 @@ class SyntheticCore:
             stop_reason = token if token in params.stop_token_ids else None
         if reason is None and sequence.made >= (params.max_tokens or 1):
             reason = finish_reason.LENGTH
+        prompt_logprobs = None
+        if sequence.made == 1 and params.prompt_logprobs is not None:
+            prompt = list(sequence.request.prompt_token_ids or ())
+            prompt_logprobs = _prompt_logprobs(prompt, params.prompt_logprobs, self.filler_ids)
         return output_type(
             request_id=sequence.request.request_id,
             new_token_ids=[token],
             new_logprobs=_logprobs(token, params.logprobs, self.filler_ids),
+            new_prompt_logprobs_tensors=prompt_logprobs,
             finish_reason=reason,
             stop_reason=stop_reason,
         )
@@ -186,6 +191,25 @@ def _logprobs(token: int, count: int | None, filler: Sequence[int]) -> Any:
         np.array([ids], dtype=np.int64),
         np.array([logprobs], dtype=np.float32),
         np.array([0], dtype=np.int64),
+    )
+
+
+def _prompt_logprobs(prompt: Sequence[int], count: int, filler: Sequence[int]) -> Any:
+    """vLLM's prompt logprobs tensors (what `echo` with `logprobs` and `prompt_logprobs`
+    read): one row per prompt token after the first (vLLM gives the first token no logprob),
+    the token itself, then `count` others (`-1`, the whole vocabulary, is the filler words)."""
+    import torch
+    from vllm.v1.outputs import LogprobsTensors
+
+    others = list(filler) if count < 0 else list(filler)[:count]
+    rows = [[token, *others] for token in prompt[1:]]
+    width = 1 + len(others)
+    return LogprobsTensors(
+        torch.tensor(rows, dtype=torch.int64).reshape(len(rows), width),
+        torch.tensor([[SAMPLED_LOGPROB - i for i in range(width)]] * len(rows)).reshape(
+            len(rows), width
+        ),
+        torch.ones(len(rows), dtype=torch.int64),
     )
 
 
