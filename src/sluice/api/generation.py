@@ -329,7 +329,8 @@ class Generation:
 
     def _caps(self, raw: dict[str, Any], operation: str) -> tuple[UpstreamShape, str | None, int]:
         """The body's fields sluice reads, checked against the key's and the server's caps:
-        `(shape, the max_tokens parameter it named, max_tokens or the cap)`."""
+        `(shape, the max_tokens parameter it named, max_tokens or the cap)`; max_tokens is 0
+        for an endpoint without one (embeddings generate nothing)."""
         shape: UpstreamShape = parse_body(UpstreamShape, raw)
         limits = self.settings.limits
         # Both `max_tokens` and `max_completion_tokens` given: the larger counts (an
@@ -341,6 +342,8 @@ class Generation:
         check_n(shape.n, shape.prompts(operation), limits)
         if requested is not None:
             return shape, named, requested
+        if not MAX_TOKENS_PARAMS[operation]:
+            return shape, None, 0
         policy = self.principal.policy
         caps = [limits.max_tokens_cap, policy.max_tokens if policy else None]
         return shape, named, min(cap for cap in caps if cap is not None)
@@ -348,8 +351,6 @@ class Generation:
     def _route(self, name: str, raw: dict[str, Any], operation: str) -> tuple[str, ...]:
         """The models of a routing alias that fit this request, cheapest first."""
         _, _, max_tokens = self._caps(raw, operation)
-        if operation == "embeddings":
-            max_tokens = 0  # an embedding generates nothing: only its input must fit
         return self.backends.router.choose(
             name,
             self.settings.routing.routes[name],
@@ -462,7 +463,7 @@ class Generation:
             tracer=self.tracer,
             # the id the middleware settled on (the client's, cut to length, or a new one)
             request_id=str(self.request.scope.get("state", {}).get("request_id", "")),
-            max_tokens=0 if operation == "embeddings" else max_tokens,
+            max_tokens=max_tokens,
             response_headers=response_headers(self.request.scope),
             outputs=(shape.n or 1) * shape.prompts(operation),
             static_fallback=static_fallback,

@@ -460,11 +460,10 @@ class UpstreamCall:
                     parsed = None
                 if not isinstance(parsed, dict):
                     raise UpstreamFailure(name, "bad_answer", "its 200 is not a JSON object")
-                error = parsed.get("error")
-                if error is not None and not any(k in parsed for k in ANSWER_KEYS):
-                    # an error body under a 200 (some servers do): judged as its error is
-                    error = error if isinstance(error, dict) else {"message": str(error)}
-                    self._check_status(name, _status_of_error(error), b"", {}, {"error": error})
+                # an error body under a 200 (some servers do): judged as its error is
+                error = _error_in(parsed, ANSWER_KEYS) if parsed.get("error") is not None else None
+                if error is not None:
+                    self._check_error(name, error)
                 self.usage = usage_of(parsed)
                 if self.usage is None:  # settled from estimates (`_used`)
                     self.output_tokens = estimate_output_tokens(parsed)
@@ -493,7 +492,7 @@ class UpstreamCall:
             error = None if data is None else _error_of_event(data)
             if error is not None:  # nothing reached the client: a failure or a refusal
                 stream.close()
-                self._check_status(name, _status_of_error(error), b"", {}, {"error": error})
+                self._check_error(name, error)
             return Answer(upstream, model, attempt, stream=stream, lines=lines, first_event=first)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise UpstreamFailure(name, "connect", f"cannot connect: {exc!r}") from exc
@@ -524,6 +523,11 @@ class UpstreamCall:
         if failure is not None:
             raise failure
         raise _refusal(backend, status, body)
+
+    def _check_error(self, backend: str, error: dict[str, Any]) -> None:
+        """Raise what an error the upstream reported in a 200 (a body, a stream's first event)
+        is, by its status (`_status_of_error`), as `_check_status` judges any error."""
+        self._check_status(backend, _status_of_error(error), b"", {}, {"error": error})
 
     def _answered(self, answer: Answer) -> None:
         self.answer = answer
@@ -567,11 +571,8 @@ class UpstreamCall:
             return ServiceUnavailable(message, retry_after_s=failure.retry_after_s or 1)
         if failure.reason == "timeout":
             return UpstreamError(message, status=504, code="upstream_timeout")
-        if failure.reason == "status_4xx":
-            logger.warning("backend %s refused sluice's request: %s", failure.backend, message)
-            return UpstreamError(
-                f"The upstream backend refused the request ({failure.status}): {failure.message}"
-            )
+        if failure.reason == "status_4xx" and failure.status is not None:
+            return _refusal(failure.backend, failure.status, failure.body)  # the 502
         return UpstreamError(message)
 
     def _static(self, message: str, failure: UpstreamFailure | None) -> Response:
@@ -833,16 +834,21 @@ def _error_of_event(data: str) -> dict[str, Any] | None:
         obj = json.loads(data)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(obj, dict) or "error" not in obj or "choices" in obj or "type" in obj:
-        return None
-    error = obj["error"]
-    if isinstance(error, dict):
-        return error
-    return {"message": str(error)}
+    return _error_in(obj, ("choices", "type"))
 
 
 # The keys of an answer: a body holding one of them is an answer, even with an `error` key.
 ANSWER_KEYS = ("choices", "data", "output", "id")
+
+
+def _error_in(obj: Any, answer_keys: tuple[str, ...]) -> dict[str, Any] | None:
+    """The error a parsed event or body reports (`{"error": {...}}`, or TGI's
+    `{"error": "text"}` as `{"message": ...}`); None if it is not an object, has no `error`
+    or holds one of `answer_keys` (then it is an answer that mentions an error)."""
+    if not isinstance(obj, dict) or "error" not in obj or any(k in obj for k in answer_keys):
+        return None
+    error = obj["error"]
+    return error if isinstance(error, dict) else {"message": str(error)}
 
 
 def _status_of_error(error: dict[str, Any]) -> int:
