@@ -793,6 +793,66 @@ def test_fallbacks_a_key_may_not_use_are_skipped() -> None:
     assert open_key._allowed_fallbacks(("m", "fb")) == ("m", "fb")
 
 
+def _generation(principal: Principal, settings: Settings | None = None) -> Generation:
+    """A Generation for the checks that read only the key and the settings."""
+    return Generation(
+        None,  # type: ignore[arg-type]
+        principal,
+        settings or Settings(),
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        trace.NoOpTracer(),
+        None,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"max_tokens": 2, "max_completion_tokens": 9}, "max_completion_tokens"),
+        ({"max_tokens": 9, "max_completion_tokens": 2}, "max_tokens"),
+        ({"max_tokens": 2, "n_predict": 9}, "n_predict"),  # llama.cpp reads it first
+        ({"max_new_tokens": 9}, "max_new_tokens"),  # TGI's name
+        ({"n_predict": -1}, "n_predict"),  # llama.cpp's "no limit": nothing to reserve
+    ],
+)
+def test_every_output_cap_in_an_upstream_body_is_checked(extra: dict[str, Any], param: str) -> None:
+    """Whatever name a body gives its output cap, OpenAI's or another server's, the largest
+    is held to the key's cap (8 here), so no name passes a cap or the reservation."""
+    generation = _generation(Principal("k", KeyPolicy(name="k", max_tokens=8)))
+    for operation in ("chat", "text_completion"):
+        body = {"model": "m", **extra}
+        if operation == "text_completion":
+            body.pop("max_completion_tokens", None)
+            if param == "max_completion_tokens":
+                continue
+        with pytest.raises(InvalidRequest) as raised:
+            generation._caps(body, operation)
+        assert raised.value.param == param
+
+
+def test_the_largest_output_cap_is_the_one_reserved() -> None:
+    generation = _generation(Principal("k", KeyPolicy(name="k", max_tokens=8)))
+    body = {"model": "m", "max_tokens": 2, "n_predict": 6, "max_new_tokens": 3}
+    assert generation._caps(body, "chat")[1:] == ("n_predict", 6)
+    assert generation._caps({"model": "m"}, "chat")[1:] == (None, 8)  # the key's cap
+    assert generation._caps({"model": "m", "n_predict": 9}, "embeddings")[1:] == (None, 0)
+
+
+def test_a_body_without_openais_output_cap_gets_it_at_what_is_reserved() -> None:
+    """An upstream that does not know `n_predict` still stops at what was reserved; a body
+    with no cap at all gets the key's."""
+    generation = _generation(Principal("k", KeyPolicy(name="k", max_tokens=8)))
+    _, body, reserved = generation.upstream_body({"model": "m", "n_predict": 5}, "chat")
+    assert (body["n_predict"], body["max_completion_tokens"], reserved) == (5, 5, 5)
+    _, body, reserved = generation.upstream_body({"model": "m", "prompt": "x"}, "text_completion")
+    assert (body["max_tokens"], reserved) == (8, 8)
+    _, body, _ = generation.upstream_body({"model": "m", "max_tokens": 3}, "chat")
+    assert "max_completion_tokens" not in body and body["max_tokens"] == 3
+    _, body, reserved = generation.upstream_body({"model": "m", "input": "x"}, "embeddings")
+    assert reserved == 0 and "max_tokens" not in body
+
+
 def test_cascade_signals_judge_only_what_they_can() -> None:
     """Choices that are not objects, a `json_schema` that is not an object and a schema that
     is not a valid one give no signal, never an error."""

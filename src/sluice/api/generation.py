@@ -115,6 +115,11 @@ MAX_TOKENS_PARAMS = {
     "generate_content": ("max_output_tokens",),
     "embeddings": (),
 }
+# Output caps other OpenAI-compatible servers take beside OpenAI's, under their own names:
+# llama.cpp's server reads `n_predict` before `max_tokens` (its
+# `params_from_json_cmpl`), TGI's generate parameters say `max_new_tokens`. An upstream may
+# honour them, so they are capped and reserved like `max_tokens`, never forwarded unread.
+OTHER_MAX_TOKENS_PARAMS = ("n_predict", "max_new_tokens")
 
 
 class UpstreamShape(BaseModel):
@@ -130,6 +135,8 @@ class UpstreamShape(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     max_output_tokens: int | None = Field(None, ge=1)
+    n_predict: int | None = Field(None, ge=1)  # llama.cpp's -1 (no limit) cannot be reserved
+    max_new_tokens: int | None = Field(None, ge=1)
     logprobs: bool | int | None = None  # chat: a bool; completions: how many
 
     def prompts(self, operation: str) -> int:
@@ -333,9 +340,12 @@ class Generation:
         for an endpoint without one (embeddings generate nothing)."""
         shape: UpstreamShape = parse_body(UpstreamShape, raw)
         limits = self.settings.limits
-        # Both `max_tokens` and `max_completion_tokens` given: the larger counts (an
-        # upstream may honour either), so no cap or reservation can be passed by the other.
-        given = [p for p in MAX_TOKENS_PARAMS[operation] if getattr(shape, p) is not None]
+        # Several output caps given (`max_tokens` and `max_completion_tokens`, llama.cpp's
+        # `n_predict`, ...): the largest counts, as an upstream may honour any of them, so
+        # no cap or reservation can be passed by another name.
+        params = MAX_TOKENS_PARAMS[operation]
+        names = (*params, *OTHER_MAX_TOKENS_PARAMS) if params else ()
+        given = [p for p in names if getattr(shape, p) is not None]
         named = max(given, key=lambda p: getattr(shape, p), default=None)
         requested = getattr(shape, named) if named is not None else None
         check_max_tokens(requested, named or "max_tokens", self.principal, limits)
@@ -347,6 +357,22 @@ class Generation:
         policy = self.principal.policy
         caps = [limits.max_tokens_cap, policy.max_tokens if policy else None]
         return shape, named, min(cap for cap in caps if cap is not None)
+
+    def upstream_body(
+        self, raw: dict[str, Any], operation: str
+    ) -> tuple[UpstreamShape, dict[str, Any], int]:
+        """`(shape, the body to forward, the max_tokens it reserves)` for `raw` (checked by
+        `_caps`). A body without OpenAI's output cap gets the endpoint's at what is
+        reserved, so the output stays within the reservation, as on the engine."""
+        shape, named, max_tokens = self._caps(raw, operation)
+        body = shape.normalised(raw)
+        params = MAX_TOKENS_PARAMS[operation]
+        if params and named not in params:
+            # by the endpoint's current name (OpenAI's o-series refuse chat's older
+            # `max_tokens`); also beside another server's name for it (`n_predict`), which
+            # an upstream may not know
+            body[params[0]] = max_tokens
+        return shape, body, max_tokens
 
     def _route(self, name: str, raw: dict[str, Any], operation: str) -> tuple[str, ...]:
         """The models of a routing alias that fit this request, cheapest first."""
@@ -436,13 +462,7 @@ class Generation:
         static_fallback: bool = True,
     ) -> Response:
         """The request through upstream backends (backends/proxy.py)."""
-        shape, named, max_tokens = self._caps(raw, operation)
-        body = shape.normalised(raw)
-        params = MAX_TOKENS_PARAMS[operation]
-        if named is None and params:
-            # bound the output the reservation holds, as the engine path does, by the
-            # endpoint's current name (OpenAI's o-series refuse chat's older `max_tokens`)
-            body[params[0]] = max_tokens
+        shape, body, max_tokens = self.upstream_body(raw, operation)
         record = record_of(self.request.scope)
         if record is not None:
             record.model = chain[0]
