@@ -11,6 +11,7 @@ import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,8 +20,10 @@ from hypothesis import given
 from hypothesis import settings as settings_of_hypothesis
 from hypothesis import strategies as st
 from opentelemetry import trace
+from starlette.responses import Response
 
 from sluice.api.generation import Generation, UpstreamShape
+from sluice.api.middleware import response_headers
 from sluice.api.sse import ClientDisconnected
 from sluice.backends import proxy
 from sluice.backends.proxy import (
@@ -43,9 +46,11 @@ from sluice.errors import (
     RequestTimedOut,
     ServiceUnavailable,
     SluiceError,
+    StoreUnavailable,
     UpstreamError,
     error_response,
 )
+from sluice.gateway.admission import Overloaded
 from sluice.gateway.auth import Principal
 from sluice.gateway.keys import KeyPolicy
 from sluice.lifecycle import Lifecycle
@@ -164,6 +169,7 @@ def call(
         request_id="r",
         max_tokens=16,
         response_headers={},
+        static_model=chain[0],
     )
 
 
@@ -851,6 +857,15 @@ def test_a_body_without_openais_output_cap_gets_it_at_what_is_reserved() -> None
     assert "max_completion_tokens" not in body and body["max_tokens"] == 3
     _, body, reserved = generation.upstream_body({"model": "m", "input": "x"}, "embeddings")
     assert reserved == 0 and "max_tokens" not in body
+    # the client's own smaller cap is never raised to another name's larger one, which is
+    # what is reserved (an upstream may honour either)
+    mixed = {"model": "m", "max_tokens": 2, "n_predict": 6}
+    for operation in ("chat", "text_completion"):
+        _, body, reserved = generation.upstream_body(mixed, operation)
+        assert (body["max_tokens"], body["n_predict"], reserved) == (2, 6, 6)
+        assert "max_completion_tokens" not in body
+    _, body, _ = generation.upstream_body({"model": "m", "max_tokens": None}, "chat")
+    assert body["max_completion_tokens"] == 8  # a null cap is no cap
 
 
 def test_cascade_signals_judge_only_what_they_can() -> None:
@@ -1089,11 +1104,65 @@ async def test_a_cascades_try_escalates_instead_of_taking_the_static_fallback(
         static_fallback={"m": "Busy; retry."},
     )
     trial = call(backends)
-    trial.static_fallback = False
+    trial.static_model = None
     with pytest.raises(UpstreamError):  # a failure the cascade escalates on
         await trial.open()
     answer = await call(backends).open()  # the last model (or no cascade): the message
     assert not isinstance(answer, Answer) and b"Busy; retry." in bytes(answer.body)
+
+
+async def test_the_static_fallback_is_the_first_models_wherever_the_chain_ends(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The static message of the model the chain began with answers when the whole chain
+    failed: also from the call for the chain's rest (after a hand-over to the engine) and
+    when the chain ended at a busy engine (it was looked up by the rest's first model, and
+    not at all after the engine)."""
+    backends = backends_with(
+        servers,
+        {"x": failing(500, 99), "y": failing(500, 99)},
+        retries=0,
+        static_fallback={"m": "Busy; retry."},
+    )
+    rest = call(backends, chain=("fb",))
+    rest.static_model = "m"
+    answer = await rest.open()
+    assert not isinstance(answer, Answer) and b"Busy; retry." in bytes(answer.body)
+    assert rest.response_headers["x-sluice-model"] == "m"
+
+    async def hand_over(self: Generation, *args: Any) -> Response:
+        raise LocalHandoff(1, 1)  # the upstream part failed and handed over to the engine
+
+    async def busy(raw: dict[str, Any]) -> Response:
+        raise Overloaded("The engine is overloaded.")
+
+    monkeypatch.setattr(Generation, "_upstream", hand_over)
+    request = SimpleNamespace(scope={}, app=SimpleNamespace(state=SimpleNamespace(metrics=None)))
+    generation = dataclasses.replace(
+        _generation(Principal("anonymous"), settings(static_fallback={"m": "Busy; retry."})),
+        request=request,  # type: ignore[arg-type]
+        backends=backends,
+    )
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    streamed = await generation._serve_chain(body, "chat", ("m", "local"), "m", busy)
+    assert b"Busy; retry." in bytes(streamed.body) and bytes(streamed.body).endswith(b"[DONE]\n\n")
+    assert response_headers(request.scope)["x-sluice-fallback"] == "static"  # type: ignore[arg-type]
+    with pytest.raises(ServiceUnavailable):  # a cascade's try escalates instead
+        await generation._serve_chain(body, "chat", ("m", "local"), "m", busy, False)
+    with pytest.raises(ServiceUnavailable):  # no static message for this chain's models
+        await generation._serve_chain(body, "chat", ("n", "local"), "n", busy)
+    # a route's chain starts with its cheapest model: the first that has a message answers
+    routed = await generation._serve_chain(body, "chat", ("n", "m", "local"), "auto", busy)
+    assert b"Busy; retry." in bytes(routed.body)
+
+    async def no_store(raw: dict[str, Any]) -> Response:
+        raise StoreUnavailable("The limits store is down.")
+
+    with pytest.raises(StoreUnavailable):  # not a backend's failure: no static answer
+        await generation._serve_chain(body, "chat", ("m", "local"), "m", no_store)
+    # `"stream": 1` was a stream for the engine, so the static answer is one too
+    one = await generation._serve_chain({**body, "stream": 1}, "chat", ("m", "local"), "m", busy)
+    assert bytes(one.body).startswith(b"data: ")
 
 
 async def test_an_attempt_cancelled_before_its_answer_is_counted(servers: Servers) -> None:

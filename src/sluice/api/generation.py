@@ -63,6 +63,8 @@ from sluice.backends.proxy import (
     UpstreamCall,
     UpstreamRateLimited,
     estimate_prompt_tokens,
+    static_message,
+    static_response,
 )
 from sluice.backends.registry import LOCAL, Backends
 from sluice.backends.router import as_stream, escalation, needed_tags
@@ -71,7 +73,9 @@ from sluice.engine.protocol import REQUEST_OBSERVER
 from sluice.errors import (
     CLIENT_PARAMS,
     Draining,
+    EngineDead,
     InvalidRequest,
+    ModelLoading,
     RequestTimedOut,
     ServiceUnavailable,
     SluiceError,
@@ -80,6 +84,7 @@ from sluice.errors import (
     spec_for,
     validation_error,
 )
+from sluice.gateway.admission import Overloaded
 from sluice.gateway.auth import Principal
 from sluice.gateway.guards import check_allowed, check_max_tokens, check_n
 from sluice.gateway.service import Gateway
@@ -87,6 +92,8 @@ from sluice.lifecycle import Lifecycle
 from sluice.telemetry.record import RequestRecord, record_of
 
 logger = logging.getLogger(__name__)
+# The engine could not take a request: the next model of a chain, or its static message.
+ENGINE_DOWN = (ModelLoading, Overloaded, EngineDead)
 
 
 @dataclass(frozen=True)
@@ -310,26 +317,44 @@ class Generation:
         static_fallback: bool = True,
     ) -> Response:
         """Serve with the first model of `chain` that can, engine or upstreams
-        (`static_fallback`: the chain's static message may answer when all failed)."""
+        (`static_fallback`: the static message of the chain's first model may answer when
+        all failed, also when the chain ended at a busy engine)."""
         self.allowed.update(chain)
+        # the static message of the first model of the chain that has one (a route's
+        # chain starts with whichever model is cheapest), wherever the chain ends
+        messages = self.settings.routing.static_fallback
+        static_model = next((m for m in chain if m in messages), None) if static_fallback else None
         index = 0
         attempts = 0  # made so far in this chain, on the engine and upstreams
         while True:
             model = chain[index]
             if self.backends.is_local(model):
-                response_headers(self.request.scope)["x-sluice-attempt"] = str(attempts + 1)
+                headers = response_headers(self.request.scope)
+                headers["x-sluice-attempt"] = str(attempts + 1)
                 try:
                     return await local({**raw, "model": model})
                 except ServiceUnavailable as exc:  # loading, overloaded: the next model
-                    if isinstance(exc, Draining) or index + 1 >= len(chain):
+                    if isinstance(exc, Draining):
                         raise
+                    if index + 1 >= len(chain):
+                        static = static_message(self.settings.routing, static_model, operation)
+                        if static is None or not isinstance(exc, ENGINE_DOWN):
+                            raise  # e.g. the limits store down: no backend's failure
+                        metrics = self.request.app.state.metrics
+                        return static_response(
+                            parse_body(UpstreamShape, raw).normalised(raw),  # as an upstream's
+                            operation,
+                            *static,
+                            str(exc),
+                            metrics if self.settings.telemetry.enabled else None,
+                            headers,
+                            {},
+                        )
                     index += 1
                     attempts += 1
                     continue
             try:
-                return await self._upstream(
-                    raw, operation, chain[index:], requested, static_fallback
-                )
+                return await self._upstream(raw, operation, chain[index:], requested, static_model)
             except LocalHandoff as handoff:
                 index += handoff.index
                 attempts += handoff.attempts
@@ -364,13 +389,13 @@ class Generation:
         """`(shape, the body to forward, the max_tokens it reserves)` for `raw` (checked by
         `_caps`). A body without OpenAI's output cap gets the endpoint's at what is
         reserved, so the output stays within the reservation, as on the engine."""
-        shape, named, max_tokens = self._caps(raw, operation)
+        shape, _, max_tokens = self._caps(raw, operation)
         body = shape.normalised(raw)
         params = MAX_TOKENS_PARAMS[operation]
-        if params and named not in params:
+        if params and all(getattr(shape, p) is None for p in params):
             # by the endpoint's current name (OpenAI's o-series refuse chat's older
-            # `max_tokens`); also beside another server's name for it (`n_predict`), which
-            # an upstream may not know
+            # `max_tokens`); also beside another server's name for it alone (`n_predict`),
+            # which an upstream may not know. A cap of the client's own is never raised.
             body[params[0]] = max_tokens
         return shape, body, max_tokens
 
@@ -459,9 +484,10 @@ class Generation:
         operation: str,
         chain: tuple[str, ...],
         requested: str,
-        static_fallback: bool = True,
+        static_model: str | None,
     ) -> Response:
-        """The request through upstream backends (backends/proxy.py)."""
+        """The request through upstream backends (backends/proxy.py); `static_model`'s
+        static fallback message answers when every attempt failed."""
         shape, body, max_tokens = self.upstream_body(raw, operation)
         record = record_of(self.request.scope)
         if record is not None:
@@ -486,7 +512,7 @@ class Generation:
             max_tokens=max_tokens,
             response_headers=response_headers(self.request.scope),
             outputs=(shape.n or 1) * shape.prompts(operation),
-            static_fallback=static_fallback,
+            static_model=static_model,
         )
         try:
             await call.reserve()

@@ -239,6 +239,75 @@ class _Unavailable(Exception):
     """No upstream of a model can take a request now (all down, open or at their cap)."""
 
 
+def static_message(
+    routing: RoutingSettings, model: str | None, operation: str
+) -> tuple[str, str] | None:
+    """`(model, its static fallback message)` when one may answer: configured for `model`,
+    on chat or completions (the only answers it can take the shape of)."""
+    if model is None or operation not in ("chat", "text_completion"):
+        return None
+    message = routing.static_fallback.get(model)
+    return None if message is None else (model, message)
+
+
+def wants_usage(body: dict[str, Any]) -> bool:
+    """The client asked for a streamed usage chunk (`stream_options.include_usage`)."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
+def static_response(
+    body: dict[str, Any],
+    operation: str,
+    model: str,
+    message: str,
+    reason: str,
+    metrics: Metrics | None,
+    response_headers: dict[str, str],
+    headers: dict[str, str],
+) -> Response:
+    """The deterministic answer of last resort for `body` (chat or completions, whole or
+    streamed as it asked): `message` as `model`'s, zero usage, marked `x-sluice-fallback:
+    static` and counted in `sluice_static_fallbacks_total`; `reason` is logged."""
+    if metrics is not None:
+        metrics.static_fallbacks.labels(model).inc()
+    logger.warning(
+        "every backend of %s failed (%s); answering with its static fallback", model, reason
+    )
+    created = int(time.time())
+    ident = f"fallback-{uuid.uuid4().hex}"
+    chat = operation == "chat"
+    response_headers.update(
+        {"x-sluice-fallback": "static", "x-sluice-backend": "static", "x-sluice-model": model}
+    )
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": message},
+            "finish_reason": "stop",
+            "logprobs": None,
+        }
+    else:
+        choice = {"index": 0, "text": message, "finish_reason": "stop", "logprobs": None}
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    obj = "chat.completion" if chat else "text_completion"
+    head = {"id": ident, "object": obj, "created": created, "model": model}
+    stream = body.get("stream") is True
+    if not stream:
+        whole = {**head, "choices": [choice], "usage": usage}
+        return Response(json.dumps(whole), media_type="application/json", headers=headers)
+    if chat:
+        delta = {"role": "assistant", "content": message}
+        choice = {"index": 0, "delta": delta, "finish_reason": "stop", "logprobs": None}
+        head["object"] = "chat.completion.chunk"
+    chunk: dict[str, Any] = {**head, "choices": [choice]}
+    frames = [f"data: {json.dumps(chunk)}\n\n"]
+    if wants_usage(body):
+        frames.append(f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n")
+    frames.append("data: [DONE]\n\n")
+    return Response("".join(frames), media_type="text/event-stream", headers=headers)
+
+
 class UpstreamCall:
     """One request through upstream backends (module docstring)."""
 
@@ -262,7 +331,7 @@ class UpstreamCall:
         max_tokens: int,
         response_headers: dict[str, str],
         outputs: int = 1,
-        static_fallback: bool = True,
+        static_model: str | None = None,
     ) -> None:
         self.body = body
         self.operation = operation
@@ -281,10 +350,12 @@ class UpstreamCall:
         self.max_tokens = max_tokens
         # `body` comes checked (api/generation.py: `stream` a bool, `n` an int)
         self.stream = body.get("stream") is True
-        options = body.get("stream_options")
-        self.client_wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        self.client_wants_usage = wants_usage(body)
         self.outputs = outputs  # completions the answer may hold: n times the prompts
-        self.static_fallback = static_fallback  # False for a cascade's tries: they escalate
+        # whose static fallback message answers when every attempt failed: the model the
+        # request's chain began with, whichever part of it this call runs (None for a
+        # cascade's tries: they escalate)
+        self.static_model = static_model
         self.error: SluiceError | None = None
         self.acceptance = asyncio.Event()
         self.timeout_s = settings.limits.request_timeout_s
@@ -366,9 +437,18 @@ class UpstreamCall:
                         self._answered(answer)
                         return answer
         last = self.last_failure
-        static = self.routing.static_fallback.get(self.chain[0]) if self.static_fallback else None
-        if static is not None and self.operation in ("chat", "text_completion"):
-            return self._static(static, last)
+        static = static_message(self.routing, self.static_model, self.operation)
+        if static is not None:
+            reason = last.message if last is not None else "none available"
+            return static_response(
+                self.body,
+                self.operation,
+                *static,
+                reason,
+                self.metrics,
+                self.response_headers,
+                self.headers,
+            )
         raise self._error_of(last)
 
     def _stop_retrying(self, state: RetryCallState) -> bool:
@@ -574,49 +654,6 @@ class UpstreamCall:
         if failure.reason == "status_4xx" and failure.status is not None:
             return _refusal(failure.backend, failure.status, failure.body)  # the 502
         return UpstreamError(message)
-
-    def _static(self, message: str, failure: UpstreamFailure | None) -> Response:
-        """The deterministic answer of last resort."""
-        model = self.chain[0]
-        if self.metrics is not None:
-            self.metrics.static_fallbacks.labels(model).inc()
-        logger.warning(
-            "every backend of %s failed (%s); answering with its static fallback",
-            model,
-            failure.message if failure is not None else "none available",
-        )
-        created = int(time.time())
-        ident = f"fallback-{uuid.uuid4().hex}"
-        chat = self.operation == "chat"
-        self.response_headers.update(
-            {"x-sluice-fallback": "static", "x-sluice-backend": "static", "x-sluice-model": model}
-        )
-        headers = self.headers
-        if chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": message},
-                "finish_reason": "stop",
-                "logprobs": None,
-            }
-        else:
-            choice = {"index": 0, "text": message, "finish_reason": "stop", "logprobs": None}
-        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        obj = "chat.completion" if chat else "text_completion"
-        head = {"id": ident, "object": obj, "created": created, "model": model}
-        if not self.stream:
-            body = {**head, "choices": [choice], "usage": usage}
-            return Response(json.dumps(body), media_type="application/json", headers=headers)
-        if chat:
-            delta = {"role": "assistant", "content": message}
-            choice = {"index": 0, "delta": delta, "finish_reason": "stop", "logprobs": None}
-            head["object"] = "chat.completion.chunk"
-        chunk: dict[str, Any] = {**head, "choices": [choice]}
-        frames = [f"data: {json.dumps(chunk)}\n\n"]
-        if self.client_wants_usage:
-            frames.append(f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n")
-        frames.append("data: [DONE]\n\n")
-        return Response("".join(frames), media_type="text/event-stream", headers=headers)
 
     # -- relaying -------------------------------------------------------------------------------
     def body_response(self, answer: Answer) -> OwnedResponse:
