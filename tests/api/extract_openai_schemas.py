@@ -32,6 +32,7 @@ ROOTS = (
     "CreateChatCompletionResponse",
     "CreateChatCompletionStreamResponse",
     "CreateEmbeddingResponse",
+    "CreateResponse",
     "ErrorResponse",
 )
 DEFAULT_SOURCE = Path(__file__).resolve().parents[3] / "shared/openai-openapi/openapi.yaml"

@@ -411,10 +411,23 @@ def test_nullable_completion_fields_accept_null(client: TestClient, field: str) 
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.parametrize("field", _nullable_fields("CreateResponse"))
+def test_nullable_responses_fields_accept_null(client: TestClient, field: str) -> None:
+    """`/v1/responses` (vLLM's request model under sluice's): null is the field's default.
+    vLLM refused `service_tier: null` and failed `background`/`truncation` null after the
+    engine ran (a 400 for spent tokens)."""
+    body: dict[str, Any] = {"model": chat_body()["model"], "input": "hi", "max_output_tokens": 2}
+    body[field] = None
+    response = post(client, "/v1/responses", body)
+    assert response.status_code == 200, response.text
+
+
 def test_the_nullable_lists_are_not_vacuous() -> None:
     chat = _nullable_fields("CreateChatCompletionRequest")
     assert {"n", "stream", "logprobs", "temperature", "stop"} <= set(chat)
     assert {"n", "stream", "echo", "logprobs"} <= set(_nullable_fields("CreateCompletionRequest"))
+    responses = set(_nullable_fields("CreateResponse"))
+    assert {"background", "service_tier", "truncation", "stream", "temperature"} <= responses
 
 
 @pytest.mark.parametrize(

@@ -304,17 +304,6 @@ def test_models_with_a_trailing_slash_is_the_listing(client: TestClient) -> None
     assert [m["id"] for m in listed.json()["data"]] == [MODEL_ID]
 
 
-@pytest.mark.parametrize("field", ["background", "service_tier", "truncation"])
-def test_responses_fields_openai_makes_nullable_accept_null(
-    client: TestClient, engine: FakeEngine, field: str
-) -> None:
-    """OpenAI's description lets these be null; vLLM refused `service_tier: null` and failed
-    `background`/`truncation` null after the engine ran (a 400 for spent tokens)."""
-    body = {"model": MODEL_ID, "input": "hi", "max_output_tokens": 2, field: None}
-    response = client.post("/v1/responses", json=body)
-    assert response.status_code == 200, response.text
-
-
 def test_a_whole_response_uses_the_json_field_names(client: TestClient) -> None:
     """`text.format.schema`, not pydantic's `schema_` (vLLM's route dumps by alias)."""
     schema = {"type": "object", "properties": {}}
