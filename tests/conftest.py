@@ -47,3 +47,24 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _early_servers(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Start the slow end-to-end servers the selected tests need now, at the session's first
+    test, so they come up while the faster tiers run (tests/e2e/prestart.py;
+    `SLUICE_TEST_PRESTART=0` starts each where its tests begin)."""
+    items = request.session.items
+    e2e = any("tests/e2e/" in str(item.path).replace("\\", "/") for item in items)
+    if not e2e or os.environ.get("SLUICE_TEST_PRESTART") == "0":
+        yield
+        return
+    from tests.e2e import prestart  # imports torch: only when end-to-end tests run
+
+    prestart.begin(items, tmp_path_factory)
+    try:
+        yield
+    finally:
+        prestart.stop_untaken()

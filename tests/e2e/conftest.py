@@ -1,7 +1,8 @@
 """End-to-end tier: real `sluice serve` processes on the real vLLM engine and default model.
 
-One shared server for most tests (start-up costs 30-50 s); tests that end a server (drain,
-engine failure) start their own.
+One shared server for most tests (start-up costs about a minute here); tests that end a
+server (drain, engine failure) start their own. The slow servers start early, while the
+faster tiers run (tests/e2e/prestart.py).
 """
 
 from __future__ import annotations
@@ -12,43 +13,11 @@ from pathlib import Path
 import openai
 import pytest
 
-from sluice.config import DEFAULT_MODEL_NAME, Settings
-from sluice.engine.models import default_model_dir
-from tests.e2e.artifacts import lora_adapter
+from tests.e2e import prestart
+from tests.e2e.prestart import ALIAS, LORA, MODEL, SHARED_ARGS
 from tests.e2e.server import SluiceProcess
 
-MODEL = DEFAULT_MODEL_NAME
-ALIAS = "smol"
-LORA = "tiny"
-# Small on purpose: a few long requests fill the batch, so queued (waiting) requests exist.
-SHARED_ARGS = (
-    "--max-num-seqs",
-    "4",
-    "--max-model-len",
-    "2048",
-    "--max-tokens-cap",
-    "1024",
-    "--max-n",
-    "4",
-    "--max-body-bytes",
-    "65536",
-    # vLLM's own options, straight through: an alias, reasoning, a LoRA adapter.
-    "--served-model-name",
-    MODEL,
-    ALIAS,
-    "--reasoning-parser",
-    "qwen3",
-    # the structured-output regex of the reasoning tests also applies inside <think>
-    "--structured-outputs-config",
-    '{"enable_in_reasoning": true}',
-    "--default-chat-template-kwargs",
-    '{"enable_thinking": false}',
-    "--enable-lora",
-    "--max-lora-rank",
-    "8",
-    "--max-loras",
-    "2",
-)
+__all__ = ["ALIAS", "LORA", "MODEL", "SHARED_ARGS"]  # the tests import them from here
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -58,20 +27,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def lora_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random LoRA adapter for the default model (made with peft)."""
-    folder = default_model_dir(Settings().cache_dir)
-    return lora_adapter(folder, tmp_path_factory.mktemp("lora") / LORA)
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory, lora_path: Path) -> Iterator[SluiceProcess]:
-    process = SluiceProcess(
-        tmp_path_factory.mktemp("shared") / "sluice.log",
-        *SHARED_ARGS,
-        "--lora-modules",
-        f"{LORA}={lora_path}",
-    )
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SluiceProcess]:
+    process = prestart.take("server", tmp_path_factory)  # SHARED_ARGS, the LoRA adapter
     try:
         process.wait_ready()
         yield process

@@ -1,4 +1,5 @@
-"""A real `sluice serve` process for end-to-end tests (vLLM's `RemoteOpenAIServer` pattern).
+"""A real `sluice serve` process for end-to-end tests (vLLM's `RemoteOpenAIServer` pattern),
+or another server's (vLLM's own, as an upstream).
 
 Starts `python -m sluice serve` on a free loopback port, waits for `/readyz`, and stops it
 with SIGTERM. Its output goes to a log file that failing tests print.
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -30,17 +32,26 @@ class SluiceProcess:
         *args: str,
         env: dict[str, str] | None = None,
         port: int | None = None,
+        command: list[str] | None = None,
+        ready_path: str = "/readyz",
+        base_env: Mapping[str, str] | None = None,
     ) -> None:
+        """`python -m sluice serve --port PORT *args`, or `command` followed by `--port
+        PORT` (another server, e.g. vLLM's; ready when `ready_path` answers 200), in
+        `base_env` (this process's environment by default) updated with `env`."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api = f"{self.url}/v1"
         self.log_path = log_path
+        self.ready_path = ready_path
+        self.name = "sluice" if command is None else " ".join(command[1:3])
         self._log = log_path.open("ab")
+        sluice = [sys.executable, "-m", "sluice", "serve"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sluice", "serve", "--port", str(self.port), *args],
+            [*(command or sluice), "--port", str(self.port), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**(base_env or os.environ), "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 
     @property
@@ -48,13 +59,13 @@ class SluiceProcess:
         return self.proc.pid
 
     def wait_ready(self) -> None:
-        if not wait_until_ok(f"{self.url}/readyz", START_TIMEOUT_S, self.proc):
+        if not wait_until_ok(f"{self.url}{self.ready_path}", START_TIMEOUT_S, self.proc):
             state = (
                 f"exited with {self.proc.returncode}"
                 if self.proc.poll() is not None
                 else (f"was not ready in {START_TIMEOUT_S}s")
             )
-            raise RuntimeError(f"sluice {state}:\n{self.log()}")
+            raise RuntimeError(f"{self.name} {state}:\n{self.log()}")
 
     def engine_stats(self) -> dict[str, float]:
         body = httpx.get(f"{self.url}/readyz", timeout=5).json()

@@ -11,16 +11,15 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-import yaml
 from transformers import AutoModel, AutoTokenizer
 
-from sluice.gateway.keys import digest
+from tests.e2e import prestart
 from tests.e2e.artifacts import embedding_model
 from tests.e2e.server import SluiceProcess
 
-MODEL = "all-minilm"
-SECRET = "sk-test-embedder-0123456789abcdef"
-ADMIN = "admin-secret-for-embedding-tests"
+MODEL = prestart.EMBEDDING_MODEL
+SECRET = prestart.EMBEDDING_SECRET
+ADMIN = prestart.EMBEDDING_ADMIN
 SENTENCES = ["hello world", "The quick brown fox jumps over the lazy dog."]
 
 
@@ -30,25 +29,8 @@ def folder() -> Path:
 
 
 @pytest.fixture(scope="module")
-def embedding_server(
-    folder: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[SluiceProcess]:
-    home = tmp_path_factory.mktemp("embeddings")
-    keys = home / "keys.yaml"
-    entries = [
-        {"name": "embedder", "secret_sha256": digest(SECRET), "tpm": 1000},
-        {"name": "chat-only", "secret_sha256": digest(SECRET + "x"), "models": ["other"]},
-    ]
-    keys.write_text(yaml.safe_dump({"keys": entries}))
-    process = SluiceProcess(
-        home / "sluice.log",
-        str(folder),
-        "--served-model-name",
-        MODEL,
-        "--keys-file",
-        str(keys),
-        env={"SLUICE_GATEWAY__ADMIN_KEY": ADMIN, "SLUICE_CACHE_DIR": str(home / "cache")},
-    )
+def embedding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SluiceProcess]:
+    process = prestart.take("embedding_server", tmp_path_factory)  # MODEL, keys SECRET
     try:
         process.wait_ready()
         yield process

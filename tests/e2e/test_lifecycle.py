@@ -17,8 +17,7 @@ import openai
 import psutil
 import pytest
 
-from sluice.config import Settings
-from sluice.engine.models import default_model_dir
+from tests.e2e import prestart
 from tests.e2e.conftest import MODEL
 from tests.e2e.server import SluiceProcess
 
@@ -26,21 +25,8 @@ COUNT = {"model": MODEL, "prompt": "Count from 1 to 1000: 1, 2, 3,", "temperatur
 
 
 @pytest.fixture
-def limited_server(own_server_log: Path) -> Iterator[SluiceProcess]:
-    # An explicit local Hugging Face folder as --model (the other servers use the default),
-    # served under a name of our choosing (vLLM would use the path as given).
-    folder = str(default_model_dir(Settings().cache_dir))
-    process = SluiceProcess(
-        own_server_log,
-        "--model",
-        folder,
-        "--served-model-name",
-        MODEL,
-        "--request-timeout",
-        "12",
-        "--drain-timeout",
-        "60",
-    )
+def limited_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SluiceProcess]:
+    process = prestart.take("limited_server", tmp_path_factory)  # a 12 s limit, 60 s drain
     try:
         process.wait_ready()
         yield process

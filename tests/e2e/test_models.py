@@ -14,33 +14,19 @@ from pathlib import Path
 import openai
 import pytest
 
-from sluice.config import Settings
-from sluice.engine.models import default_model_dir
-from tests.e2e.artifacts import HUB_ID, hub_cache
+from tests.e2e import prestart
+from tests.e2e.artifacts import HUB_ID
 from tests.e2e.server import SluiceProcess
 
 
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    home = tmp_path_factory.mktemp("hf-home")
-    _, revision = hub_cache(default_model_dir(Settings().cache_dir), home)
-    return home, revision
+    return prestart.hf_home(prestart.Context.now(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")
-def hub_server(
-    hf_home: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[SluiceProcess]:
-    home, revision = hf_home
-    process = SluiceProcess(
-        tmp_path_factory.mktemp("hub") / "sluice.log",
-        HUB_ID,  # positional, as after `vllm serve`
-        "--revision",
-        revision,
-        "--max-model-len",
-        "1024",
-        env={"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"},
-    )
+def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SluiceProcess]:
+    process = prestart.take("hub_server", tmp_path_factory)  # HUB_ID from hf_home's cache
     try:
         process.wait_ready()
         yield process

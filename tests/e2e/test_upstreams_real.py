@@ -8,7 +8,6 @@ captured and stripped as for any upstream; a client that leaves stops vLLM's req
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +17,9 @@ import httpx
 import pytest
 import yaml
 
-from sluice.bench.compare import VLLM_CPU_ENV, Target, free_port, running
-from sluice.config import DEFAULT_MODEL_NAME, Settings
-from sluice.engine.models import default_model_dir
+from sluice.config import DEFAULT_MODEL_NAME
+from tests.e2e import prestart
+from tests.e2e.prestart import VLLM_MODEL
 from tests.e2e.server import SluiceProcess
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
@@ -29,32 +28,12 @@ MESSAGES = [{"role": "user", "content": "Name three colours."}]
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """vLLM's own OpenAI server on the default model; its `/v1` base URL."""
-    port = free_port()
-    target = Target(
-        "vllm",
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(default_model_dir(Settings().cache_dir)),
-            "--served-model-name",
-            "smol-vllm",
-            "--dtype",
-            "float32",
-            "--enforce-eager",
-            "--max-model-len",
-            "2048",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        port,
-        VLLM_CPU_ENV,
-    )
-    with running([target], tmp_path_factory.mktemp("vllm-upstream")):
-        yield target.api
+    process = prestart.take("vllm_server", tmp_path_factory)
+    try:
+        process.wait_ready()
+        yield process.api
+    finally:
+        process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +49,7 @@ def front(
                 "base_url": server.api,
                 "models": {"via-sluice": DEFAULT_MODEL_NAME},
             },
-            {"name": "vllm", "base_url": vllm_server, "models": {"via-vllm": "smol-vllm"}},
+            {"name": "vllm", "base_url": vllm_server, "models": {"via-vllm": VLLM_MODEL}},
         ]
     }
     (logs / "front.yaml").write_text(yaml.safe_dump(config))
@@ -99,7 +78,7 @@ def _deltas(chunks: list[dict[str, Any]]) -> list[Any]:
 
 
 @pytest.mark.parametrize(
-    ("model", "upstream_model"), [("via-sluice", DEFAULT_MODEL_NAME), ("via-vllm", "smol-vllm")]
+    ("model", "upstream_model"), [("via-sluice", DEFAULT_MODEL_NAME), ("via-vllm", VLLM_MODEL)]
 )
 def test_greedy_answers_through_the_front_equal_the_upstreams(
     front: SluiceProcess,
