@@ -18,6 +18,7 @@ from sluice.gateway.quota import RESERVATION_GRACE_S, Grant, Limits, RateView, S
 from sluice.gateway.store_redis import (
     MAX_CONNECTIONS,
     PREFIX,
+    SPEND_FIELDS,
     RedisKeyStore,
     RedisQuota,
     RedisStore,
@@ -216,6 +217,35 @@ async def test_closed_ids_are_forgotten_after_the_request_time_limit(
         assert raw.zcard(expiry) == 1  # only the new reservation
     finally:
         raw.close()
+
+
+async def test_a_ledger_keeps_only_the_windows_that_are_read(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
+    """Spend of windows that ended is read by nothing: a key settling every hour for two
+    days keeps a bounded ledger (it grew by two fields an hour), and the windows that
+    matter still hold their whole spend; one a replica with its clock ahead began stays."""
+    quota = RedisQuota(RedisStore(redis_server.url, TIMEOUT_S), clock=clock)
+    ahead = RedisQuota(RedisStore(redis_server.url, TIMEOUT_S), clock=lambda: clock() + 3600)
+    try:
+        for _ in range(48):
+            grant = await quota.reserve(Limits(), demand(tokens=10, usd=0.5), rid())
+            await quota.settle(grant, tokens=10, usd=0.5)
+            clock.advance(3600)
+        early = await ahead.reserve(Limits(), demand(tokens=1), rid())
+        await ahead.settle(early, tokens=1, usd=0.0)
+        grant = await quota.reserve(Limits(), demand(tokens=10, usd=0.5), rid())
+        await quota.settle(grant, tokens=10, usd=0.5)
+        fields = await quota.store.client.hkeys(f"sluice:{{{KEY}}}:spend")
+        assert len(fields) <= SPEND_FIELDS + 6
+        windows = {w.window: (w.tokens, w.usd) for w in (await quota.usage(KEY)).windows}
+        # 12 hours of the last day, then the hour now and the 1 token begun an hour ahead
+        assert windows == {"hour": (10, 0.5), "day": (131, 6.5), "month": (491, 24.5)}
+        later = {w.window: w.tokens for w in (await ahead.usage(KEY)).windows}
+        assert later["hour"] == 1  # the next hour's field, begun early, was kept
+    finally:
+        await quota.close()
+        await ahead.close()
 
 
 # -- restarts and outages ------------------------------------------------------------------

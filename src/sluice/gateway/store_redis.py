@@ -161,6 +161,9 @@ redis.call('ZADD', KEYS[3], ARGV[11], ARGV[10])
 return reply(1, 'ok', 0, need, 0)
 """
 
+# Fields a spend ledger keeps before past windows are pruned: hour, day and month, tokens and
+# USD each (6), plus as many again for windows a replica with a clock ahead has begun.
+SPEND_FIELDS = 12
 # KEYS: as RESERVE. ARGV: now, tpm (-1 none), refund, reservation id, tokens, usd, closed
 # until, then the spend fields of the hour, day and month. Returns {0} when the id was already
 # closed (nothing done), else {1, field, tokens, usd, ...}: each window's spend after it.
@@ -188,9 +191,24 @@ if tonumber(ARGV[5]) > 0 or tonumber(ARGV[6]) > 0 then
     table.insert(spent, tostring(t))
     table.insert(spent, u)
   end
+  -- Past windows are read by nothing: once the ledger holds more than its current windows
+  -- (and a few from replicas whose clocks differ), fields of windows that ended go.
+  if redis.call('HLEN', KEYS[4]) > SPEND_FIELDS then
+    local start = {}
+    for i = 8, #ARGV do
+      local window, from = string.match(ARGV[i], '^(%a+):(%d+)$')
+      start[window] = tonumber(from)
+    end
+    for _, field in ipairs(redis.call('HKEYS', KEYS[4])) do
+      local window, from = string.match(field, '^(%a+):(%d+):')
+      if start[window] == nil or tonumber(from) < start[window] then
+        redis.call('HDEL', KEYS[4], field)
+      end
+    end
+  end
 end
 return spent
-"""
+""".replace("SPEND_FIELDS", str(SPEND_FIELDS))
 
 # KEYS: names hash, keys hash. ARGV: name, digest, body. Adds a key unless its name is live
 # or its secret was ever used (a revoked secret never comes back).
