@@ -57,7 +57,7 @@ def _early_servers(
     test, so they come up while the faster tiers run (tests/e2e/prestart.py;
     `SLUICE_TEST_PRESTART=0` starts each where its tests begin)."""
     items = request.session.items
-    e2e = any("tests/e2e/" in str(item.path).replace("\\", "/") for item in items)
+    e2e = any(item.get_closest_marker("e2e") for item in items)  # tests/e2e/conftest.py
     if not e2e or os.environ.get("SLUICE_TEST_PRESTART") == "0":
         yield
         return

@@ -147,7 +147,7 @@ def wanted(items: Iterable[pytest.Item]) -> list[str]:
     used: set[tuple[str, str]] = set()
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
-        if info is None or "tests/e2e/" not in str(item.path).replace("\\", "/"):
+        if info is None or not item.get_closest_marker("e2e"):
             continue
         for name, definitions in info.name2fixturedefs.items():
             if definitions:

@@ -89,10 +89,12 @@ from sluice.gateway.auth import Principal
 from sluice.gateway.guards import check_allowed, check_max_tokens, check_n
 from sluice.gateway.service import Gateway
 from sluice.lifecycle import Lifecycle
+from sluice.telemetry.metrics import Metrics
 from sluice.telemetry.record import RequestRecord, record_of
 
 logger = logging.getLogger(__name__)
-# The engine could not take a request: the next model of a chain, or its static message.
+# The engine could not take a request (not the server draining, not the limits store down):
+# at a chain's end, the chain's static fallback message may answer.
 ENGINE_DOWN = (ModelLoading, Overloaded, EngineDead)
 
 
@@ -265,6 +267,12 @@ class Generation:
     allowed: set[str] = dataclass_field(default_factory=set)  # models the dispatch already checked
 
     @property
+    def metrics(self) -> Metrics | None:
+        """The process's metrics, or None with telemetry off."""
+        metrics: Metrics = self.request.app.state.metrics
+        return metrics if self.settings.telemetry.enabled else None
+
+    @property
     def serving(self) -> Serving:
         """vLLM's serving objects (503 while the engine loads)."""
         return serving_of(self.request.app.state)
@@ -317,8 +325,8 @@ class Generation:
         static_fallback: bool = True,
     ) -> Response:
         """Serve with the first model of `chain` that can, engine or upstreams
-        (`static_fallback`: the static message of the chain's first model may answer when
-        all failed, also when the chain ended at a busy engine)."""
+        (`static_fallback`: the static message of the chain's first model that has one may
+        answer when all failed, also when the chain ended at a busy engine)."""
         self.allowed.update(chain)
         # the static message of the first model of the chain that has one (a route's
         # chain starts with whichever model is cheapest), wherever the chain ends
@@ -340,13 +348,12 @@ class Generation:
                         static = static_message(self.settings.routing, static_model, operation)
                         if static is None or not isinstance(exc, ENGINE_DOWN):
                             raise  # e.g. the limits store down: no backend's failure
-                        metrics = self.request.app.state.metrics
                         return static_response(
                             parse_body(UpstreamShape, raw).normalised(raw),  # as an upstream's
                             operation,
                             *static,
                             str(exc),
-                            metrics if self.settings.telemetry.enabled else None,
+                            self.metrics,
                             headers,
                             {},
                         )
@@ -504,7 +511,7 @@ class Generation:
             gateway=self.gateway,
             lifecycle=self.lifecycle,
             budget=state.retry_budget,
-            metrics=state.metrics if self.settings.telemetry.enabled else None,
+            metrics=self.metrics,
             record=record,
             tracer=self.tracer,
             # the id the middleware settled on (the client's, cut to length, or a new one)

@@ -352,9 +352,9 @@ class UpstreamCall:
         self.stream = body.get("stream") is True
         self.client_wants_usage = wants_usage(body)
         self.outputs = outputs  # completions the answer may hold: n times the prompts
-        # whose static fallback message answers when every attempt failed: the model the
-        # request's chain began with, whichever part of it this call runs (None for a
-        # cascade's tries: they escalate)
+        # whose static fallback message answers when every attempt failed: the first model
+        # of the request's whole chain that has one, whichever part of it this call runs
+        # (None for a cascade's tries: they escalate)
         self.static_model = static_model
         self.error: SluiceError | None = None
         self.acceptance = asyncio.Event()
